@@ -1,0 +1,1 @@
+//! Command line, spelled as `vllm serve`.

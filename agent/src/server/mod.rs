@@ -1,0 +1,1 @@
+//! HTTP server: the OpenAI-compatible API, errors in vLLM's shape, streaming, /metrics.

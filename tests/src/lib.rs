@@ -1,0 +1,1 @@
+//! Test harness: starts real agent processes and talks HTTP to them.
