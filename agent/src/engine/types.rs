@@ -131,6 +131,13 @@ pub struct Finish {
     pub error: Option<String>,
 }
 
+impl Finish {
+    /// A finish without a stop reason (length, abort, error, EOS).
+    pub fn new(reason: FinishReason, error: Option<String>) -> Self {
+        Self { reason, stop_reason: None, error }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("the engine is not running")]

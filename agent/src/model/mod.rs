@@ -1,1 +1,284 @@
 //! Model files (GGUF, Hugging Face directories), tokenizer, chat template and the forward pass.
+//!
+//! [`load`] picks the loader from the path: a file is read as GGUF ([`gguf`]), a directory as a
+//! Hugging Face checkpoint ([`hf`]). Both produce the same [`LlamaModel`] (llama and qwen2
+//! architectures), a [`Tokenizer`] and, when the model ships one, a [`ChatTemplate`].
+
+pub mod chat_template;
+mod gguf;
+mod hf;
+pub mod llama;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+pub use chat_template::ChatTemplate;
+pub use llama::{LlamaModel, RopeStyle, StepInput};
+pub use tokenizer::Tokenizer;
+
+/// Architecture hyper-parameters, whichever file format they came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// `llama` or `qwen2`.
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub rope_theta: f32,
+    pub rms_norm_eps: f64,
+    pub max_position_embeddings: usize,
+}
+
+/// Everything [`load`] reads from a model path.
+pub struct LoadedModel {
+    pub config: ModelConfig,
+    pub model: LlamaModel,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    /// Default served model name: the GGUF file stem or the directory name.
+    pub name: String,
+}
+
+/// Architectures [`load`] accepts (the `general.architecture` / `model_type` spelling).
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model path {0} does not exist")]
+    NotFound(PathBuf),
+    #[error("missing file {0}")]
+    MissingFile(PathBuf),
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is not a GGUF file (no GGUF magic at its start)")]
+    NotGguf(PathBuf),
+    #[error("unsupported architecture \"{0}\" (supported: llama, qwen2)")]
+    UnsupportedArchitecture(String),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("malformed {path}: {reason}")]
+    MalformedConfig { path: PathBuf, reason: String },
+    #[error("missing tensor {0}")]
+    MissingTensor(String),
+    #[error("tensor {name} has shape {actual:?}, expected {expected:?}")]
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("invalid step input: {0}")]
+    InvalidInput(String),
+    #[error("tensor op: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Loads a model: a `.gguf` file or a Hugging Face directory (config.json, safetensors,
+/// tokenizer.json).
+pub fn load(path: &Path) -> Result<LoadedModel, ModelError> {
+    if !path.exists() {
+        return Err(ModelError::NotFound(path.to_path_buf()));
+    }
+    if path.is_dir() {
+        hf::load(path)
+    } else {
+        gguf::load(path)
+    }
+}
+
+/// The lowercase architecture name if supported.
+fn check_architecture(arch: &str) -> Result<String, ModelError> {
+    let arch = arch.to_ascii_lowercase();
+    if SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
+        Ok(arch)
+    } else {
+        Err(ModelError::UnsupportedArchitecture(arch))
+    }
+}
+
+/// Checks a weight's shape against what the config implies.
+fn check_shape(name: &str, actual: &[usize], expected: &[usize]) -> Result<(), ModelError> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(ModelError::TensorShape {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            actual: actual.to_vec(),
+        })
+    }
+}
+
+/// The last path component as a served model name.
+fn served_name(path: &Path, strip_extension: bool) -> String {
+    let name = if strip_extension {
+        path.file_stem()
+    } else {
+        path.file_name()
+    };
+    name.map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".to_string())
+}
+
+fn malformed(path: &Path, reason: String) -> ModelError {
+    ModelError::MalformedConfig {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! The real default model, loaded once per test binary.
+
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+
+    use super::LoadedModel;
+
+    pub fn gguf_path() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    }
+
+    /// The SmolLM2 GGUF, or `None` (after saying so) when the file is not there.
+    pub fn smollm() -> Option<&'static LoadedModel> {
+        static MODEL: OnceLock<Option<LoadedModel>> = OnceLock::new();
+        let model = MODEL.get_or_init(|| {
+            let path = gguf_path();
+            if !path.is_file() {
+                return None;
+            }
+            Some(super::load(&path).expect("loading the default GGUF"))
+        });
+        if model.is_none() {
+            eprintln!("SKIPPED: {} not found", gguf_path().display());
+        }
+        model.as_ref()
+    }
+
+    /// A fresh scratch directory under the system temp dir.
+    pub fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("agent-model-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating a scratch dir");
+        dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{scratch_dir, smollm};
+    use super::*;
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn loads_smollm_gguf() {
+        let Some(m) = smollm() else { return };
+        let expected = ModelConfig {
+            architecture: "llama".into(),
+            vocab_size: 49152,
+            hidden_size: 576,
+            num_layers: 30,
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            intermediate_size: 1536,
+            rope_theta: 100_000.0,
+            rms_norm_eps: 9.999999747378752e-6,
+            max_position_embeddings: 8192,
+        };
+        assert_eq!(m.config, expected);
+        assert_eq!(m.name, "SmolLM2-135M-Instruct.Q4_1");
+        assert!(m.chat_template.is_some());
+        assert_eq!(m.tokenizer.eos_token_ids(), &[2]);
+        assert_eq!(m.tokenizer.bos_token(), Some("<|im_start|>"));
+        assert_eq!(m.tokenizer.eos_token(), Some("<|im_end|>"));
+        let layout = m.model.kv_layout(10, 16);
+        assert_eq!(
+            (layout.num_layers, layout.num_kv_heads, layout.head_dim),
+            (30, 3, 64)
+        );
+    }
+
+    fn write_gguf(path: &Path, arch: &str, with_embedding: bool) {
+        let md = [
+            (
+                "general.architecture",
+                gguf_file::Value::String(arch.into()),
+            ),
+            (
+                &format!("{arch}.embedding_length") as &str,
+                gguf_file::Value::U32(8),
+            ),
+            (
+                &format!("{arch}.attention.head_count"),
+                gguf_file::Value::U32(2),
+            ),
+            (&format!("{arch}.block_count"), gguf_file::Value::U32(1)),
+            (
+                &format!("{arch}.feed_forward_length"),
+                gguf_file::Value::U32(16),
+            ),
+            (&format!("{arch}.context_length"), gguf_file::Value::U32(32)),
+            (
+                &format!("{arch}.attention.layer_norm_rms_epsilon"),
+                gguf_file::Value::F32(1e-5),
+            ),
+        ]
+        .map(|(k, v)| (k.to_string(), v));
+        let md: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let embd = Tensor::zeros((4, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let embd = QTensor::quantize(&embd, GgmlDType::F32).unwrap();
+        let tensors: Vec<(&str, &QTensor)> = if with_embedding {
+            vec![("token_embd.weight", &embd)]
+        } else {
+            vec![]
+        };
+        let mut f = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut f, &md, &tensors).unwrap();
+    }
+
+    #[test]
+    fn load_errors_are_specific() {
+        let dir = scratch_dir("load-errors");
+        let missing = dir.join("nope.gguf");
+        assert!(matches!(load(&missing), Err(ModelError::NotFound(p)) if p == missing));
+
+        let junk = dir.join("junk.gguf");
+        std::fs::write(&junk, b"not a model at all").unwrap();
+        assert!(matches!(load(&junk), Err(ModelError::NotGguf(_))));
+
+        let mamba = dir.join("mamba.gguf");
+        write_gguf(&mamba, "mamba", true);
+        let err = load(&mamba).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "unsupported architecture \"mamba\" (supported: llama, qwen2)"
+        );
+
+        let no_embd = dir.join("no-embd.gguf");
+        write_gguf(&no_embd, "llama", false);
+        assert!(
+            matches!(load(&no_embd), Err(ModelError::MissingTensor(t)) if t == "token_embd.weight")
+        );
+
+        let no_layers = dir.join("no-layers.gguf");
+        write_gguf(&no_layers, "llama", true);
+        assert!(
+            matches!(load(&no_layers), Err(ModelError::MissingTensor(t)) if t == "output_norm.weight")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,4 +1,11 @@
-//! Multi-threaded CPU paged attention (written by the kernels owner).
+//! Multi-threaded CPU paged attention: the CPU backend's kernel and the reference every other
+//! backend is checked against.
+//!
+//! Work is split into items of one query row × one KV head; an item computes all query heads
+//! of that KV head's GQA group, so each cached K/V row is read once per group rather than once
+//! per query head. Items run on rayon and write disjoint `group * head_dim` chunks of `out`.
+
+use rayon::prelude::*;
 
 use super::{PagedAttention, SeqAttn};
 use crate::kv_cache::KvLayout;
@@ -6,3 +13,591 @@ use crate::kv_cache::KvLayout;
 /// CPU implementation of [`PagedAttention`].
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuPagedAttention;
+
+impl PagedAttention for CpuPagedAttention {
+    fn write_kv(
+        &self,
+        layout: &KvLayout,
+        k_cache: &mut [f32],
+        v_cache: &mut [f32],
+        slots: &[usize],
+        k: &[f32],
+        v: &[f32],
+    ) {
+        let stride = layout.token_stride();
+        debug_assert_eq!(
+            k.len(),
+            slots.len() * stride,
+            "k is not [slots, kv_heads, head_dim]"
+        );
+        debug_assert_eq!(
+            v.len(),
+            slots.len() * stride,
+            "v is not [slots, kv_heads, head_dim]"
+        );
+        debug_assert_eq!(k_cache.len(), layout.layer_len());
+        debug_assert_eq!(v_cache.len(), layout.layer_len());
+        // A few KiB per token: a plain copy loop is far cheaper than spreading it over threads.
+        for ((&slot, k_row), v_row) in slots
+            .iter()
+            .zip(k.chunks_exact(stride))
+            .zip(v.chunks_exact(stride))
+        {
+            let dst = slot * stride..(slot + 1) * stride;
+            k_cache[dst.clone()].copy_from_slice(k_row);
+            v_cache[dst].copy_from_slice(v_row);
+        }
+    }
+
+    /// Rows of `out` that belong to no sequence in `seqs` are left untouched.
+    fn attend(
+        &self,
+        layout: &KvLayout,
+        k_cache: &[f32],
+        v_cache: &[f32],
+        q: &[f32],
+        num_heads: usize,
+        seqs: &[SeqAttn<'_>],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let head_dim = layout.head_dim;
+        let num_kv_heads = layout.num_kv_heads;
+        debug_assert!(
+            num_kv_heads > 0 && num_heads.is_multiple_of(num_kv_heads),
+            "num_heads must be a multiple of num_kv_heads"
+        );
+        debug_assert_eq!(q.len(), out.len());
+        debug_assert_eq!(k_cache.len(), layout.layer_len());
+        debug_assert_eq!(v_cache.len(), layout.layer_len());
+        let group = num_heads / num_kv_heads;
+        let item_len = group * head_dim;
+        if item_len == 0 {
+            return;
+        }
+        debug_assert_eq!(
+            q.len() % (num_heads * head_dim),
+            0,
+            "q is not [tokens, heads, head_dim]"
+        );
+        let row_seq = row_owners(layout, seqs, q.len() / (num_heads * head_dim));
+        let cache = CacheView {
+            k: k_cache,
+            v: v_cache,
+            layout,
+            scale,
+        };
+
+        // Item `i` is (row i / num_kv_heads, kv head i % num_kv_heads); the query heads of that KV
+        // head are contiguous in both `q` and `out`, so one chunk covers the whole group.
+        out.par_chunks_mut(item_len)
+            .zip(q.par_chunks(item_len))
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (item, (out, q))| {
+                let (row, kv_head) = (item / num_kv_heads, item % num_kv_heads);
+                if let Some(seq) = row_seq[row] {
+                    let attended = seq.context_len - seq.query_len + (row - seq.query_start) + 1;
+                    cache.attend_group(seq.block_table, attended, kv_head, q, scores, out);
+                }
+            });
+    }
+}
+
+/// For each token row, the sequence it belongs to (checking, in debug builds, that the
+/// sequences' rows are disjoint and their block tables long enough).
+fn row_owners<'s, 'a>(
+    layout: &KvLayout,
+    seqs: &'s [SeqAttn<'a>],
+    num_tokens: usize,
+) -> Vec<Option<&'s SeqAttn<'a>>> {
+    let mut owners = vec![None; num_tokens];
+    for seq in seqs {
+        debug_assert!(seq.query_len <= seq.context_len, "query_len > context_len");
+        debug_assert!(
+            seq.block_table.len() * layout.block_size >= seq.context_len,
+            "block table too short for context_len"
+        );
+        for owner in &mut owners[seq.query_start..seq.query_start + seq.query_len] {
+            debug_assert!(owner.is_none(), "sequences share a query row");
+            *owner = Some(seq);
+        }
+    }
+    owners
+}
+
+/// One layer's K/V cache as seen by the attention kernel.
+struct CacheView<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    layout: &'a KvLayout,
+    scale: f32,
+}
+
+impl CacheView<'_> {
+    /// Calls `f(p, offset)` for the first `len` positions `p` of a sequence, `offset` being where
+    /// `kv_head`'s row of position `p` starts in the K/V arrays. The block table is read once per
+    /// block, not per position.
+    #[inline(always)]
+    fn for_each_position(
+        &self,
+        block_table: &[u32],
+        len: usize,
+        kv_head: usize,
+        mut f: impl FnMut(usize, usize),
+    ) {
+        let (block_size, stride) = (self.layout.block_size, self.layout.token_stride());
+        let head_offset = kv_head * self.layout.head_dim;
+        for (b, &block) in block_table[..len.div_ceil(block_size)].iter().enumerate() {
+            let first = b * block_size;
+            let base = block as usize * block_size * stride + head_offset;
+            for t in 0..block_size.min(len - first) {
+                f(first + t, base + t * stride);
+            }
+        }
+    }
+
+    /// Attention of the query heads in `q` (`[group, head_dim]`, all reading `kv_head`) over the
+    /// first `len` cached positions of a sequence, written to `out` (same shape as `q`).
+    /// `scores` is scratch space reused across calls.
+    fn attend_group(
+        &self,
+        block_table: &[u32],
+        len: usize,
+        kv_head: usize,
+        q: &[f32],
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let head_dim = self.layout.head_dim;
+        // Scores are `[group, len]`: each head's row is contiguous for the softmax.
+        scores.clear();
+        scores.resize(q.len() / head_dim * len, 0.0);
+
+        self.for_each_position(block_table, len, kv_head, |p, offset| {
+            let key = &self.k[offset..offset + head_dim];
+            for (q_head, head_scores) in q.chunks_exact(head_dim).zip(scores.chunks_exact_mut(len))
+            {
+                head_scores[p] = dot(q_head, key) * self.scale;
+            }
+        });
+
+        for head_scores in scores.chunks_exact_mut(len) {
+            softmax_in_place(head_scores);
+        }
+
+        out.fill(0.0);
+        self.for_each_position(block_table, len, kv_head, |p, offset| {
+            let value = &self.v[offset..offset + head_dim];
+            for (out_head, head_scores) in
+                out.chunks_exact_mut(head_dim).zip(scores.chunks_exact(len))
+            {
+                axpy(out_head, head_scores[p], value);
+            }
+        });
+    }
+}
+
+/// `a * b + c`, fused where the target has FMA (without it `mul_add` is a slow libm call).
+#[inline(always)]
+fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+    if cfg!(target_feature = "fma") {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Lanes of independent partial sums in [`dot`] and [`sum`]: two AVX2 registers, so the adds
+/// pipeline. A single running sum would force strictly sequential float adds, which the compiler
+/// cannot vectorise.
+const LANES: usize = 16;
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut lanes = [0.0f32; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .fold(0.0, |acc, (x, y)| mul_add(*x, *y, acc));
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for ((lane, x), y) in lanes.iter_mut().zip(x).zip(y) {
+            *lane = mul_add(*x, *y, *lane);
+        }
+    }
+    reduce_lanes(lanes) + tail
+}
+
+#[inline]
+fn sum(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (lane, x) in lanes.iter_mut().zip(chunk) {
+            *lane += x;
+        }
+    }
+    reduce_lanes(lanes) + tail
+}
+
+/// Sum of the lanes by halving (8 + 4 + 2 + 1 adds in 4 dependent vector steps); summing them
+/// one by one would be a 15-add dependency chain on every dot product.
+#[inline(always)]
+fn reduce_lanes(mut lanes: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        let (low, high) = lanes[..2 * width].split_at_mut(width);
+        low.iter_mut().zip(high.iter()).for_each(|(l, h)| *l += h);
+        width /= 2;
+    }
+    lanes[0]
+}
+
+/// `acc += w * x`.
+#[inline]
+fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
+    for (a, x) in acc.iter_mut().zip(x) {
+        *a = mul_add(w, *x, *a);
+    }
+}
+
+/// Numerically stable softmax: exponentials of `x - max`, so none overflows.
+fn softmax_in_place(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    x.iter_mut().for_each(|v| *v = exp_non_positive(*v - max));
+    let inv = 1.0 / sum(x);
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `e^x` for `x <= 0`, within ~2 ulp, branch-free so that loops over it vectorise (libm's `expf`
+/// is a scalar call per element). Cephes' `expf`: `x = n ln2 + r` with `|r| <= ln2 / 2`,
+/// `e^r` by a degree-7 polynomial, `2^n` built in the exponent bits. Inputs below the smallest
+/// normal result flush to ~1e-38, which is 0 for a softmax weight.
+#[inline(always)]
+fn exp_non_positive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.max(-87.0);
+    let n = mul_add(x, std::f32::consts::LOG2_E, 0.5).floor();
+    let r = mul_add(n, -LN2_LO, mul_add(n, -LN2_HI, x));
+    let mut p = 1.987_569_1e-4;
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        p = mul_add(p, r, c);
+    }
+    let e_r = mul_add(p, r * r, r + 1.0);
+    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    const TOLERANCE: f32 = 1e-5;
+
+    fn random_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    /// One sequence of a test batch: its full K/V history and how many of its last tokens are
+    /// this step's queries.
+    struct TestSeq {
+        context_len: usize,
+        query_len: usize,
+        /// Dense `[context_len, num_kv_heads, head_dim]`.
+        k: Vec<f32>,
+        v: Vec<f32>,
+        block_table: Vec<u32>,
+    }
+
+    impl TestSeq {
+        fn slot(&self, layout: &KvLayout, p: usize) -> usize {
+            self.block_table[p / layout.block_size] as usize * layout.block_size
+                + p % layout.block_size
+        }
+    }
+
+    /// Dense attention with an explicit causal mask, in f64: the oracle.
+    fn reference(
+        layout: &KvLayout,
+        num_heads: usize,
+        seq: &TestSeq,
+        q: &[f32],
+        scale: f32,
+    ) -> Vec<f32> {
+        let (hd, nkv) = (layout.head_dim, layout.num_kv_heads);
+        let group = num_heads / nkv;
+        let mut out = vec![0.0f32; seq.query_len * num_heads * hd];
+        for i in 0..seq.query_len {
+            let pos = seq.context_len - seq.query_len + i;
+            for h in 0..num_heads {
+                let kvh = h / group;
+                let qv = &q[(i * num_heads + h) * hd..][..hd];
+                let scores: Vec<f64> = (0..seq.context_len)
+                    .map(|j| {
+                        if j > pos {
+                            f64::NEG_INFINITY
+                        } else {
+                            let kv = &seq.k[(j * nkv + kvh) * hd..][..hd];
+                            qv.iter()
+                                .zip(kv)
+                                .map(|(a, b)| *a as f64 * *b as f64)
+                                .sum::<f64>()
+                                * scale as f64
+                        }
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for d in 0..hd {
+                    let acc: f64 = (0..seq.context_len)
+                        .map(|j| weights[j] * seq.v[(j * nkv + kvh) * hd + d] as f64)
+                        .sum();
+                    out[(i * num_heads + h) * hd + d] = (acc / total) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    /// Builds sequences `(context_len, query_len)` with random data, writes their earlier
+    /// context per sequence and this step's tokens in one batched `write_kv` (as the engine
+    /// does), runs one batched `attend` and checks every sequence against the dense reference.
+    /// `shuffle` spreads block tables over random, non-contiguous block ids; `reverse_seqs`
+    /// passes the sequences in an order different from their rows.
+    fn check(
+        layout: KvLayout,
+        num_heads: usize,
+        shapes: &[(usize, usize)],
+        shuffle: bool,
+        reverse_seqs: bool,
+        seed: u64,
+    ) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let attn = CpuPagedAttention;
+        let (hd, stride) = (layout.head_dim, layout.token_stride());
+        let mut block_ids: Vec<u32> = (0..layout.num_blocks as u32).collect();
+        if shuffle {
+            block_ids.shuffle(&mut rng);
+        }
+        let mut free = block_ids.into_iter();
+        let seqs: Vec<TestSeq> = shapes
+            .iter()
+            .map(|&(context_len, query_len)| TestSeq {
+                context_len,
+                query_len,
+                k: random_vec(&mut rng, context_len * stride),
+                v: random_vec(&mut rng, context_len * stride),
+                block_table: free
+                    .by_ref()
+                    .take(context_len.div_ceil(layout.block_size))
+                    .collect(),
+            })
+            .collect();
+        for seq in &seqs {
+            assert_eq!(
+                seq.block_table.len(),
+                seq.context_len.div_ceil(layout.block_size),
+                "test needs more blocks"
+            );
+        }
+
+        let (mut k_cache, mut v_cache) =
+            (vec![0.0; layout.layer_len()], vec![0.0; layout.layer_len()]);
+        for seq in &seqs {
+            let cached = seq.context_len - seq.query_len;
+            let slots: Vec<usize> = (0..cached).map(|p| seq.slot(&layout, p)).collect();
+            attn.write_kv(
+                &layout,
+                &mut k_cache,
+                &mut v_cache,
+                &slots,
+                &seq.k[..cached * stride],
+                &seq.v[..cached * stride],
+            );
+        }
+        let (mut slots, mut new_k, mut new_v) = (Vec::new(), Vec::new(), Vec::new());
+        for seq in &seqs {
+            let cached = seq.context_len - seq.query_len;
+            slots.extend((cached..seq.context_len).map(|p| seq.slot(&layout, p)));
+            new_k.extend_from_slice(&seq.k[cached * stride..]);
+            new_v.extend_from_slice(&seq.v[cached * stride..]);
+        }
+        attn.write_kv(&layout, &mut k_cache, &mut v_cache, &slots, &new_k, &new_v);
+
+        let num_tokens: usize = shapes.iter().map(|s| s.1).sum();
+        let row_len = num_heads * hd;
+        let q = random_vec(&mut rng, num_tokens * row_len);
+        let mut query_start = 0;
+        let mut batch: Vec<SeqAttn<'_>> = seqs
+            .iter()
+            .map(|seq| {
+                let s = SeqAttn {
+                    block_table: &seq.block_table,
+                    context_len: seq.context_len,
+                    query_start,
+                    query_len: seq.query_len,
+                };
+                query_start += seq.query_len;
+                s
+            })
+            .collect();
+        if reverse_seqs {
+            batch.reverse();
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![f32::NAN; num_tokens * row_len];
+        attn.attend(
+            &layout, &k_cache, &v_cache, &q, num_heads, &batch, scale, &mut out,
+        );
+
+        let mut row = 0;
+        for (n, seq) in seqs.iter().enumerate() {
+            let rows = row * row_len..(row + seq.query_len) * row_len;
+            let expected = reference(&layout, num_heads, seq, &q[rows.clone()], scale);
+            for (i, (got, want)) in out[rows].iter().zip(&expected).enumerate() {
+                assert!(
+                    (got - want).abs() <= TOLERANCE,
+                    "seq {n} token {} head {} dim {}: got {got}, want {want}",
+                    i / row_len,
+                    i % row_len / hd,
+                    i % hd
+                );
+            }
+            row += seq.query_len;
+        }
+    }
+
+    fn layout(
+        num_blocks: usize,
+        block_size: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+    ) -> KvLayout {
+        KvLayout {
+            num_layers: 1,
+            num_blocks,
+            block_size,
+            num_kv_heads,
+            head_dim,
+        }
+    }
+
+    #[test]
+    fn prefill_from_empty_cache() {
+        check(layout(8, 16, 2, 64), 4, &[(50, 50)], false, false, 1);
+    }
+
+    #[test]
+    fn prefill_chunk_after_cached_blocks_with_shuffled_table() {
+        check(layout(16, 16, 2, 64), 4, &[(77, 29)], true, false, 2);
+    }
+
+    #[test]
+    fn batched_decodes_mixed_with_prefill_chunk() {
+        // head_dim 40 also exercises the non-multiple-of-16 tail of the dot product.
+        let shapes = [(1, 1), (17, 1), (33, 1), (40, 24), (64, 1), (5, 1)];
+        check(layout(32, 8, 2, 40), 8, &shapes, true, true, 3);
+    }
+
+    #[test]
+    fn grouped_query_attention_like_the_default_model() {
+        check(
+            layout(24, 16, 3, 64),
+            9,
+            &[(37, 37), (53, 1), (70, 19)],
+            true,
+            false,
+            4,
+        );
+    }
+
+    #[test]
+    fn write_kv_puts_rows_where_attend_reads_them() {
+        let layout = layout(4, 4, 2, 16);
+        let stride = layout.token_stride();
+        let attn = CpuPagedAttention;
+        let mut rng = StdRng::seed_from_u64(5);
+        let (mut k_cache, mut v_cache) =
+            (vec![0.0; layout.layer_len()], vec![0.0; layout.layer_len()]);
+        // Token 0 of a sequence whose block table starts at block 2: slot 8.
+        let block_table = [2u32];
+        let (k, v) = (random_vec(&mut rng, stride), random_vec(&mut rng, stride));
+        attn.write_kv(&layout, &mut k_cache, &mut v_cache, &[8], &k, &v);
+
+        for (slot, (k_row, v_row)) in k_cache
+            .chunks_exact(stride)
+            .zip(v_cache.chunks_exact(stride))
+            .enumerate()
+        {
+            if slot == 8 {
+                assert_eq!((k_row, v_row), (&k[..], &v[..]));
+            } else {
+                assert!(
+                    k_row.iter().chain(v_row).all(|&x| x == 0.0),
+                    "slot {slot} was written"
+                );
+            }
+        }
+
+        // With a single attended position the softmax weight is 1: the output is that V row.
+        let num_heads = 4;
+        let q = random_vec(&mut rng, num_heads * layout.head_dim);
+        let mut out = vec![0.0; q.len()];
+        let seq = SeqAttn {
+            block_table: &block_table,
+            context_len: 1,
+            query_start: 0,
+            query_len: 1,
+        };
+        attn.attend(
+            &layout,
+            &k_cache,
+            &v_cache,
+            &q,
+            num_heads,
+            &[seq],
+            0.25,
+            &mut out,
+        );
+        for (h, out_head) in out.chunks_exact(layout.head_dim).enumerate() {
+            let kv_head = h / 2;
+            assert_eq!(
+                out_head,
+                &v[kv_head * layout.head_dim..][..layout.head_dim],
+                "head {h}"
+            );
+        }
+    }
+
+    #[test]
+    fn rows_outside_every_sequence_are_untouched() {
+        let layout = layout(2, 4, 1, 16);
+        let attn = CpuPagedAttention;
+        let (k_cache, v_cache) = (vec![1.0; layout.layer_len()], vec![1.0; layout.layer_len()]);
+        let q = vec![0.5; 3 * layout.head_dim];
+        let mut out = vec![7.0; q.len()];
+        let seq = SeqAttn {
+            block_table: &[1],
+            context_len: 2,
+            query_start: 1,
+            query_len: 1,
+        };
+        attn.attend(&layout, &k_cache, &v_cache, &q, 1, &[seq], 1.0, &mut out);
+        assert!(out[..16].iter().chain(&out[32..]).all(|&x| x == 7.0));
+        assert!(out[16..32].iter().all(|&x| (x - 1.0).abs() < 1e-6));
+    }
+}

@@ -1,0 +1,344 @@
+//! The engine loop: one thread owns the model, the KV cache and every request. Each iteration
+//! takes in new commands, schedules a step, runs one batched forward pass, samples, and sends
+//! each request its new tokens.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use kernels::{CpuKvCache, SeqAttn};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::kv_cache::{BlockHasher, BlockPool, KvCacheManager, KvEventSink};
+use crate::metrics::Metrics;
+use crate::model::{LlamaModel, StepInput, Tokenizer};
+
+use super::config::EngineConfig;
+use super::detokenizer::TokenDecoder;
+use super::handle::{EngineCommand, EngineHandle};
+use super::request::Request;
+use super::scheduler::{Scheduler, SchedulerLimits, SchedulerOutput};
+use super::types::{EngineError, Finish, FinishReason, GenerateOutput, GenerateRequest};
+
+impl TokenDecoder for Tokenizer {
+    fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {
+        Tokenizer::decode(self, ids, skip_special_tokens)
+    }
+}
+
+/// Starts the engine thread and returns the handle to it. `sink` receives every cached-block
+/// change (the KV-events publisher plugs in there).
+pub fn start(
+    config: EngineConfig,
+    model: LlamaModel,
+    tokenizer: Arc<Tokenizer>,
+    metrics: Arc<Metrics>,
+    sink: Box<dyn KvEventSink>,
+) -> Result<EngineHandle, EngineError> {
+    let (tx, rx) = mpsc::channel();
+    let alive = Arc::new(AtomicBool::new(true));
+    let flag = alive.clone();
+    std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || {
+            // Marks the engine dead however the thread ends, panics included.
+            let _alive = AliveGuard(flag);
+            let mut core = EngineCore::new(config, model, tokenizer, metrics, sink);
+            core.run(rx);
+        })
+        .map_err(|_| EngineError::Dead)?;
+    Ok(EngineHandle::new(tx, alive))
+}
+
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+pub(crate) struct EngineCore {
+    config: EngineConfig,
+    model: LlamaModel,
+    cache: CpuKvCache,
+    kv: KvCacheManager,
+    scheduler: Scheduler,
+    requests: HashMap<String, Request>,
+    tokenizer: Arc<Tokenizer>,
+    eos_token_ids: Vec<u32>,
+    metrics: Arc<Metrics>,
+}
+
+impl EngineCore {
+    pub(crate) fn new(
+        config: EngineConfig,
+        model: LlamaModel,
+        tokenizer: Arc<Tokenizer>,
+        metrics: Arc<Metrics>,
+        sink: Box<dyn KvEventSink>,
+    ) -> Self {
+        let layout = model.kv_layout(config.num_blocks, config.block_size);
+        let hasher = BlockHasher::new(config.hash_algo, config.hash_seed.as_deref());
+        let pool = BlockPool::new(config.num_blocks, config.enable_prefix_caching, sink);
+        let kv = KvCacheManager::new(pool, config.block_size, hasher, config.enable_prefix_caching);
+        let scheduler = Scheduler::new(SchedulerLimits {
+            max_num_seqs: config.max_num_seqs,
+            max_num_batched_tokens: config.max_num_batched_tokens,
+            enable_prefix_caching: config.enable_prefix_caching,
+        });
+        let eos_token_ids = tokenizer.eos_token_ids().to_vec();
+        Self {
+            config,
+            model,
+            cache: CpuKvCache::new(layout),
+            kv,
+            scheduler,
+            requests: HashMap::new(),
+            tokenizer,
+            eos_token_ids,
+            metrics,
+        }
+    }
+
+    fn run(&mut self, commands: mpsc::Receiver<EngineCommand>) {
+        loop {
+            if !self.scheduler.has_work() {
+                // Idle: sleep until a command arrives; all handles gone means shut down.
+                match commands.recv() {
+                    Ok(cmd) => self.handle_command(cmd),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match commands.try_recv() {
+                    Ok(cmd) => self.handle_command(cmd),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+            self.step();
+        }
+    }
+
+    fn handle_command(&mut self, cmd: EngineCommand) {
+        match cmd {
+            EngineCommand::Add { request, outputs } => self.add_request(request, outputs),
+            EngineCommand::Abort(id) => self.finish(&id, Finish::new(FinishReason::Abort, None)),
+            EngineCommand::ResetPrefixCache(reply) => {
+                let ok = self.kv.reset_prefix_cache();
+                self.kv.flush_events();
+                let _ = reply.send(ok);
+            }
+        }
+        self.update_gauges();
+    }
+
+    fn add_request(&mut self, request: GenerateRequest, outputs: UnboundedSender<GenerateOutput>) {
+        if self.requests.contains_key(&request.request_id) {
+            let prompt_len = request.prompt_token_ids.len();
+            let _ = outputs.send(GenerateOutput {
+                token_ids: Vec::new(),
+                text: String::new(),
+                logprobs: Vec::new(),
+                finish: Some(Finish::new(
+                    FinishReason::Error,
+                    Some(EngineError::DuplicateRequestId(request.request_id).to_string()),
+                )),
+                num_prompt_tokens: prompt_len,
+                num_cached_tokens: 0,
+            });
+            return;
+        }
+        let id = request.request_id.clone();
+        self.requests.insert(id.clone(), Request::new(request, outputs));
+        self.scheduler.add(id);
+    }
+
+    /// Ends a request: frees its blocks, sends its last output, records its metrics.
+    fn finish(&mut self, id: &str, finish: Finish) {
+        let Some(mut req) = self.requests.remove(id) else { return };
+        self.scheduler.remove(id);
+        self.kv.free(id);
+        let reason = finish.reason;
+        req.send_pending(Some(finish));
+        self.record_finished(&req, reason);
+    }
+
+    fn record_finished(&self, req: &Request, reason: FinishReason) {
+        let m = &self.metrics;
+        let now = Instant::now();
+        let t = &req.timings;
+        m.record_finished(reason.as_str());
+        m.e2e_request_latency.observe(now.duration_since(t.arrival).as_secs_f64());
+        m.request_prompt_tokens.observe(req.prompt_len as f64);
+        m.request_generation_tokens.observe(req.num_output_tokens() as f64);
+        if let Some(first) = t.first_scheduled {
+            m.request_queue_time.observe(first.duration_since(t.arrival).as_secs_f64());
+            if let Some(tok) = t.first_token {
+                m.request_prefill_time.observe(tok.duration_since(first).as_secs_f64());
+                m.request_decode_time.observe(now.duration_since(tok).as_secs_f64());
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        self.metrics.num_requests_running.set(self.scheduler.num_running() as f64);
+        self.metrics.num_requests_waiting.set(self.scheduler.num_waiting() as f64);
+        self.metrics.kv_cache_usage_perc.set(self.kv.usage());
+    }
+
+    /// Runs one scheduler step end to end.
+    fn step(&mut self) {
+        self.abort_disconnected();
+        let plan = self.scheduler.schedule(&mut self.requests, &mut self.kv);
+        self.record_schedule(&plan);
+        if plan.scheduled.is_empty() {
+            self.update_gauges();
+            return;
+        }
+        match self.execute(&plan) {
+            Ok(finished) => {
+                for (id, finish) in finished {
+                    self.finish(&id, finish);
+                }
+            }
+            Err(e) => {
+                tracing::error!("forward pass failed: {e}");
+                for s in &plan.scheduled {
+                    self.finish(&s.request_id, Finish::new(FinishReason::Error, Some(e.to_string())));
+                }
+            }
+        }
+        self.kv.flush_events();
+        self.update_gauges();
+    }
+
+    /// Clients that went away never read their output: free their blocks now.
+    fn abort_disconnected(&mut self) {
+        let gone: Vec<String> = self
+            .requests
+            .values()
+            .filter(|r| r.is_disconnected())
+            .map(|r| r.id.clone())
+            .collect();
+        for id in gone {
+            self.finish(&id, Finish::new(FinishReason::Abort, None));
+        }
+    }
+
+    fn record_schedule(&self, plan: &SchedulerOutput) {
+        let m = &self.metrics;
+        m.num_preemptions.inc_by(plan.num_preemptions as u64);
+        m.prefix_cache_queries.inc_by(plan.prefix_cache_queries as u64);
+        m.prefix_cache_hits.inc_by(plan.prefix_cache_hits as u64);
+        if !plan.scheduled.is_empty() {
+            m.iteration_tokens.observe(plan.total_tokens() as f64);
+        }
+    }
+
+    /// Runs the forward pass for `plan`, samples where a sequence reached its end, and returns
+    /// the requests that finished.
+    fn execute(
+        &mut self,
+        plan: &SchedulerOutput,
+    ) -> Result<Vec<(String, Finish)>, crate::model::ModelError> {
+        let block_size = self.config.block_size;
+        let total = plan.total_tokens();
+        let mut token_ids = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut slots = Vec::with_capacity(total);
+        let mut logits_rows = Vec::new();
+        // Which scheduled entries sample a token this step (their prefill is complete).
+        let mut samples = Vec::new();
+        for (i, s) in plan.scheduled.iter().enumerate() {
+            let req = &self.requests[&s.request_id];
+            let table = self.kv.block_table(&s.request_id);
+            let start = req.num_computed_tokens;
+            for pos in start..start + s.num_new_tokens {
+                token_ids.push(req.all_token_ids[pos]);
+                positions.push(pos);
+                slots.push(table[pos / block_size] as usize * block_size + pos % block_size);
+            }
+            if start + s.num_new_tokens == req.num_tokens() {
+                logits_rows.push(token_ids.len() - 1);
+                samples.push(i);
+            }
+        }
+        let mut query_start = 0;
+        let seqs: Vec<SeqAttn<'_>> = plan
+            .scheduled
+            .iter()
+            .map(|s| {
+                let req = &self.requests[&s.request_id];
+                let seq = SeqAttn {
+                    block_table: self.kv.block_table(&s.request_id),
+                    context_len: req.num_computed_tokens + s.num_new_tokens,
+                    query_start,
+                    query_len: s.num_new_tokens,
+                };
+                query_start += s.num_new_tokens;
+                seq
+            })
+            .collect();
+        let input = StepInput {
+            token_ids: &token_ids,
+            positions: &positions,
+            slots: &slots,
+            seqs: &seqs,
+            logits_rows: &logits_rows,
+        };
+        let mut logits = self.model.forward(&input, &mut self.cache)?;
+        drop(seqs);
+
+        for s in &plan.scheduled {
+            if let Some(req) = self.requests.get_mut(&s.request_id) {
+                req.num_computed_tokens += s.num_new_tokens;
+                self.kv.cache_blocks(&s.request_id, &req.all_token_ids, req.num_computed_tokens);
+            }
+        }
+
+        let now = Instant::now();
+        let mut finished = Vec::new();
+        let mut new_tokens = 0u64;
+        let mut prompt_tokens = 0usize;
+        for (row, &i) in samples.iter().enumerate() {
+            let id = &plan.scheduled[i].request_id;
+            let Some(req) = self.requests.get_mut(id) else { continue };
+            let finish = req.sample_and_append(
+                &mut logits[row],
+                &self.eos_token_ids,
+                self.config.max_model_len,
+                self.tokenizer.as_ref(),
+            );
+            new_tokens += 1;
+            let t = &mut req.timings;
+            match t.last_token {
+                None => {
+                    // Prefill just completed (once per request, preemptions aside).
+                    prompt_tokens += req.prompt_len;
+                    self.metrics
+                        .time_to_first_token
+                        .observe(now.duration_since(t.arrival).as_secs_f64())
+                }
+                Some(last) => {
+                    self.metrics.inter_token_latency.observe(now.duration_since(last).as_secs_f64())
+                }
+            }
+            t.first_token.get_or_insert(now);
+            t.last_token = Some(now);
+            match finish {
+                Some(f) => finished.push((id.clone(), f)),
+                None => {
+                    if !req.send_pending(None) {
+                        finished.push((id.clone(), Finish::new(FinishReason::Abort, None)));
+                    }
+                }
+            }
+        }
+        self.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
+        self.metrics.generation_tokens.inc_by(new_tokens);
+        Ok(finished)
+    }
+}

@@ -1,0 +1,178 @@
+//! One request's state inside the engine: its tokens, progress through prefill/decode, sampler,
+//! detokenizer and stop checks, and the timestamps the metrics need.
+
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::detokenizer::{IncrementalDetokenizer, TokenDecoder};
+use super::sampling::SequenceSampler;
+use super::stop_checker::StopChecker;
+use super::types::{
+    Finish, FinishReason, GenerateOutput, GenerateRequest, SamplingParams, StopReason, TokenLogprob,
+};
+
+/// Timestamps of a request's life, for the latency histograms.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timings {
+    pub arrival: Instant,
+    pub first_scheduled: Option<Instant>,
+    pub first_token: Option<Instant>,
+    pub last_token: Option<Instant>,
+}
+
+pub(crate) struct Request {
+    pub id: String,
+    pub prompt_len: usize,
+    /// Prompt followed by the generated tokens.
+    pub all_token_ids: Vec<u32>,
+    /// Tokens whose K/V are in the cache. Reset to 0 on preemption (recompute).
+    pub num_computed_tokens: usize,
+    /// Prompt tokens found in the prefix cache at first admission (`cached_tokens`).
+    pub num_cached_tokens: Option<usize>,
+    pub params: SamplingParams,
+    pub cache_salt: Option<String>,
+    pub num_preemptions: usize,
+    pub timings: Timings,
+    sampler: SequenceSampler,
+    detokenizer: IncrementalDetokenizer,
+    stop_checker: StopChecker,
+    outputs: UnboundedSender<GenerateOutput>,
+    /// Output accumulated during the current step, sent by [`Request::send_pending`].
+    pending: GenerateOutput,
+}
+
+impl Request {
+    pub fn new(req: GenerateRequest, outputs: UnboundedSender<GenerateOutput>) -> Self {
+        let prompt_len = req.prompt_token_ids.len();
+        let sampler = SequenceSampler::new(&req.params, &req.prompt_token_ids);
+        let detokenizer =
+            IncrementalDetokenizer::new(&req.prompt_token_ids, req.params.skip_special_tokens);
+        let stop_checker = StopChecker::new(&req.params.stop, req.params.include_stop_str_in_output);
+        Self {
+            id: req.request_id,
+            prompt_len,
+            all_token_ids: req.prompt_token_ids,
+            num_computed_tokens: 0,
+            num_cached_tokens: None,
+            params: req.params,
+            cache_salt: req.cache_salt,
+            num_preemptions: 0,
+            timings: Timings {
+                arrival: Instant::now(),
+                first_scheduled: None,
+                first_token: None,
+                last_token: None,
+            },
+            sampler,
+            detokenizer,
+            stop_checker,
+            outputs,
+            pending: empty_output(prompt_len),
+        }
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.all_token_ids.len()
+    }
+
+    pub fn num_output_tokens(&self) -> usize {
+        self.all_token_ids.len() - self.prompt_len
+    }
+
+    /// Samples the next token from `logits`, appends it and checks every stop condition.
+    /// Returns the finish when the request is done.
+    pub fn sample_and_append(
+        &mut self,
+        logits: &mut [f32],
+        eos_token_ids: &[u32],
+        max_model_len: usize,
+        decoder: &dyn TokenDecoder,
+    ) -> Option<Finish> {
+        let sampled =
+            self.sampler.sample(logits, &self.all_token_ids[self.prompt_len..], eos_token_ids);
+        self.append_token(sampled, eos_token_ids, max_model_len, decoder)
+    }
+
+    fn append_token(
+        &mut self,
+        sampled: TokenLogprob,
+        eos_token_ids: &[u32],
+        max_model_len: usize,
+        decoder: &dyn TokenDecoder,
+    ) -> Option<Finish> {
+        let token = sampled.token_id;
+        self.all_token_ids.push(token);
+        self.pending.token_ids.push(token);
+        if self.params.logprobs.is_some() {
+            self.pending.logprobs.push(sampled);
+        }
+        let stop = |reason: Option<StopReason>| {
+            Some(Finish { reason: FinishReason::Stop, stop_reason: reason, error: None })
+        };
+        let past_min_tokens = self.num_output_tokens() > self.params.min_tokens;
+
+        // Special tokens end the sequence before their text would be emitted.
+        let mut finish = None;
+        if past_min_tokens && !self.params.ignore_eos && eos_token_ids.contains(&token) {
+            finish = stop(None);
+        } else if past_min_tokens && self.params.stop_token_ids.contains(&token) {
+            finish = stop(Some(StopReason::Token(token)));
+        } else {
+            let delta = self.detokenizer.push(decoder, token);
+            if past_min_tokens {
+                let check = self.stop_checker.push(&delta);
+                self.pending.text.push_str(&check.emit);
+                if let Some(text) = check.matched {
+                    finish = stop(Some(StopReason::Text(text)));
+                }
+            } else {
+                // Stop strings only count once min_tokens are out; still hold back a possible
+                // partial match so it can complete after the threshold.
+                let check = self.stop_checker.push_without_matching(&delta);
+                self.pending.text.push_str(&check);
+            }
+        }
+        if finish.is_none()
+            && (self.num_output_tokens() >= self.params.max_tokens
+                || self.num_tokens() >= max_model_len)
+        {
+            finish = Some(Finish::new(FinishReason::Length, None));
+        }
+        if let Some(f) = &finish {
+            if f.stop_reason.as_ref().map_or(true, |r| matches!(r, StopReason::Token(_))) {
+                let rest = self.stop_checker.flush();
+                self.pending.text.push_str(&rest);
+            }
+        }
+        finish
+    }
+
+    /// Sends what this step produced (if anything) to the client. Returns false when the client
+    /// is gone, so the caller can abort the request.
+    pub fn send_pending(&mut self, finish: Option<Finish>) -> bool {
+        if self.pending.token_ids.is_empty() && finish.is_none() {
+            return true;
+        }
+        let mut out = std::mem::replace(&mut self.pending, empty_output(self.prompt_len));
+        out.finish = finish;
+        out.num_cached_tokens = self.num_cached_tokens.unwrap_or(0);
+        self.outputs.send(out).is_ok()
+    }
+
+    /// Whether the receiving side has gone away (client disconnected).
+    pub fn is_disconnected(&self) -> bool {
+        self.outputs.is_closed()
+    }
+}
+
+fn empty_output(prompt_len: usize) -> GenerateOutput {
+    GenerateOutput {
+        token_ids: Vec::new(),
+        text: String::new(),
+        logprobs: Vec::new(),
+        finish: None,
+        num_prompt_tokens: prompt_len,
+        num_cached_tokens: 0,
+    }
+}

@@ -1,0 +1,292 @@
+//! Continuous batching with chunked prefill (vLLM v1 style): every step gets a token budget;
+//! running requests are served first (one token each when decoding, a chunk when prefilling),
+//! then waiting requests are admitted while blocks and budget last. When the pool runs dry the
+//! most recently admitted request is preempted and later recomputed from scratch (its own
+//! freed blocks usually come back as prefix-cache hits).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use crate::kv_cache::KvCacheManager;
+
+use super::request::Request;
+
+/// Limits the scheduler works within.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SchedulerLimits {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+}
+
+/// One request's share of a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ScheduledRequest {
+    pub request_id: String,
+    /// Tokens computed this step, starting at the request's `num_computed_tokens`.
+    pub num_new_tokens: usize,
+}
+
+/// What a step will run, plus the bookkeeping the metrics need.
+#[derive(Debug, Default)]
+pub(crate) struct SchedulerOutput {
+    pub scheduled: Vec<ScheduledRequest>,
+    pub num_preemptions: usize,
+    /// Prompt tokens looked up in / found in the prefix cache by newly admitted requests.
+    pub prefix_cache_queries: usize,
+    pub prefix_cache_hits: usize,
+}
+
+impl SchedulerOutput {
+    pub fn total_tokens(&self) -> usize {
+        self.scheduled.iter().map(|s| s.num_new_tokens).sum()
+    }
+}
+
+pub(crate) struct Scheduler {
+    limits: SchedulerLimits,
+    waiting: VecDeque<String>,
+    /// In admission order: preemption takes from the back.
+    running: Vec<String>,
+}
+
+impl Scheduler {
+    pub fn new(limits: SchedulerLimits) -> Self {
+        Self { limits, waiting: VecDeque::new(), running: Vec::new() }
+    }
+
+    pub fn add(&mut self, request_id: String) {
+        self.waiting.push_back(request_id);
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+
+    /// Forgets a request (finished or aborted); the caller frees its blocks.
+    pub fn remove(&mut self, request_id: &str) {
+        self.running.retain(|id| id != request_id);
+        self.waiting.retain(|id| id != request_id);
+    }
+
+    /// Decides the next step. Allocates the KV slots of everything it schedules.
+    pub fn schedule(
+        &mut self,
+        requests: &mut HashMap<String, Request>,
+        kv: &mut KvCacheManager,
+    ) -> SchedulerOutput {
+        let mut out = SchedulerOutput::default();
+        let mut budget = self.limits.max_num_batched_tokens;
+
+        // Running requests first, in admission order.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i].clone();
+            let Some(req) = requests.get(&id) else {
+                self.running.remove(i);
+                continue;
+            };
+            let num_new = (req.num_tokens() - req.num_computed_tokens).min(budget);
+            if num_new == 0 {
+                i += 1;
+                continue;
+            }
+            let target = req.num_computed_tokens + num_new;
+            let mut scheduled = true;
+            while kv.allocate_slots(&id, target, &[]).is_err() {
+                // Out of blocks: recompute the most recently admitted request later.
+                let Some(victim) = self.running.pop() else { break };
+                kv.free(&victim);
+                if let Some(v) = requests.get_mut(&victim) {
+                    v.num_computed_tokens = 0;
+                    v.num_preemptions += 1;
+                }
+                self.waiting.push_front(victim.clone());
+                out.num_preemptions += 1;
+                if victim == id {
+                    scheduled = false;
+                    break;
+                }
+            }
+            if !scheduled {
+                break;
+            }
+            budget -= num_new;
+            out.scheduled.push(ScheduledRequest { request_id: id, num_new_tokens: num_new });
+            i += 1;
+        }
+
+        // Admit waiting requests only when nothing had to be preempted this step.
+        while out.num_preemptions == 0
+            && budget > 0
+            && self.running.len() < self.limits.max_num_seqs
+        {
+            let Some(id) = self.waiting.front().cloned() else { break };
+            let Some(req) = requests.get_mut(&id) else {
+                self.waiting.pop_front();
+                continue;
+            };
+            let (cached_blocks, num_cached) = if self.limits.enable_prefix_caching {
+                kv.find_cached_prefix(&id, &req.all_token_ids, req.cache_salt.as_deref())
+            } else {
+                (Vec::new(), 0)
+            };
+            let num_new = (req.num_tokens() - num_cached).min(budget);
+            if kv.allocate_slots(&id, num_cached + num_new, &cached_blocks).is_err() {
+                break;
+            }
+            self.waiting.pop_front();
+            self.running.push(id.clone());
+            req.num_computed_tokens = num_cached;
+            if req.num_cached_tokens.is_none() {
+                req.num_cached_tokens = Some(num_cached.min(req.prompt_len));
+                out.prefix_cache_queries += req.prompt_len;
+                out.prefix_cache_hits += num_cached.min(req.prompt_len);
+            }
+            if req.timings.first_scheduled.is_none() {
+                req.timings.first_scheduled = Some(Instant::now());
+            }
+            budget -= num_new;
+            out.scheduled.push(ScheduledRequest { request_id: id, num_new_tokens: num_new });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::types::{GenerateRequest, SamplingParams};
+    use crate::kv_cache::{BlockHasher, BlockPool, HashAlgo, NullSink};
+
+    const BS: usize = 16;
+
+    fn manager(num_blocks: usize) -> KvCacheManager {
+        let pool = BlockPool::new(num_blocks, true, Box::new(NullSink));
+        KvCacheManager::new(pool, BS, BlockHasher::new(HashAlgo::Sha256Cbor, None), true)
+    }
+
+    fn add(
+        sched: &mut Scheduler,
+        reqs: &mut HashMap<String, Request>,
+        id: &str,
+        prompt: Vec<u32>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        std::mem::forget(rx); // keep the channel open for the test's lifetime
+        let params = SamplingParams { temperature: 0.0, ..SamplingParams::default() };
+        let req = GenerateRequest {
+            request_id: id.to_string(),
+            prompt_token_ids: prompt,
+            params,
+            cache_salt: None,
+        };
+        reqs.insert(id.to_string(), Request::new(req, tx));
+        sched.add(id.to_string());
+    }
+
+    /// Plays the model's part: marks scheduled tokens computed and appends a token to every
+    /// request whose prefill is done.
+    fn run_step(plan: &SchedulerOutput, reqs: &mut HashMap<String, Request>, kv: &mut KvCacheManager) {
+        for s in &plan.scheduled {
+            let r = reqs.get_mut(&s.request_id).unwrap();
+            r.num_computed_tokens += s.num_new_tokens;
+            kv.cache_blocks(&s.request_id, &r.all_token_ids, r.num_computed_tokens);
+            if r.num_computed_tokens == r.num_tokens() {
+                r.all_token_ids.push(7);
+            }
+        }
+    }
+
+    fn limits(max_num_seqs: usize, max_num_batched_tokens: usize) -> SchedulerLimits {
+        SchedulerLimits { max_num_seqs, max_num_batched_tokens, enable_prefix_caching: true }
+    }
+
+    #[test]
+    fn long_prompt_is_prefilled_in_chunks_within_the_budget() {
+        let mut kv = manager(64);
+        let mut reqs = HashMap::new();
+        let mut s = Scheduler::new(limits(8, 32));
+        add(&mut s, &mut reqs, "a", (0..100).collect());
+        let mut chunks = Vec::new();
+        for _ in 0..5 {
+            let plan = s.schedule(&mut reqs, &mut kv);
+            chunks.push(plan.total_tokens());
+            run_step(&plan, &mut reqs, &mut kv);
+        }
+        // 100 prompt tokens in 32-token chunks, then one decode token.
+        assert_eq!(chunks, vec![32, 32, 32, 4, 1]);
+        assert_eq!(kv.block_table("a").len(), 7); // 101 tokens
+    }
+
+    #[test]
+    fn decodes_share_the_budget_with_a_prefill_chunk() {
+        let mut kv = manager(64);
+        let mut reqs = HashMap::new();
+        let mut s = Scheduler::new(limits(8, 20));
+        add(&mut s, &mut reqs, "a", (0..10).collect());
+        let plan = s.schedule(&mut reqs, &mut kv);
+        run_step(&plan, &mut reqs, &mut kv);
+        add(&mut s, &mut reqs, "b", (100..150).collect());
+        let plan = s.schedule(&mut reqs, &mut kv);
+        let got: Vec<_> = plan.scheduled.iter().map(|x| (x.request_id.as_str(), x.num_new_tokens)).collect();
+        assert_eq!(got, vec![("a", 1), ("b", 19)]);
+    }
+
+    #[test]
+    fn admission_stops_at_max_num_seqs() {
+        let mut kv = manager(64);
+        let mut reqs = HashMap::new();
+        let mut s = Scheduler::new(limits(2, 1000));
+        for id in ["a", "b", "c"] {
+            add(&mut s, &mut reqs, id, vec![1, 2, 3]);
+        }
+        let plan = s.schedule(&mut reqs, &mut kv);
+        assert_eq!(plan.scheduled.len(), 2);
+        assert_eq!((s.num_running(), s.num_waiting()), (2, 1));
+    }
+
+    #[test]
+    fn out_of_blocks_preempts_the_latest_request_and_frees_its_blocks() {
+        // 4 blocks: two requests of 2 full blocks each fill the pool exactly.
+        let mut kv = manager(4);
+        let mut reqs = HashMap::new();
+        let mut s = Scheduler::new(limits(8, 1000));
+        add(&mut s, &mut reqs, "a", (0..32).collect());
+        add(&mut s, &mut reqs, "b", (100..132).collect());
+        let plan = s.schedule(&mut reqs, &mut kv);
+        assert_eq!(plan.scheduled.len(), 2);
+        run_step(&plan, &mut reqs, &mut kv); // both now hold 33 tokens: a third block each
+        let plan = s.schedule(&mut reqs, &mut kv);
+        assert_eq!(plan.num_preemptions, 1);
+        assert_eq!(plan.scheduled, vec![ScheduledRequest { request_id: "a".into(), num_new_tokens: 1 }]);
+        assert_eq!(reqs["b"].num_computed_tokens, 0);
+        assert!(kv.block_table("b").is_empty());
+        assert_eq!((s.num_running(), s.num_waiting()), (1, 1));
+    }
+
+    #[test]
+    fn shared_prefix_is_admitted_as_computed() {
+        let mut kv = manager(64);
+        let mut reqs = HashMap::new();
+        let mut s = Scheduler::new(limits(8, 1000));
+        let prefix: Vec<u32> = (0..48).collect();
+        add(&mut s, &mut reqs, "a", prefix.iter().copied().chain([500, 501]).collect());
+        let plan = s.schedule(&mut reqs, &mut kv);
+        run_step(&plan, &mut reqs, &mut kv);
+        add(&mut s, &mut reqs, "b", prefix.iter().copied().chain([900]).collect());
+        let plan = s.schedule(&mut reqs, &mut kv);
+        assert_eq!(plan.scheduled[1], ScheduledRequest { request_id: "b".into(), num_new_tokens: 1 });
+        assert_eq!(reqs["b"].num_cached_tokens, Some(48));
+        assert_eq!((plan.prefix_cache_queries, plan.prefix_cache_hits), (49, 48));
+        assert_eq!(kv.block_table("a")[..3], kv.block_table("b")[..3]);
+    }
+}

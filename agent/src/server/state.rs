@@ -1,0 +1,119 @@
+//! What every handler shares: the engine handle, tokenizer, chat template, metrics and the
+//! server settings taken from the command line.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use crate::engine::EngineHandle;
+use crate::metrics::Metrics;
+use crate::model::{ChatTemplate, Tokenizer};
+
+use super::errors::ApiError;
+
+/// Server settings (from the command line and the loaded model).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// `--served-model-name` values; the first is the name responses carry.
+    pub served_model_names: Vec<String>,
+    /// The model path as given on the command line (`root` in `/v1/models`).
+    pub model_root: String,
+    pub max_model_len: usize,
+    /// Most logprobs a request may ask for (`--max-logprobs`, vLLM's default 20).
+    pub max_logprobs: usize,
+    /// `--api-key` values; empty means no authentication.
+    pub api_keys: Vec<String>,
+    pub enable_prompt_tokens_details: bool,
+    pub enable_force_include_usage: bool,
+    /// `system_fingerprint` of responses.
+    pub system_fingerprint: Option<String>,
+    /// Largest request body accepted; larger ones get a 413.
+    pub max_body_bytes: usize,
+}
+
+/// Shared handler state; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat_template: Option<Arc<ChatTemplate>>,
+    pub metrics: Arc<Metrics>,
+    pub config: Arc<ServerConfig>,
+    /// Longest vocabulary entry in characters: a text longer than `max_model_len` times this
+    /// cannot fit and is refused without tokenizing it (as vLLM does).
+    pub max_chars_per_token: usize,
+}
+
+impl AppState {
+    pub fn new(
+        engine: EngineHandle,
+        tokenizer: Arc<Tokenizer>,
+        chat_template: Option<Arc<ChatTemplate>>,
+        metrics: Arc<Metrics>,
+        config: ServerConfig,
+    ) -> Self {
+        let max_chars_per_token = (0..tokenizer.vocab_size() as u32)
+            .filter_map(|id| tokenizer.id_to_token(id))
+            .map(|t| t.chars().count())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        Self {
+            engine,
+            tokenizer,
+            chat_template,
+            metrics,
+            config: Arc::new(config),
+            max_chars_per_token,
+        }
+    }
+
+    /// The model name responses carry.
+    pub fn model_name(&self) -> &str {
+        self.config
+            .served_model_names
+            .first()
+            .map(String::as_str)
+            .unwrap_or_default()
+    }
+
+    /// vLLM's `_check_model`: an absent or empty `model` means the served one.
+    pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            None | Some("") => Ok(()),
+            Some(m) if self.config.served_model_names.iter().any(|n| n == m) => Ok(()),
+            Some(m) => Err(ApiError::model_not_found(m)),
+        }
+    }
+}
+
+/// Seconds since the Unix epoch (`created`).
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// vLLM's `hash` fingerprint mode, `<name>-<version>-<first 8 hex of a config hash>`: clients can
+/// tell when the serving configuration changed.
+pub fn system_fingerprint(config_summary: &str) -> String {
+    let digest = Sha256::digest(config_summary.as_bytes());
+    let hash8: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("agent-{}-{hash8}", env!("CARGO_PKG_VERSION"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_depends_on_config() {
+        let a = system_fingerprint("model=a block_size=16");
+        assert!(a.starts_with(&format!("agent-{}-", env!("CARGO_PKG_VERSION"))));
+        assert_eq!(a.len(), format!("agent-{}-", env!("CARGO_PKG_VERSION")).len() + 8);
+        assert_eq!(a, system_fingerprint("model=a block_size=16"));
+        assert_ne!(a, system_fingerprint("model=a block_size=32"));
+    }
+}

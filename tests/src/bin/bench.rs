@@ -1,0 +1,252 @@
+//! Benchmarks (commands and results in docs/BENCHMARKS.md).
+//!
+//! - `serve-load`: drives a running server with concurrent streaming completions and reports
+//!   time to first token, inter-token latency and aggregate output tokens/s.
+//! - `oracle-decode`: single-stream greedy decoding with candle-transformers' quantized llama
+//!   on the same GGUF, the peer for the agent's single-stream figure.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use e2e::oracle::Oracle;
+use e2e::sse::{Event, SseStream};
+use e2e::SERVED_MODEL;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(about = "Benchmarks for the agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Concurrent streaming completions against a running server.
+    ServeLoad {
+        /// Base URL of the server.
+        #[arg(long, default_value = "http://127.0.0.1:8000")]
+        url: String,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Requests in all.
+        #[arg(long, default_value_t = 8)]
+        requests: usize,
+        /// Tokens generated per request (`ignore_eos`, so exactly this many).
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        #[arg(long, default_value = SERVED_MODEL)]
+        model: String,
+        #[arg(
+            long,
+            default_value = "Write a long story about a lighthouse keeper and the sea."
+        )]
+        prompt: String,
+    },
+    /// Single-stream greedy decoding with candle-transformers `quantized_llama`.
+    OracleDecode {
+        /// GGUF file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+        /// Prompt token ids, comma-separated (default: `<|im_start|>` alone).
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        prompt_ids: Vec<u32>,
+    },
+}
+
+/// Timings of one streamed request.
+struct Sample {
+    ttft: Duration,
+    /// Gaps between consecutive chunks that carried text.
+    itl: Vec<Duration>,
+    completion_tokens: usize,
+}
+
+async fn one_request(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<Sample> {
+    let start = Instant::now();
+    let resp = client
+        .post(format!("{url}/v1/completions"))
+        .json(body)
+        .send()
+        .await
+        .context("sending the request")?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        bail!("server answered {status}: {text}");
+    }
+    let mut stream = SseStream::new(resp);
+    let mut ttft = None;
+    let mut last = start;
+    let mut itl = Vec::new();
+    let mut completion_tokens = None;
+    while let Some(event) = stream.next().await.map_err(anyhow::Error::msg)? {
+        let Event::Json(chunk) = event else { break };
+        if let Some(err) = chunk.get("error") {
+            bail!("error chunk: {err}");
+        }
+        if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
+            completion_tokens = Some(n as usize);
+        }
+        let has_text = chunk["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty());
+        if has_text {
+            let now = Instant::now();
+            match ttft {
+                None => ttft = Some(now - start),
+                Some(_) => itl.push(now - last),
+            }
+            last = now;
+        }
+    }
+    Ok(Sample {
+        ttft: ttft.context("no text was streamed")?,
+        itl,
+        completion_tokens: completion_tokens.context("no usage chunk")?,
+    })
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+async fn serve_load(
+    url: String,
+    concurrency: usize,
+    requests: usize,
+    max_tokens: usize,
+    model: String,
+    prompt: String,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        concurrency > 0 && requests > 0,
+        "concurrency and requests must be > 0"
+    );
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3600))
+        .build()?;
+    let body = Arc::new(json!({
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "ignore_eos": true,
+        "temperature": 0.0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    }));
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, url, body, next) =
+                (client.clone(), url.clone(), body.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                while next.fetch_add(1, Ordering::Relaxed) < requests {
+                    samples.push(one_request(&client, &url, &body).await?);
+                }
+                anyhow::Ok(samples)
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for w in workers {
+        samples.extend(w.await??);
+    }
+    let wall = start.elapsed();
+
+    let mut ttft: Vec<Duration> = samples.iter().map(|s| s.ttft).collect();
+    let mut itl: Vec<Duration> = samples.iter().flat_map(|s| s.itl.iter().copied()).collect();
+    ttft.sort();
+    itl.sort();
+    let tokens: usize = samples.iter().map(|s| s.completion_tokens).sum();
+    let mean_itl = itl.iter().sum::<Duration>().as_secs_f64() / itl.len().max(1) as f64;
+    println!("requests            {}", samples.len());
+    println!("concurrency         {concurrency}");
+    println!("output tokens       {tokens}");
+    println!("wall time           {:.2} s", wall.as_secs_f64());
+    println!(
+        "TTFT p50 / p90      {:.1} / {:.1} ms",
+        ms(percentile(&ttft, 50.0)),
+        ms(percentile(&ttft, 90.0))
+    );
+    println!(
+        "ITL  p50 / p90      {:.1} / {:.1} ms",
+        ms(percentile(&itl, 50.0)),
+        ms(percentile(&itl, 90.0))
+    );
+    println!(
+        "per-stream decode   {:.1} tokens/s (1 / mean ITL)",
+        1.0 / mean_itl.max(1e-9)
+    );
+    println!(
+        "output throughput   {:.1} tokens/s (aggregate)",
+        tokens as f64 / wall.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn oracle_decode(model: PathBuf, tokens: usize, prompt_ids: Vec<u32>) -> anyhow::Result<()> {
+    anyhow::ensure!(tokens > 1, "--tokens must be at least 2");
+    let load = Instant::now();
+    let mut oracle = Oracle::load(&model)?;
+    println!("load                {:.2} s", load.elapsed().as_secs_f64());
+    // One short warm-up so that page faults and allocator growth are not timed.
+    oracle.greedy(&prompt_ids, 2)?;
+    let run = oracle.greedy(&prompt_ids, tokens)?;
+    println!("prompt tokens       {}", prompt_ids.len());
+    println!("prefill + 1st token {:.1} ms", ms(run.prefill_time));
+    println!(
+        "decode              {:.1} tokens/s ({} tokens after the first)",
+        (tokens - 1) as f64 / run.decode_time.as_secs_f64(),
+        tokens - 1
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::ServeLoad {
+            url,
+            concurrency,
+            requests,
+            max_tokens,
+            model,
+            prompt,
+        } => tokio::runtime::Runtime::new()?.block_on(serve_load(
+            url.trim_end_matches('/').to_string(),
+            concurrency,
+            requests,
+            max_tokens,
+            model,
+            prompt,
+        )),
+        Command::OracleDecode {
+            model,
+            tokens,
+            prompt_ids,
+        } => oracle_decode(model, tokens, prompt_ids),
+    }
+}
