@@ -1,1 +1,392 @@
-//! Command line, spelled as `vllm serve`.
+//! Command line, spelled as `vllm serve`: `agent serve MODEL [flags]` with vLLM's flag names
+//! and defaults (reference §3). Flags for features this server does not have are accepted so
+//! deployments written for vLLM start, and say in their help what they do here.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::kv_cache::HashAlgo;
+
+/// Default KV-cache size on CPU, where `--gpu-memory-utilization` has nothing to measure.
+pub const DEFAULT_KV_CACHE_MEMORY_BYTES: u64 = 1 << 30;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agent",
+    version,
+    about = "vLLM-compatible inference node agent"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a model over the OpenAI-compatible HTTP API (as `vllm serve`).
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("model_source").required(true).args(["model_tag", "model"])))]
+pub struct ServeArgs {
+    /// The model: a GGUF file or a Hugging Face model directory.
+    #[arg(value_name = "MODEL")]
+    pub model_tag: Option<PathBuf>,
+
+    /// The model, as an option (alternative to the positional MODEL).
+    #[arg(long, value_name = "MODEL")]
+    pub model: Option<PathBuf>,
+
+    /// Names the model is served under (the first one is used in responses). Default: the
+    /// model file's stem or directory name.
+    #[arg(long, num_args = 1.., value_name = "NAME")]
+    pub served_model_name: Vec<String>,
+
+    /// Address to bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+
+    /// Require `Authorization: Bearer <key>` on /v1 routes (one of these keys). Without it, the
+    /// VLLM_API_KEY environment variable is used when set.
+    #[arg(long, num_args = 1.., value_name = "KEY")]
+    pub api_key: Vec<String>,
+
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+
+    /// Context length (prompt + output). Default: the model's maximum. Accepts 8k / 8K
+    /// (1000 / 1024 multiples) and `auto`.
+    #[arg(long, value_parser = parse_max_model_len, value_name = "TOKENS")]
+    pub max_model_len: Option<ContextLen>,
+
+    /// Accepted for compatibility; no effect on CPU (size the cache with
+    /// --kv-cache-memory-bytes).
+    #[arg(long, default_value_t = 0.92)]
+    pub gpu_memory_utilization: f64,
+
+    /// Memory for the KV cache, e.g. 1G, 512M, 2GiB, 1000000000 [default on CPU: 1 GiB].
+    #[arg(long, value_parser = parse_byte_size, value_name = "BYTES")]
+    pub kv_cache_memory_bytes: Option<u64>,
+
+    /// Most sequences scheduled in one step.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+
+    /// Most tokens processed in one step; longer prompts are prefilled in chunks.
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+
+    /// Reuse KV blocks of identical prompt prefixes (on by default).
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+
+    /// Turn prefix caching off.
+    #[arg(long, overrides_with = "enable_prefix_caching")]
+    pub no_enable_prefix_caching: bool,
+
+    /// Hash of prefix-cache blocks: sha256, sha256_cbor, xxhash, xxhash_cbor. Defaults to
+    /// sha256_cbor: language-independent CBOR, so non-Python peers (routers, other pods
+    /// sharing a storage tier) can recompute the same hashes.
+    #[arg(long, default_value = "sha256_cbor")]
+    pub prefix_caching_hash_algo: HashAlgo,
+
+    /// Accepted for compatibility: chunked prefill is always on.
+    #[arg(long, overrides_with = "no_enable_chunked_prefill")]
+    pub enable_chunked_prefill: bool,
+
+    /// Accepted for compatibility: chunked prefill cannot be turned off (a warning is logged).
+    #[arg(long, overrides_with = "enable_chunked_prefill")]
+    pub no_enable_chunked_prefill: bool,
+
+    /// Report `usage.prompt_tokens_details.cached_tokens`.
+    #[arg(long)]
+    pub enable_prompt_tokens_details: bool,
+
+    /// Send usage on every streamed request, as if `stream_options.include_usage` (and
+    /// `continuous_usage_stats`) were set.
+    #[arg(long)]
+    pub enable_force_include_usage: bool,
+
+    /// KV-cache event publishing (JSON, vLLM's KVEventsConfig). Not implemented yet: validated
+    /// and ignored with a warning.
+    #[arg(long, value_parser = parse_json_object, value_name = "JSON")]
+    pub kv_events_config: Option<Value>,
+
+    /// KV transfer for prefill/decode disaggregation (JSON, vLLM's KVTransferConfig). Not
+    /// implemented yet: validated and ignored with a warning.
+    #[arg(long, value_parser = parse_json_object, value_name = "JSON")]
+    pub kv_transfer_config: Option<Value>,
+
+    /// KV offloading size in GiB. Not implemented yet: ignored with a warning.
+    #[arg(long, value_name = "GIB")]
+    pub kv_offloading_size: Option<f64>,
+
+    /// KV offloading backend (native, lmcache). Not implemented yet: ignored with a warning.
+    #[arg(long, value_parser = ["native", "lmcache"])]
+    pub kv_offloading_backend: Option<String>,
+
+    /// Only 1 is supported (one CPU worker); `-tp` is accepted as well.
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel_size: usize,
+
+    /// Accepted for compatibility; sampling randomness is per request (the `seed` field).
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Most logprobs a request may ask for (vLLM's --max-logprobs).
+    #[arg(long, default_value_t = 20)]
+    pub max_logprobs: usize,
+
+    /// Log level when RUST_LOG is not set: critical, error, warning, info, debug, trace.
+    #[arg(long, default_value = "info", value_parser = ["critical", "error", "warning", "info", "debug", "trace"])]
+    pub uvicorn_log_level: String,
+
+    /// Accepted for compatibility; requests are logged at debug level only.
+    #[arg(long)]
+    pub disable_log_requests: bool,
+}
+
+impl Cli {
+    /// Parses the process arguments, accepting vLLM's `-tp` spelling.
+    pub fn parse_args() -> Self {
+        Self::parse_from(normalize_args(std::env::args()))
+    }
+}
+
+/// Rewrites `-tp` (a multi-letter short flag clap cannot declare) to `--tensor-parallel-size`.
+pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    args.into_iter()
+        .map(|a| match a.strip_prefix("-tp") {
+            Some("") => "--tensor-parallel-size".to_string(),
+            Some(rest) if rest.starts_with('=') => format!("--tensor-parallel-size{rest}"),
+            _ => a,
+        })
+        .collect()
+}
+
+impl ServeArgs {
+    /// The model path, from the positional MODEL or `--model`.
+    pub fn model_path(&self) -> PathBuf {
+        // clap's required group guarantees one of them.
+        self.model
+            .clone()
+            .or_else(|| self.model_tag.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn prefix_caching(&self) -> bool {
+        !self.no_enable_prefix_caching
+    }
+
+    pub fn kv_cache_bytes(&self) -> u64 {
+        self.kv_cache_memory_bytes
+            .unwrap_or(DEFAULT_KV_CACHE_MEMORY_BYTES)
+    }
+
+    /// The requested context length; `None` for the model's own.
+    pub fn max_model_len(&self) -> Option<usize> {
+        match self.max_model_len {
+            Some(ContextLen::Tokens(n)) => Some(n),
+            Some(ContextLen::Auto) | None => None,
+        }
+    }
+
+    /// `--api-key` values, else `VLLM_API_KEY` (as vLLM).
+    pub fn api_keys(&self) -> Vec<String> {
+        if !self.api_key.is_empty() {
+            return self.api_key.clone();
+        }
+        std::env::var("VLLM_API_KEY")
+            .ok()
+            .filter(|k| !k.is_empty())
+            .into_iter()
+            .collect()
+    }
+}
+
+/// A JSON object argument (vLLM's config flags); invalid JSON is a start-up error.
+fn parse_json_object(s: &str) -> Result<Value, String> {
+    let v: Value = serde_json::from_str(s).map_err(|e| format!("invalid JSON: {e}"))?;
+    if v.is_object() {
+        Ok(v)
+    } else {
+        Err("expected a JSON object".to_string())
+    }
+}
+
+/// vLLM's `human_readable_int`: `25.6k` (×1000), `2K` (×1024, no decimals), plain integers;
+/// plus `KB`/`MB`/`GB`/`TB` (decimal) and `KiB`/`MiB`/`GiB`/`TiB` (binary).
+pub fn parse_human_int(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(split);
+    let (multiplier, binary): (u64, bool) = match suffix.trim() {
+        "" => (1, true),
+        "k" | "KB" | "kB" => (1_000, false),
+        "m" | "MB" => (1_000_000, false),
+        "g" | "GB" => (1_000_000_000, false),
+        "t" | "TB" => (1_000_000_000_000, false),
+        "K" | "KiB" => (1 << 10, true),
+        "M" | "MiB" => (1 << 20, true),
+        "G" | "GiB" => (1 << 30, true),
+        "T" | "TiB" => (1 << 40, true),
+        other => return Err(format!("unknown size suffix {other:?} in {s:?}")),
+    };
+    if binary {
+        let n: u64 = number.parse().map_err(|_| {
+            if number.contains('.') {
+                format!(
+                    "Decimals are not allowed with binary suffixes like {suffix}. Did you mean \
+                     to use {number}{} instead?",
+                    suffix.to_lowercase()
+                )
+            } else {
+                format!("invalid number {s:?}")
+            }
+        })?;
+        n.checked_mul(multiplier)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    } else {
+        let n: f64 = number
+            .parse()
+            .map_err(|_| format!("invalid number {s:?}"))?;
+        Ok((n * multiplier as f64) as u64)
+    }
+}
+
+fn parse_byte_size(s: &str) -> Result<u64, String> {
+    parse_human_int(s)
+}
+
+/// `--max-model-len`: a token count, or the model's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextLen {
+    Auto,
+    Tokens(usize),
+}
+
+/// `auto` / `-1` or a size.
+fn parse_max_model_len(s: &str) -> Result<ContextLen, String> {
+    match s.trim() {
+        "auto" | "-1" => Ok(ContextLen::Auto),
+        other => parse_human_int(other).map(|n| ContextLen::Tokens(n as usize)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let mut full = vec!["agent".to_string(), "serve".to_string()];
+        full.extend(args.iter().map(|s| s.to_string()));
+        Cli::try_parse_from(normalize_args(full)).map(|cli| match cli.command {
+            Command::Serve(args) => *args,
+        })
+    }
+
+    #[test]
+    fn defaults_match_vllm() {
+        let a = parse(&["/m.gguf"]).unwrap();
+        assert_eq!(a.model_path(), PathBuf::from("/m.gguf"));
+        assert_eq!((a.host.as_str(), a.port), ("0.0.0.0", 8000));
+        assert_eq!(a.block_size, 16);
+        assert_eq!(a.max_num_seqs, 256);
+        assert_eq!(a.max_num_batched_tokens, 2048);
+        assert!(a.prefix_caching());
+        assert_eq!(a.prefix_caching_hash_algo, HashAlgo::Sha256Cbor);
+        assert_eq!(a.kv_cache_bytes(), 1 << 30);
+        assert_eq!(a.max_model_len(), None);
+        assert_eq!(a.tensor_parallel_size, 1);
+        assert_eq!(a.max_logprobs, 20);
+        assert!(a.served_model_name.is_empty());
+    }
+
+    #[test]
+    fn flags_parse() {
+        let a = parse(&[
+            "--model",
+            "/m",
+            "--served-model-name",
+            "a",
+            "b",
+            "--port",
+            "9000",
+            "--api-key",
+            "k",
+            "--max-model-len",
+            "4k",
+            "--kv-cache-memory-bytes",
+            "512MiB",
+            "--no-enable-prefix-caching",
+            "--prefix-caching-hash-algo",
+            "sha256_cbor",
+            "--enable-chunked-prefill",
+            "--enable-prompt-tokens-details",
+            "--enable-force-include-usage",
+            "--kv-events-config",
+            r#"{"enable_kv_cache_events": true, "publisher": "zmq"}"#,
+            "-tp",
+            "1",
+            "--gpu-memory-utilization",
+            "0.5",
+            "--seed",
+            "0",
+            "--uvicorn-log-level",
+            "warning",
+            "--disable-log-requests",
+            "--kv-offloading-size",
+            "4",
+            "--kv-offloading-backend",
+            "native",
+        ])
+        .unwrap();
+        assert_eq!(a.model_path(), PathBuf::from("/m"));
+        assert_eq!(a.served_model_name, vec!["a", "b"]);
+        assert_eq!(a.api_key, vec!["k"]);
+        assert_eq!(a.max_model_len(), Some(4000));
+        assert_eq!(a.kv_cache_bytes(), 512 << 20);
+        assert!(!a.prefix_caching());
+        assert_eq!(a.prefix_caching_hash_algo, HashAlgo::Sha256Cbor);
+        assert!(a.enable_prompt_tokens_details && a.enable_force_include_usage);
+        assert_eq!(a.kv_events_config.unwrap()["publisher"], "zmq");
+        // The last of --enable/--no-enable wins, as with argparse.
+        assert!(
+            parse(&["m", "--no-enable-prefix-caching", "--enable-prefix-caching"])
+                .unwrap()
+                .prefix_caching()
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["m", "--kv-transfer-config", "{not json"]).is_err());
+        assert!(parse(&["m", "--kv-events-config", "[1]"]).is_err());
+        assert!(parse(&["m", "--prefix-caching-hash-algo", "md5"]).is_err());
+        assert!(parse(&["m", "--kv-cache-memory-bytes", "1.5G"]).is_err());
+    }
+
+    #[test]
+    fn human_readable_sizes() {
+        assert_eq!(parse_human_int("1G"), Ok(1 << 30));
+        assert_eq!(parse_human_int("1g"), Ok(1_000_000_000));
+        assert_eq!(parse_human_int("25.6k"), Ok(25_600));
+        assert_eq!(parse_human_int("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_human_int("3GB"), Ok(3_000_000_000));
+        assert_eq!(parse_human_int("123"), Ok(123));
+        assert!(parse_human_int("1.5K").unwrap_err().contains("Decimals"));
+        assert!(parse_human_int("12x").is_err());
+        assert_eq!(parse_max_model_len("auto"), Ok(ContextLen::Auto));
+        assert_eq!(parse_max_model_len("8K"), Ok(ContextLen::Tokens(8192)));
+    }
+}

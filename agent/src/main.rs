@@ -1,1 +1,262 @@
-fn main() {}
+//! `agent serve MODEL [vllm serve flags]`: loads the model, sizes the KV cache, starts the
+//! engine thread and serves the OpenAI-compatible API until SIGINT/SIGTERM.
+
+use std::future::IntoFuture;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+use agent::cli::{Cli, Command, ServeArgs};
+use agent::engine::{self, EngineConfig};
+use agent::kv_cache::NullSink;
+use agent::metrics::{CacheConfigInfo, Metrics};
+use agent::model;
+use agent::server::{self, AppState, ServerConfig};
+
+/// Largest request body accepted. vLLM has no limit; this one is far above any prompt that
+/// fits a context, so long prompts still get vLLM's "too long" 400 rather than a 413.
+const MAX_REQUEST_BODY_BYTES: usize = 64 << 20;
+/// How long in-flight requests may run on after SIGTERM before the process exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_args();
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing(&args.uvicorn_log_level);
+            match serve(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// RUST_LOG when set, else `--uvicorn-log-level`.
+fn init_tracing(uvicorn_level: &str) {
+    let level = match uvicorn_level {
+        "critical" => "error",
+        "warning" => "warn",
+        other => other,
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
+        .init();
+}
+
+/// Warns about flags this server accepts but does not act on (yet).
+fn warn_unimplemented(args: &ServeArgs) -> Result<()> {
+    if args.tensor_parallel_size != 1 {
+        bail!(
+            "--tensor-parallel-size {} is not supported: this server runs one CPU worker (use 1)",
+            args.tensor_parallel_size
+        );
+    }
+    if args.kv_events_config.is_some() {
+        warn!("--kv-events-config: KV cache events are not implemented yet; nothing is published");
+    }
+    if args.kv_transfer_config.is_some() {
+        warn!("--kv-transfer-config: KV transfer (P/D disaggregation) is not implemented yet; ignored");
+    }
+    if args.kv_offloading_size.is_some() || args.kv_offloading_backend.is_some() {
+        warn!("--kv-offloading-size/--kv-offloading-backend: KV offloading is not implemented yet; ignored");
+    }
+    if args.no_enable_chunked_prefill {
+        warn!("--no-enable-chunked-prefill: chunked prefill is always on in this server");
+    }
+    Ok(())
+}
+
+fn serve(args: &ServeArgs) -> Result<()> {
+    warn_unimplemented(args)?;
+    if args.block_size == 0 {
+        bail!("--block-size must be at least 1");
+    }
+    let model_path = args.model_path();
+    info!("loading model {}", model_path.display());
+    let loaded = model::load(&model_path)
+        .with_context(|| format!("failed to load model {}", model_path.display()))?;
+
+    let model_max_len = loaded.config.max_position_embeddings;
+    let max_model_len = match args.max_model_len() {
+        None => model_max_len,
+        Some(0) => bail!("--max-model-len must be at least 1"),
+        Some(len)
+            if len > model_max_len
+                && std::env::var("VLLM_ALLOW_LONG_MAX_MODEL_LEN").as_deref() != Ok("1") =>
+        {
+            bail!(
+                "User-specified max_model_len ({len}) is greater than the derived max_model_len \
+                 (max_position_embeddings={model_max_len} in the model's config). To allow \
+                 overriding this maximum, set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1."
+            )
+        }
+        Some(len) => len,
+    };
+
+    let kv_bytes = args.kv_cache_bytes();
+    let bytes_per_block = loaded.model.kv_layout(1, args.block_size).bytes_per_block();
+    let num_blocks = usize::try_from(kv_bytes / bytes_per_block as u64).unwrap_or(usize::MAX);
+    let capacity = num_blocks.saturating_mul(args.block_size);
+    if max_model_len > capacity {
+        bail!(
+            "KV cache too small for max_model_len: one request of {max_model_len} tokens needs \
+             {} bytes of KV cache, but --kv-cache-memory-bytes={kv_bytes} holds {num_blocks} \
+             blocks of {} tokens ({capacity} tokens). Increase --kv-cache-memory-bytes or \
+             decrease --max-model-len (at most {capacity}).",
+            max_model_len.div_ceil(args.block_size) * bytes_per_block,
+            args.block_size,
+        );
+    }
+
+    let served_model_names = if args.served_model_name.is_empty() {
+        vec![loaded.name.clone()]
+    } else {
+        args.served_model_name.clone()
+    };
+    let model_name = served_model_names[0].clone();
+    let hash_algo = args.prefix_caching_hash_algo;
+    let config = EngineConfig {
+        block_size: args.block_size,
+        num_blocks,
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_model_len,
+        enable_prefix_caching: args.prefix_caching(),
+        hash_algo,
+        hash_seed: std::env::var("PYTHONHASHSEED").ok(),
+    };
+    info!(
+        "KV cache: {num_blocks} blocks of {} tokens ({kv_bytes} bytes), max_model_len \
+         {max_model_len}, prefix caching {} ({hash_algo})",
+        args.block_size,
+        if config.enable_prefix_caching {
+            "on"
+        } else {
+            "off"
+        },
+    );
+
+    let metrics = Arc::new(
+        Metrics::new(
+            &model_name,
+            max_model_len,
+            &CacheConfigInfo {
+                block_size: args.block_size,
+                num_gpu_blocks: num_blocks,
+                enable_prefix_caching: config.enable_prefix_caching,
+                prefix_caching_hash_algo: hash_algo.to_string(),
+                cache_dtype: "auto".to_string(),
+            },
+        )
+        .context("registering metrics")?,
+    );
+    let fingerprint = server::system_fingerprint(&format!(
+        "{model_name}|{}|{max_model_len}|{}|{num_blocks}|{hash_algo}|{}",
+        model_path.display(),
+        args.block_size,
+        config.enable_prefix_caching
+    ));
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let chat_template = loaded.chat_template.map(Arc::new);
+    if chat_template.is_none() {
+        warn!("the model has no chat template: /v1/chat/completions will refuse requests");
+    }
+    let engine = engine::start(
+        config,
+        loaded.model,
+        tokenizer.clone(),
+        metrics.clone(),
+        Box::new(NullSink),
+    )
+    .context("starting the engine")?;
+
+    let state = AppState::new(
+        engine,
+        tokenizer,
+        chat_template,
+        metrics,
+        ServerConfig {
+            served_model_names,
+            model_root: model_path.display().to_string(),
+            max_model_len,
+            max_logprobs: args.max_logprobs,
+            api_keys: args.api_keys(),
+            enable_prompt_tokens_details: args.enable_prompt_tokens_details,
+            enable_force_include_usage: args.enable_force_include_usage,
+            system_fingerprint: Some(fingerprint),
+            max_body_bytes: MAX_REQUEST_BODY_BYTES,
+        },
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_http(args, state))
+}
+
+/// Binds and serves until a shutdown signal (then waits for in-flight requests, at most
+/// [`SHUTDOWN_GRACE`]).
+async fn run_http(args: &ServeArgs, state: AppState) -> Result<()> {
+    let addr = format!("{}:{}", args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("cannot bind {addr}"))?;
+    let local: SocketAddr = listener.local_addr().context("reading the bound address")?;
+    let app = server::router(state);
+    info!("Starting vLLM-compatible API server on http://{local}");
+    info!("Uvicorn running on http://{local} (Press CTRL+C to quit)");
+
+    let signalled = Arc::new(Notify::new());
+    let notify = signalled.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        info!("Shutting down");
+        notify.notify_one();
+    });
+    tokio::select! {
+        result = server.into_future() => result.context("HTTP server failed")?,
+        () = async {
+            signalled.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}; exiting"),
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -316,3 +316,272 @@ fn read_json_opt(path: &Path) -> Result<Value, ModelError> {
     }
     serde_json::from_str(&read_required(path)?).map_err(|e| malformed(path, e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::test_support::{scratch_dir, smollm};
+    use crate::model::StepInput;
+    use candle_nn::VarBuilder;
+    use kernels::{CpuKvCache, SeqAttn};
+    use serde_json::json;
+
+    const VOCAB: usize = 512;
+    const HIDDEN: usize = 64;
+    const HEADS: usize = 4;
+    const KV_HEADS: usize = 2;
+    const INTER: usize = 96;
+    const LAYERS: usize = 2;
+
+    /// Writes a tiny random checkpoint of `arch` (tokenizer taken from the GGUF) into `dir`.
+    fn write_checkpoint(dir: &Path, arch: &str, tied: bool) -> HashMap<String, Tensor> {
+        let dev = Device::Cpu;
+        let hd = HIDDEN / HEADS;
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![
+            ("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN]),
+            ("model.norm.weight".into(), vec![HIDDEN]),
+        ];
+        if !tied {
+            shapes.push(("lm_head.weight".into(), vec![VOCAB, HIDDEN]));
+        }
+        for i in 0..LAYERS {
+            let p = format!("model.layers.{i}");
+            for (name, shape) in [
+                ("self_attn.q_proj.weight", vec![HEADS * hd, HIDDEN]),
+                ("self_attn.k_proj.weight", vec![KV_HEADS * hd, HIDDEN]),
+                ("self_attn.v_proj.weight", vec![KV_HEADS * hd, HIDDEN]),
+                ("self_attn.o_proj.weight", vec![HIDDEN, HEADS * hd]),
+                ("mlp.gate_proj.weight", vec![INTER, HIDDEN]),
+                ("mlp.up_proj.weight", vec![INTER, HIDDEN]),
+                ("mlp.down_proj.weight", vec![HIDDEN, INTER]),
+                ("input_layernorm.weight", vec![HIDDEN]),
+                ("post_attention_layernorm.weight", vec![HIDDEN]),
+            ] {
+                shapes.push((format!("{p}.{name}"), shape));
+            }
+            if arch == "qwen2" {
+                shapes.push((format!("{p}.self_attn.q_proj.bias"), vec![HEADS * hd]));
+                shapes.push((format!("{p}.self_attn.k_proj.bias"), vec![KV_HEADS * hd]));
+                shapes.push((format!("{p}.self_attn.v_proj.bias"), vec![KV_HEADS * hd]));
+            }
+        }
+        let tensors: HashMap<String, Tensor> = shapes
+            .into_iter()
+            .map(|(name, shape)| {
+                let t = if name.contains("norm") {
+                    (Tensor::randn(0f32, 0.1, shape, &dev).unwrap() + 1.0).unwrap()
+                } else {
+                    Tensor::randn(0f32, 0.2, shape, &dev).unwrap()
+                };
+                (name, t)
+            })
+            .collect();
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+        let config = json!({
+            "architectures": [if arch == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+            "model_type": arch, "vocab_size": VOCAB, "hidden_size": HIDDEN,
+            "intermediate_size": INTER, "num_hidden_layers": LAYERS,
+            "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+            "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": tied, "hidden_act": "silu", "rope_scaling": null,
+            // qwen2 oracle config fields
+            "sliding_window": 64, "max_window_layers": LAYERS, "use_sliding_window": false,
+        });
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        tensors
+    }
+
+    /// tokenizer.json serialised from the GGUF tokenizer, plus the side files.
+    fn write_tokenizer_files(dir: &Path) -> bool {
+        let Some(m) = smollm() else { return false };
+        m.tokenizer
+            .inner()
+            .save(dir.join("tokenizer.json"), false)
+            .unwrap();
+        let tc = json!({
+            "bos_token": "<|im_start|>",
+            "eos_token": {"content": "<|im_end|>", "special": true},
+            "chat_template": [
+                {"name": "tool_use", "template": "TOOLS"},
+                {"name": "default", "template": "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}"},
+            ],
+        });
+        std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+        std::fs::write(
+            dir.join("generation_config.json"),
+            r#"{"eos_token_id": [2, 0]}"#,
+        )
+        .unwrap();
+        true
+    }
+
+    /// Our paged forward (prefill + 3 decode steps) against a candle-transformers reference.
+    fn check_against(dir: &Path, mut reference: impl FnMut(&[u32], usize) -> Vec<f32>) -> f32 {
+        let loaded = crate::model::load(dir).unwrap();
+        let model = &loaded.model;
+        let block_size = 4;
+        let mut cache = CpuKvCache::new(model.kv_layout(8, block_size));
+        let table = [5u32, 2, 7, 0];
+        let prompt = [1u32, 100, 200, 300, 400, 17, 5, 511, 42];
+        let mut worst = 0f32;
+        let mut fed: Vec<u32> = vec![];
+        for (i, chunk) in [&prompt[..], &[7], &[300], &[9]].into_iter().enumerate() {
+            let start = fed.len();
+            fed.extend_from_slice(chunk);
+            let positions: Vec<usize> = (start..fed.len()).collect();
+            let slots: Vec<usize> = positions
+                .iter()
+                .map(|&p| table[p / block_size] as usize * block_size + p % block_size)
+                .collect();
+            let seqs = [SeqAttn {
+                block_table: &table,
+                context_len: fed.len(),
+                query_start: 0,
+                query_len: chunk.len(),
+            }];
+            let input = StepInput {
+                token_ids: chunk,
+                positions: &positions,
+                slots: &slots,
+                seqs: &seqs,
+                logits_rows: &[chunk.len() - 1],
+            };
+            let ours = model.forward(&input, &mut cache).unwrap().remove(0);
+            let theirs = reference(chunk, start);
+            assert_eq!(ours.len(), VOCAB, "step {i}");
+            let diff = ours
+                .iter()
+                .zip(&theirs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            worst = worst.max(diff);
+        }
+        worst
+    }
+
+    #[test]
+    fn tiny_llama_matches_candle_llama() {
+        let dir = scratch_dir("hf-llama");
+        if !write_tokenizer_files(&dir) {
+            return;
+        }
+        let tensors = write_checkpoint(&dir, "llama", false);
+        let loaded = load(&dir).unwrap();
+        assert_eq!(loaded.config.architecture, "llama");
+        assert_eq!(loaded.name, dir.file_name().unwrap().to_string_lossy());
+        assert_eq!(loaded.tokenizer.eos_token_ids(), &[2, 0]);
+        assert_eq!(loaded.tokenizer.bos_token(), Some("<|im_start|>"));
+        let rendered = loaded.chat_template.as_ref().unwrap();
+        let text = rendered
+            .render(&json!([{"role": "user", "content": "hi"}]), true, None)
+            .unwrap();
+        assert_eq!(text, "<|im_start|>hi<|im_end|>");
+
+        use candle_transformers::models::llama as reference;
+        let cfg: reference::LlamaConfig =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let cfg = cfg.into_config(false);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let llama = reference::Llama::load(vb, &cfg).unwrap();
+        let mut cache = reference::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
+        let worst = check_against(&dir, |ids, pos| {
+            let x = Tensor::new(ids, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            llama
+                .forward(&x, pos, &mut cache)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        });
+        eprintln!("tiny llama vs candle llama: max |logit diff| {worst}");
+        assert!(worst < 1e-4, "{worst}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tiny_qwen2_matches_candle_qwen2() {
+        let dir = scratch_dir("hf-qwen2");
+        if !write_tokenizer_files(&dir) {
+            return;
+        }
+        let tensors = write_checkpoint(&dir, "qwen2", true);
+        use candle_transformers::models::qwen2 as reference;
+        let cfg: reference::Config =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let mut qwen = reference::ModelForCausalLM::new(&cfg, vb).unwrap();
+        let worst = check_against(&dir, |ids, pos| {
+            let x = Tensor::new(ids, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = qwen.forward(&x, pos).unwrap();
+            logits.flatten_all().unwrap().to_vec1().unwrap()
+        });
+        eprintln!("tiny qwen2 vs candle qwen2: max |logit diff| {worst}");
+        assert!(worst < 1e-4, "{worst}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hf_load_errors() {
+        let dir = scratch_dir("hf-errors");
+        let config = dir.join("config.json");
+        let err = load(&dir).err().unwrap();
+        assert!(
+            matches!(&err, ModelError::MissingFile(p) if *p == config),
+            "{err}"
+        );
+
+        std::fs::write(&config, "{ not json").unwrap();
+        assert!(matches!(
+            load(&dir),
+            Err(ModelError::MalformedConfig { .. })
+        ));
+
+        let mistral = json!({"model_type": "mistral", "vocab_size": 8, "hidden_size": 8,
+            "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2});
+        std::fs::write(&config, mistral.to_string()).unwrap();
+        let err = load(&dir).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "unsupported architecture \"mistral\" (supported: llama, qwen2)"
+        );
+
+        // Valid config, no weights.
+        write_checkpoint(&dir, "llama", true);
+        std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+        let err = load(&dir).err().unwrap();
+        assert!(
+            matches!(&err, ModelError::MissingFile(p) if p.ends_with("model.safetensors")),
+            "{err}"
+        );
+
+        // Weights without a tokenizer.
+        write_checkpoint(&dir, "llama", true);
+        let err = load(&dir).err().unwrap();
+        assert!(
+            matches!(&err, ModelError::MissingFile(p) if p.ends_with("tokenizer.json")),
+            "{err}"
+        );
+
+        // qwen2 needs q/k/v biases.
+        write_checkpoint(&dir, "llama", true);
+        let mut cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        cfg["model_type"] = json!("qwen2");
+        std::fs::write(&config, cfg.to_string()).unwrap();
+        let err = load(&dir).err().unwrap();
+        assert!(
+            matches!(&err, ModelError::MissingTensor(t) if t == "model.layers.0.self_attn.q_proj.bias"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

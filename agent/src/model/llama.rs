@@ -463,6 +463,8 @@ mod tests {
                     .to_vec1()
                     .unwrap();
                 worst_all = worst_all.max(max_abs_diff(&ours, &theirs));
+                let (a2, b2) = (argmax(&ours), argmax(&theirs));
+                eprintln!("DBG prompt {n} step {i}: diff {} ours {a2} {} {} theirs {b2} {} {}", max_abs_diff(&ours, &theirs), ours[a2 as usize], ours[b2 as usize], theirs[a2 as usize], theirs[b2 as usize]);
             }
             our_tokens.push(argmax(&ours));
             their_tokens.push(argmax(&theirs));

@@ -396,7 +396,7 @@ mod tests {
         assert_eq!(tok.token_bytes(3575), b" capital");
         assert_eq!(tok.token_bytes(2), b"<|im_end|>");
         assert_eq!(tok.token_bytes(49152), b"");
-        // The first three bytes of "🦀" (F0 9F A6 80) are one token: half a character.
+        // "🦀" (F0 9F A6 80) is three tokens; the first (F0 9F) alone is half a character.
         let crab = tok.encode("🦀", false).unwrap();
         let bytes: Vec<u8> = crab.iter().flat_map(|&id| tok.token_bytes(id)).collect();
         assert_eq!(bytes, "🦀".as_bytes());

@@ -196,13 +196,19 @@ mod tests {
             "top_p must be in (0, 1], got 1.5. (parameter=top_p, value=1.5)"
         );
         assert_eq!(e.param.as_deref(), Some("top_p"));
-        let e = ApiError::invalid("Stream options can only be defined when `stream=True`.", "stream_options");
+        let e = ApiError::invalid(
+            "Stream options can only be defined when `stream=True`.",
+            "stream_options",
+        );
         assert!(e.message.ends_with("(parameter=stream_options)"));
     }
 
     #[test]
     fn engine_errors_map_to_statuses() {
-        assert_eq!(ApiError::from(EngineError::Dead).status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            ApiError::from(EngineError::Dead).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
         assert_eq!(
             ApiError::from(EngineError::Overloaded).status,
             StatusCode::SERVICE_UNAVAILABLE

@@ -41,18 +41,13 @@ impl<T: WireRequest> FromRequest<AppState> for VllmJson<T> {
                 ApiError::bad_request("There was an error parsing the body")
             }
         })?;
-        // FastAPI parses JSON bodies before running the Content-Type dependency.
-        let body = if content_type_ok {
-            parse_body(&bytes)?
-        } else {
-            None
-        };
+        // FastAPI only parses JSON bodies; others fail vLLM's Content-Type dependency.
         if !content_type_ok {
             return Err(ApiError::bad_request(
                 "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
             ));
         }
-        let Some(body) = body else {
+        let Some(body) = parse_body(&bytes)? else {
             return Err(schema_error(
                 &FieldError::new("missing", "Field required"),
                 &[],
@@ -91,11 +86,16 @@ fn parse_body(bytes: &[u8]) -> Result<Option<Value>, ApiError> {
     let text = std::str::from_utf8(bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes))
         .map_err(|_| ApiError::bad_request("There was an error parsing the body"))?;
     serde_json::from_str(text).map(Some).map_err(|e| {
-        let pos = char_position(text, e.line(), e.column());
+        // Python reports a premature end at the end of the text.
+        let pos = if e.is_eof() {
+            text.chars().count()
+        } else {
+            char_position(text, e.line(), e.column())
+        };
         let message = format!(
             "1 validation error:\n  {{'type': 'json_invalid', 'loc': ('body', {pos}), 'msg': 'JSON \
              decode error', 'input': {{}}, 'ctx': {{'error': {}}}}}",
-            py_str(python_json_message(&e))
+            py_str(&python_json_message(&e))
         );
         ApiError {
             param: Some(format!("body.{pos}")),
@@ -322,15 +322,29 @@ mod tests {
     fn missing_field_reports_the_parent_as_input() {
         let e = typed::<ChatFields>(&obj(json!({"messages": [{"content": "x"}]}))).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("body.messages.0.role"));
-        assert!(e.message.contains("'loc': ('body', 'messages', 0, 'role')"), "{}", e.message);
-        assert!(e.message.contains("'input': {'content': 'x'}"), "{}", e.message);
+        assert!(
+            e.message.contains("'loc': ('body', 'messages', 0, 'role')"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.contains("'input': {'content': 'x'}"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
     fn json_errors_point_at_the_character() {
         let e = parse_body(br#"{"a": }"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("body.6"));
-        assert!(e.message.contains("'ctx': {'error': 'Expecting value'}"), "{}", e.message);
+        assert!(
+            e.message.contains("'ctx': {'error': 'Expecting value'}"),
+            "{}",
+            e.message
+        );
+        let e = parse_body(br#"{"prompt": "#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("body.11"));
         let e = parse_body("{\"é\": 1,}".as_bytes()).unwrap_err();
         assert!(e.message.contains("JSON decode error"));
         assert!(parse_body(b"").unwrap().is_none());
@@ -341,7 +355,10 @@ mod tests {
 
     #[test]
     fn python_reprs() {
-        assert_eq!(py_repr(&json!({"a": [1, 2.5, null, true], "b": "it's"})), r#"{'a': [1, 2.5, None, True], 'b': "it's"}"#);
+        assert_eq!(
+            py_repr(&json!({"a": [1, 2.5, null, true], "b": "it's"})),
+            r#"{'a': [1, 2.5, None, True], 'b': "it's"}"#
+        );
         assert_eq!(py_str("a\nb'\""), r#"'a\nb\'"'"#);
     }
 
@@ -349,7 +366,10 @@ mod tests {
     fn content_type_check() {
         let mut h = HeaderMap::new();
         assert!(!is_json_content_type(&h));
-        h.insert(CONTENT_TYPE, "Application/JSON; charset=utf-8".parse().unwrap());
+        h.insert(
+            CONTENT_TYPE,
+            "Application/JSON; charset=utf-8".parse().unwrap(),
+        );
         assert!(is_json_content_type(&h));
         h.insert(CONTENT_TYPE, "text/plain".parse().unwrap());
         assert!(!is_json_content_type(&h));

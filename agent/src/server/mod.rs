@@ -1,4 +1,28 @@
-//! HTTP server: the OpenAI-compatible API, errors in vLLM's shape, streaming, /metrics.
+//! HTTP server: the OpenAI-compatible API as vLLM serves it (routes, errors in vLLM's shape,
+//! SSE streaming, /metrics).
+//!
+//! Request flow: [`extract`] reads the body like FastAPI + pydantic ([`protocol`] types),
+//! [`validation`] and [`prompt`] check it and build engine parameters, [`generate`] fans the
+//! sequences out to the engine, and [`completions`] / [`chat`] shape the JSON or SSE
+//! ([`streaming`]) answer. [`routes`] assembles the router.
 
+pub mod chat;
+pub mod completions;
 pub mod errors;
+pub mod extract;
+pub mod generate;
+pub mod logprobs;
+pub mod prompt;
 pub mod protocol;
+pub mod response;
+pub mod routes;
+pub mod state;
+pub mod streaming;
+pub mod tokenize;
+pub mod validation;
+
+#[cfg(test)]
+pub(crate) mod test_support;
+
+pub use routes::router;
+pub use state::{system_fingerprint, AppState, ServerConfig};

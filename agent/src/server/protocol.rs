@@ -79,7 +79,10 @@ impl FieldError {
                 .split(PATH_SEP)
                 .filter(|s| !s.is_empty())
                 .map(|s| match s.split_at(1) {
-                    ("i", i) => i.parse().map(PathSeg::Index).unwrap_or(PathSeg::Key(i.into())),
+                    ("i", i) => i
+                        .parse()
+                        .map(PathSeg::Index)
+                        .unwrap_or(PathSeg::Key(i.into())),
                     (_, k) => PathSeg::Key(k.to_string()),
                 })
                 .collect();
@@ -174,7 +177,10 @@ pub fn lax_float(v: &Value) -> Result<f64, FieldError> {
                 "Input should be a valid number, unable to parse string as a number",
             )
         }),
-        _ => Err(FieldError::new("float_type", "Input should be a valid number")),
+        _ => Err(FieldError::new(
+            "float_type",
+            "Input should be a valid number",
+        )),
     }
 }
 
@@ -189,8 +195,8 @@ pub fn lax_bool(v: &Value) -> Result<bool, FieldError> {
     match v {
         Value::Bool(b) => Ok(*b),
         Value::Number(n) => match n.as_f64() {
-            Some(x) if x == 0.0 => Ok(false),
-            Some(x) if x == 1.0 => Ok(true),
+            Some(0.0) => Ok(false),
+            Some(1.0) => Ok(true),
             _ => Err(unparsable()),
         },
         Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
@@ -198,7 +204,10 @@ pub fn lax_bool(v: &Value) -> Result<bool, FieldError> {
             "1" | "on" | "t" | "true" | "y" | "yes" => Ok(true),
             _ => Err(unparsable()),
         },
-        _ => Err(FieldError::new("bool_type", "Input should be a valid boolean")),
+        _ => Err(FieldError::new(
+            "bool_type",
+            "Input should be a valid boolean",
+        )),
     }
 }
 
@@ -206,7 +215,10 @@ pub fn lax_bool(v: &Value) -> Result<bool, FieldError> {
 pub fn strict_str(v: &Value) -> Result<String, FieldError> {
     match v {
         Value::String(s) => Ok(s.clone()),
-        _ => Err(FieldError::new("string_type", "Input should be a valid string")),
+        _ => Err(FieldError::new(
+            "string_type",
+            "Input should be a valid string",
+        )),
     }
 }
 
@@ -292,7 +304,10 @@ read_via_value!(Dict, |v: &Value| v
     .as_object()
     .cloned()
     .map(Dict)
-    .ok_or_else(|| FieldError::new("dict_type", "Input should be a valid dictionary")));
+    .ok_or_else(|| FieldError::new(
+        "dict_type",
+        "Input should be a valid dictionary"
+    )));
 
 /// `logit_bias`: `dict[str, float]`.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -328,7 +343,12 @@ fn read_prompt(v: &Value) -> Result<Prompt, FieldError> {
     let items = match v {
         Value::String(s) => return Ok(Prompt::Text(s.clone())),
         Value::Array(items) => items,
-        _ => return Err(FieldError::new("string_type", "Input should be a valid string")),
+        _ => {
+            return Err(FieldError::new(
+                "string_type",
+                "Input should be a valid string",
+            ))
+        }
     };
     // Which branch of the union the first item selects; the rest must agree.
     match items.first() {
@@ -349,7 +369,10 @@ pub struct Stop(pub Vec<String>);
 read_via_value!(Stop, |v: &Value| match v {
     Value::String(s) => Ok(Stop(vec![s.clone()])),
     Value::Array(items) => each(items, strict_str).map(Stop),
-    _ => Err(FieldError::new("string_type", "Input should be a valid string")),
+    _ => Err(FieldError::new(
+        "string_type",
+        "Input should be a valid string"
+    )),
 });
 
 /// `stream_options`.
@@ -434,8 +457,10 @@ fn read_message(v: &Value) -> Result<ChatMessageIn, FieldError> {
             each(parts, read_content_part).map_err(|e| e.at(PathSeg::Key("content".into())))?,
         )),
         Some(_) => {
-            return Err(FieldError::new("string_type", "Input should be a valid string")
-                .at(PathSeg::Key("content".into())))
+            return Err(
+                FieldError::new("string_type", "Input should be a valid string")
+                    .at(PathSeg::Key("content".into())),
+            )
         }
     };
     let mut extra = Map::new();
@@ -1015,11 +1040,20 @@ mod tests {
     fn prompt_union_variants() {
         let p = |v| read_prompt(&v);
         assert_eq!(p(json!("hi")), Ok(Prompt::Text("hi".into())));
-        assert_eq!(p(json!(["a", "b"])), Ok(Prompt::Texts(vec!["a".into(), "b".into()])));
+        assert_eq!(
+            p(json!(["a", "b"])),
+            Ok(Prompt::Texts(vec!["a".into(), "b".into()]))
+        );
         assert_eq!(p(json!([1, 2])), Ok(Prompt::Tokens(vec![1, 2])));
-        assert_eq!(p(json!([[1], [2, 3]])), Ok(Prompt::TokenBatches(vec![vec![1], vec![2, 3]])));
+        assert_eq!(
+            p(json!([[1], [2, 3]])),
+            Ok(Prompt::TokenBatches(vec![vec![1], vec![2, 3]]))
+        );
         let e = p(json!(["a", 1])).unwrap_err();
-        assert_eq!((e.kind, e.sub_path), ("string_type", vec![PathSeg::Index(1)]));
+        assert_eq!(
+            (e.kind, e.sub_path),
+            ("string_type", vec![PathSeg::Index(1)])
+        );
         let e = p(json!([1, -2])).unwrap_err();
         assert_eq!(e.kind, "greater_than_equal");
         assert_eq!(p(json!(5)).unwrap_err().kind, "string_type");
@@ -1064,7 +1098,10 @@ mod tests {
             ]
         }))
         .unwrap();
-        assert_eq!(r.messages[0].content, Some(MessageContent::Text("s".into())));
+        assert_eq!(
+            r.messages[0].content,
+            Some(MessageContent::Text("s".into()))
+        );
         assert_eq!(
             r.messages[1].content,
             Some(MessageContent::Parts(vec![
@@ -1079,10 +1116,12 @@ mod tests {
         let (path, e) = parse::<ChatFields>(json!({})).unwrap_err();
         assert_eq!((path.as_str(), e.kind), (".", "missing"));
         assert_eq!(e.sub_path, vec![PathSeg::Key("messages".into())]);
-        let (path, e) =
-            parse::<ChatFields>(json!({"messages": [{"content": "x"}]})).unwrap_err();
+        let (path, e) = parse::<ChatFields>(json!({"messages": [{"content": "x"}]})).unwrap_err();
         assert_eq!(path, "messages[0]");
-        assert_eq!((e.kind, e.sub_path), ("missing", vec![PathSeg::Key("role".into())]));
+        assert_eq!(
+            (e.kind, e.sub_path),
+            ("missing", vec![PathSeg::Key("role".into())])
+        );
     }
 
     #[test]

@@ -112,7 +112,10 @@ mod tests {
     fn fingerprint_depends_on_config() {
         let a = system_fingerprint("model=a block_size=16");
         assert!(a.starts_with(&format!("agent-{}-", env!("CARGO_PKG_VERSION"))));
-        assert_eq!(a.len(), format!("agent-{}-", env!("CARGO_PKG_VERSION")).len() + 8);
+        assert_eq!(
+            a.len(),
+            format!("agent-{}-", env!("CARGO_PKG_VERSION")).len() + 8
+        );
         assert_eq!(a, system_fingerprint("model=a block_size=16"));
         assert_ne!(a, system_fingerprint("model=a block_size=32"));
     }

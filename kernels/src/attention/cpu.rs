@@ -6,6 +6,7 @@
 //! per query head. Items run on rayon and write disjoint `group * head_dim` chunks of `out`.
 
 use rayon::prelude::*;
+use wide::f32x8;
 
 use super::{PagedAttention, SeqAttn};
 use crate::kv_cache::KvLayout;
@@ -87,21 +88,49 @@ impl PagedAttention for CpuPagedAttention {
             layout,
             scale,
         };
+        let attend_group = match head_dim {
+            32 => CacheView::attend_group::<32>,
+            64 => CacheView::attend_group::<64>,
+            80 => CacheView::attend_group::<80>,
+            96 => CacheView::attend_group::<96>,
+            128 => CacheView::attend_group::<128>,
+            _ => CacheView::attend_group::<0>,
+        };
 
         // Item `i` is (row i / num_kv_heads, kv head i % num_kv_heads); the query heads of that KV
         // head are contiguous in both `q` and `out`, so one chunk covers the whole group.
-        out.par_chunks_mut(item_len)
-            .zip(q.par_chunks(item_len))
-            .enumerate()
-            .for_each_init(Vec::new, |scores, (item, (out, q))| {
-                let (row, kv_head) = (item / num_kv_heads, item % num_kv_heads);
-                if let Some(seq) = row_seq[row] {
-                    let attended = seq.context_len - seq.query_len + (row - seq.query_start) + 1;
-                    cache.attend_group(seq.block_table, attended, kv_head, q, scores, out);
-                }
-            });
+        let run_item = |scores: &mut Vec<f32>, (item, (out, q)): (usize, (&mut [f32], &[f32]))| {
+            let (row, kv_head) = (item / num_kv_heads, item % num_kv_heads);
+            if let Some(seq) = row_seq[row] {
+                let attended = seq.context_len - seq.query_len + (row - seq.query_start) + 1;
+                attend_group(&cache, seq.block_table, attended, kv_head, q, scores, out);
+            }
+        };
+        let work: usize = seqs
+            .iter()
+            .map(|s| s.query_len * s.context_len)
+            .sum::<usize>()
+            * num_heads
+            * head_dim;
+        if work < PARALLEL_MIN_WORK {
+            let mut scores = Vec::new();
+            out.chunks_mut(item_len)
+                .zip(q.chunks(item_len))
+                .enumerate()
+                .for_each(|item| run_item(&mut scores, item));
+        } else {
+            out.par_chunks_mut(item_len)
+                .zip(q.par_chunks(item_len))
+                .enumerate()
+                .for_each_init(Vec::new, run_item);
+        }
     }
 }
+
+/// Below this much work (query tokens × attended positions × heads × head_dim, an upper bound of
+/// the multiply-adds of QKᵀ) a call runs on the calling thread: waking the thread pool would cost
+/// more than it saves.
+const PARALLEL_MIN_WORK: usize = 1 << 16;
 
 /// For each token row, the sequence it belongs to (checking, in debug builds, that the
 /// sequences' rows are disjoint and their block tables long enough).
@@ -134,32 +163,32 @@ struct CacheView<'a> {
 }
 
 impl CacheView<'_> {
-    /// Calls `f(p, offset)` for the first `len` positions `p` of a sequence, `offset` being where
-    /// `kv_head`'s row of position `p` starts in the K/V arrays. The block table is read once per
-    /// block, not per position.
+    /// Calls `f(first, base, count)` for each block holding the first `len` positions of a
+    /// sequence: positions `first .. first + count`, whose `kv_head` rows start at
+    /// `base + t * token_stride` in the K/V arrays. The block table is read once per block.
     #[inline(always)]
-    fn for_each_position(
+    fn for_each_block(
         &self,
         block_table: &[u32],
         len: usize,
         kv_head: usize,
-        mut f: impl FnMut(usize, usize),
+        mut f: impl FnMut(usize, usize, usize),
     ) {
         let (block_size, stride) = (self.layout.block_size, self.layout.token_stride());
         let head_offset = kv_head * self.layout.head_dim;
         for (b, &block) in block_table[..len.div_ceil(block_size)].iter().enumerate() {
             let first = b * block_size;
             let base = block as usize * block_size * stride + head_offset;
-            for t in 0..block_size.min(len - first) {
-                f(first + t, base + t * stride);
-            }
+            f(first, base, block_size.min(len - first));
         }
     }
 
     /// Attention of the query heads in `q` (`[group, head_dim]`, all reading `kv_head`) over the
     /// first `len` cached positions of a sequence, written to `out` (same shape as `q`).
-    /// `scores` is scratch space reused across calls.
-    fn attend_group(
+    /// `scores` is scratch space reused across calls. `HD` is the head dimension when it is known
+    /// at compile time (vector loops then unroll fully and the output accumulators stay in
+    /// registers), 0 otherwise.
+    fn attend_group<const HD: usize>(
         &self,
         block_table: &[u32],
         len: usize,
@@ -168,133 +197,109 @@ impl CacheView<'_> {
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        let head_dim = self.layout.head_dim;
-        // Scores are `[group, len]`: each head's row is contiguous for the softmax.
+        let head_dim = if HD == 0 { self.layout.head_dim } else { HD };
+        let stride = self.layout.token_stride();
+        let group = q.len() / head_dim;
+        // Scores are `[group, padded_len]`: each head's row is contiguous and a whole number of
+        // vectors; the padding holds -inf, whose softmax weight is exactly 0.
+        let padded_len = len.next_multiple_of(LANES);
         scores.clear();
-        scores.resize(q.len() / head_dim * len, 0.0);
+        scores.resize(group * padded_len, f32::NEG_INFINITY);
 
-        self.for_each_position(block_table, len, kv_head, |p, offset| {
-            let key = &self.k[offset..offset + head_dim];
-            for (q_head, head_scores) in q.chunks_exact(head_dim).zip(scores.chunks_exact_mut(len))
-            {
-                head_scores[p] = dot(q_head, key) * self.scale;
+        self.for_each_block(block_table, len, kv_head, |first, base, count| {
+            for t in 0..count {
+                let key = &self.k[base + t * stride..][..head_dim];
+                for (q_head, head_scores) in q
+                    .chunks_exact(head_dim)
+                    .zip(scores.chunks_exact_mut(padded_len))
+                {
+                    head_scores[first + t] = dot(&q_head[..head_dim], key) * self.scale;
+                }
             }
         });
 
-        for head_scores in scores.chunks_exact_mut(len) {
-            softmax_in_place(head_scores);
+        for head_scores in scores.chunks_exact_mut(padded_len) {
+            softmax_in_place(head_scores.as_chunks_mut::<LANES>().0);
         }
 
         out.fill(0.0);
-        self.for_each_position(block_table, len, kv_head, |p, offset| {
-            let value = &self.v[offset..offset + head_dim];
-            for (out_head, head_scores) in
-                out.chunks_exact_mut(head_dim).zip(scores.chunks_exact(len))
+        self.for_each_block(block_table, len, kv_head, |first, base, count| {
+            for (out_head, head_scores) in out
+                .chunks_exact_mut(head_dim)
+                .zip(scores.chunks_exact(padded_len))
             {
-                axpy(out_head, head_scores[p], value);
+                let weights = &head_scores[first..first + count];
+                // Up to ACC_VECTORS vectors of the head at a time, in a local array the
+                // compiler keeps in registers when `HD` is known.
+                for (piece, out_piece) in out_head[..head_dim].chunks_mut(ACC_LEN).enumerate() {
+                    let offset = base + piece * ACC_LEN;
+                    let mut acc = [f32x8::ZERO; ACC_VECTORS];
+                    let mut tail_acc = [0.0f32; LANES];
+                    for (t, &w) in weights.iter().enumerate() {
+                        let (vectors, tail) =
+                            self.v[offset + t * stride..][..out_piece.len()].as_chunks::<LANES>();
+                        let w_splat = f32x8::splat(w);
+                        for (a, v) in acc.iter_mut().zip(vectors) {
+                            *a = f32x8::new(*v).mul_add(w_splat, *a);
+                        }
+                        for (a, v) in tail_acc.iter_mut().zip(tail) {
+                            *a += w * v;
+                        }
+                    }
+                    let (out_vectors, out_tail) = out_piece.as_chunks_mut::<LANES>();
+                    for (o, a) in out_vectors.iter_mut().zip(acc) {
+                        *o = (f32x8::new(*o) + a).to_array();
+                    }
+                    for (o, a) in out_tail.iter_mut().zip(tail_acc) {
+                        *o += a;
+                    }
+                }
             }
         });
     }
 }
 
-/// `a * b + c`, fused where the target has FMA (without it `mul_add` is a slow libm call).
+/// f32 lanes of one SIMD vector (AVX: 8).
+const LANES: usize = 8;
+/// Output vectors accumulated at once per head (32 vectors: 256 floats).
+const ACC_VECTORS: usize = 32;
+const ACC_LEN: usize = ACC_VECTORS * LANES;
+
+/// Dot product, two vector accumulators wide so consecutive FMAs do not wait on each other.
 #[inline(always)]
-fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-    if cfg!(target_feature = "fma") {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
-/// Lanes of independent partial sums in [`dot`] and [`sum`]: two AVX2 registers, so the adds
-/// pipeline. A single running sum would force strictly sequential float adds, which the compiler
-/// cannot vectorise.
-const LANES: usize = 16;
-
-#[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    let mut lanes = [0.0f32; LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail = a_chunks
-        .remainder()
+    let ((a_vectors, a_tail), (b_vectors, b_tail)) =
+        (a.as_chunks::<LANES>(), b.as_chunks::<LANES>());
+    let mut acc = [f32x8::ZERO; 2];
+    for (i, (x, y)) in a_vectors.iter().zip(b_vectors).enumerate() {
+        acc[i % 2] = f32x8::new(*x).mul_add(f32x8::new(*y), acc[i % 2]);
+    }
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
+    (acc[0] + acc[1]).reduce_add() + tail
+}
+
+/// Numerically stable softmax over whole vectors: exponentials of `x - max`, so none overflows.
+fn softmax_in_place(x: &mut [[f32; LANES]]) {
+    let max = x
         .iter()
-        .zip(b_chunks.remainder())
-        .fold(0.0, |acc, (x, y)| mul_add(*x, *y, acc));
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for ((lane, x), y) in lanes.iter_mut().zip(x).zip(y) {
-            *lane = mul_add(*x, *y, *lane);
-        }
+        .fold(f32x8::splat(f32::NEG_INFINITY), |m, v| {
+            m.max(f32x8::new(*v))
+        })
+        .to_array()
+        .into_iter()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let max = f32x8::splat(max);
+    let mut sum = f32x8::ZERO;
+    for v in x.iter_mut() {
+        let e = (f32x8::new(*v) - max).exp();
+        sum += e;
+        *v = e.to_array();
     }
-    reduce_lanes(lanes) + tail
-}
-
-#[inline]
-fn sum(x: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for chunk in chunks {
-        for (lane, x) in lanes.iter_mut().zip(chunk) {
-            *lane += x;
-        }
+    let inv = f32x8::splat(1.0 / sum.reduce_add());
+    for v in x.iter_mut() {
+        *v = (f32x8::new(*v) * inv).to_array();
     }
-    reduce_lanes(lanes) + tail
-}
-
-/// Sum of the lanes by halving (8 + 4 + 2 + 1 adds in 4 dependent vector steps); summing them
-/// one by one would be a 15-add dependency chain on every dot product.
-#[inline(always)]
-fn reduce_lanes(mut lanes: [f32; LANES]) -> f32 {
-    let mut width = LANES / 2;
-    while width > 0 {
-        let (low, high) = lanes[..2 * width].split_at_mut(width);
-        low.iter_mut().zip(high.iter()).for_each(|(l, h)| *l += h);
-        width /= 2;
-    }
-    lanes[0]
-}
-
-/// `acc += w * x`.
-#[inline]
-fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
-    for (a, x) in acc.iter_mut().zip(x) {
-        *a = mul_add(w, *x, *a);
-    }
-}
-
-/// Numerically stable softmax: exponentials of `x - max`, so none overflows.
-fn softmax_in_place(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    x.iter_mut().for_each(|v| *v = exp_non_positive(*v - max));
-    let inv = 1.0 / sum(x);
-    x.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// `e^x` for `x <= 0`, within ~2 ulp, branch-free so that loops over it vectorise (libm's `expf`
-/// is a scalar call per element). Cephes' `expf`: `x = n ln2 + r` with `|r| <= ln2 / 2`,
-/// `e^r` by a degree-7 polynomial, `2^n` built in the exponent bits. Inputs below the smallest
-/// normal result flush to ~1e-38, which is 0 for a softmax weight.
-#[inline(always)]
-fn exp_non_positive(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.max(-87.0);
-    let n = mul_add(x, std::f32::consts::LOG2_E, 0.5).floor();
-    let r = mul_add(n, -LN2_LO, mul_add(n, -LN2_HI, x));
-    let mut p = 1.987_569_1e-4;
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
-        p = mul_add(p, r, c);
-    }
-    let e_r = mul_add(p, r * r, r + 1.0);
-    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 #[cfg(test)]
@@ -508,9 +513,9 @@ mod tests {
 
     #[test]
     fn batched_decodes_mixed_with_prefill_chunk() {
-        // head_dim 40 also exercises the non-multiple-of-16 tail of the dot product.
+        // head_dim 44 also exercises the scalar tails after whole SIMD vectors.
         let shapes = [(1, 1), (17, 1), (33, 1), (40, 24), (64, 1), (5, 1)];
-        check(layout(32, 8, 2, 40), 8, &shapes, true, true, 3);
+        check(layout(32, 8, 2, 44), 8, &shapes, true, true, 3);
     }
 
     #[test]
@@ -523,6 +528,21 @@ mod tests {
             false,
             4,
         );
+    }
+
+    #[test]
+    fn head_dim_wider_than_one_accumulator_piece() {
+        // 260 = one 256-float piece, then a 4-float piece that is all scalar tail.
+        check(layout(6, 4, 1, 260), 2, &[(9, 9), (5, 1)], true, false, 7);
+    }
+
+    #[test]
+    fn small_batch_on_the_calling_thread() {
+        // Little enough work to stay below PARALLEL_MIN_WORK.
+        let shapes = [(3, 1), (6, 2), (1, 1), (9, 1)];
+        let work: usize = shapes.iter().map(|(c, q)| c * q).sum::<usize>() * 4 * 16;
+        assert!(work < PARALLEL_MIN_WORK);
+        check(layout(8, 4, 2, 16), 4, &shapes, true, true, 6);
     }
 
     #[test]

@@ -1,0 +1,63 @@
+//! Server-sent events as vLLM frames them: every event is `data: <json>\n\n` and the stream
+//! always ends with `data: [DONE]\n\n`, also after an error event.
+
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use futures::stream::{self, Stream, StreamExt};
+use serde::Serialize;
+
+/// The frame of one event.
+pub fn event(json: &str) -> Bytes {
+    Bytes::from(format!("data: {json}\n\n"))
+}
+
+/// Serializes one chunk as an event payload.
+pub fn chunk_json<T: Serialize>(chunk: &T) -> String {
+    // Response structs always serialize: no maps with non-string keys, no failing impls.
+    serde_json::to_string(chunk).unwrap_or_default()
+}
+
+/// A `text/event-stream` response of `events` (JSON payloads) followed by `[DONE]`. Dropping
+/// the body (client gone) drops `events` and whatever it owns.
+pub fn sse_response<S>(events: S) -> Response
+where
+    S: Stream<Item = String> + Send + 'static,
+{
+    let frames = events
+        .map(|json| event(&json))
+        .chain(stream::once(async {
+            Bytes::from_static(b"data: [DONE]\n\n")
+        }))
+        .map(Ok::<_, Infallible>);
+    let mut response = Body::from_stream(frames).into_response();
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_events_and_done() {
+        let response = sse_response(stream::iter(vec!["{\"a\":1}".to_string(), "{}".into()]));
+        assert_eq!(
+            response.headers()[CONTENT_TYPE],
+            "text/event-stream; charset=utf-8"
+        );
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(
+            &body[..],
+            b"data: {\"a\":1}\n\ndata: {}\n\ndata: [DONE]\n\n"
+        );
+    }
+}
