@@ -7,6 +7,8 @@
 //! once; every greedy token must match, and the first step's top-5 logprobs must agree within
 //! [`LOGPROB_TOLERANCE`].
 
+use std::time::Instant;
+
 use e2e::oracle::{top_k, Oracle};
 use e2e::{choice_token_ids, greedy_ids_request, model_path, Agent, LONG_TEXT};
 use futures::future::join_all;
@@ -88,12 +90,15 @@ async fn concurrent_greedy_matches_candle_quantized_llama() {
             body
         })
         .collect();
+    let started = Instant::now();
     let responses = join_all(bodies.iter().map(|b| agent.post_ok("/v1/completions", b))).await;
+    println!("agent: 20 concurrent requests in {:?}", started.elapsed());
     let health = agent.get("/health").await;
     assert_eq!(health.status, 200, "agent unhealthy after the batch");
     drop(agent);
 
     let path = model_path();
+    let started = Instant::now();
     let expected = tokio::task::spawn_blocking(move || {
         let mut oracle = Oracle::load(&path).expect("the oracle loads the GGUF");
         prompt_ids
@@ -103,6 +108,7 @@ async fn concurrent_greedy_matches_candle_quantized_llama() {
     })
     .await
     .expect("oracle thread");
+    println!("oracle: 20 sequential decodes in {:?}", started.elapsed());
 
     let mut failures = Vec::new();
     for (i, (resp, want)) in responses.iter().zip(&expected).enumerate() {

@@ -16,13 +16,24 @@ use super::{
 };
 
 pub(super) fn load(path: &Path) -> Result<LoadedModel, ModelError> {
+    let file = File::open(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    load_from(BufReader::new(file), path)
+}
+
+/// Loads a GGUF from any reader; `path` names it in errors and gives the served name.
+pub(super) fn load_from<R: Read + Seek>(
+    mut reader: R,
+    path: &Path,
+) -> Result<LoadedModel, ModelError> {
     let io = |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = BufReader::new(File::open(path).map_err(io)?);
     let mut magic = [0u8; 4];
-    match file.read_exact(&mut magic) {
+    match reader.read_exact(&mut magic) {
         Ok(()) if &magic == b"GGUF" => {}
         Ok(()) => return Err(ModelError::NotGguf(path.to_path_buf())),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -30,8 +41,8 @@ pub(super) fn load(path: &Path) -> Result<LoadedModel, ModelError> {
         }
         Err(e) => return Err(io(e)),
     }
-    file.seek(SeekFrom::Start(0)).map_err(io)?;
-    let ct = gguf_file::Content::read(&mut file).map_err(|e| malformed(path, e.to_string()))?;
+    reader.seek(SeekFrom::Start(0)).map_err(io)?;
+    let ct = gguf_file::Content::read(&mut reader).map_err(|e| malformed(path, e.to_string()))?;
     let meta = Meta { ct: &ct, path };
 
     let arch = check_architecture(meta.string("general.architecture")?)?;
@@ -78,7 +89,7 @@ pub(super) fn load(path: &Path) -> Result<LoadedModel, ModelError> {
         max_position_embeddings: meta.usize(&key("context_length"))?,
     };
 
-    let mut w = Weights { ct: &ct, file };
+    let mut w = Weights { ct: &ct, reader };
     let model = load_weights(&mut w, &config)?;
     let tokenizer = Tokenizer::from_gguf(&ct)?;
     let chat_template = match ct.metadata.get("tokenizer.chat_template") {
@@ -99,7 +110,10 @@ pub(super) fn load(path: &Path) -> Result<LoadedModel, ModelError> {
     })
 }
 
-fn load_weights(w: &mut Weights, c: &ModelConfig) -> Result<LlamaModel, ModelError> {
+fn load_weights<R: Read + Seek>(
+    w: &mut Weights<R>,
+    c: &ModelConfig,
+) -> Result<LlamaModel, ModelError> {
     let (hidden, hd) = (c.hidden_size, c.head_dim);
     let (q_dim, kv_dim) = (c.num_heads * hd, c.num_kv_heads * hd);
     let qwen2 = c.architecture == "qwen2";
@@ -174,13 +188,13 @@ fn load_weights(w: &mut Weights, c: &ModelConfig) -> Result<LlamaModel, ModelErr
     )
 }
 
-/// Tensor reader over an open GGUF file.
-struct Weights<'a> {
+/// Tensor reader over an open GGUF.
+struct Weights<'a, R> {
     ct: &'a gguf_file::Content,
-    file: BufReader<File>,
+    reader: R,
 }
 
-impl Weights<'_> {
+impl<R: Read + Seek> Weights<'_, R> {
     fn has(&self, name: &str) -> bool {
         self.ct.tensor_infos.contains_key(name)
     }
@@ -190,7 +204,7 @@ impl Weights<'_> {
         if !self.has(name) {
             return Err(ModelError::MissingTensor(name.to_string()));
         }
-        let t = self.ct.tensor(&mut self.file, name, &Device::Cpu)?;
+        let t = self.ct.tensor(&mut self.reader, name, &Device::Cpu)?;
         check_shape(name, t.shape().dims(), shape)?;
         Ok(t)
     }

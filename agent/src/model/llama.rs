@@ -299,7 +299,7 @@ fn rope_tables(config: &ModelConfig) -> Result<(Tensor, Tensor), ModelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_support::smollm;
+    use crate::model::test_support::{gguf_path, smollm, smollm_f16, smollm_f16_gguf};
     use crate::model::LoadedModel;
     use candle_transformers::models::quantized_llama::ModelWeights;
     use rand::seq::SliceRandom;
@@ -383,16 +383,26 @@ mod tests {
         blocks
     }
 
-    /// Paged, batched forward vs candle-transformers' quantized_llama on the same GGUF: whole
-    /// prompt prefilled in one step into shuffled blocks of 16, then 8 greedy decode steps.
-    #[test]
-    fn matches_quantized_llama_oracle() {
-        let Some(m) = smollm() else { return };
-        let path = crate::model::test_support::gguf_path();
-        let mut file = std::fs::File::open(&path).unwrap();
-        let ct = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
-        let mut oracle = ModelWeights::from_gguf(ct, &mut file, &Device::Cpu).unwrap();
+    /// Result of running prompts through our paged forward and through quantized_llama.
+    struct OracleRun {
+        /// Per prompt: greedy tokens (prefill + 8 decode steps), ours and the oracle's, up to
+        /// and including the first step where they differ.
+        tokens: Vec<(Vec<u32>, Vec<u32>)>,
+        /// At each divergence: how far below its own top logit the oracle put our token.
+        divergence_gaps: Vec<f32>,
+        worst_first: f32,
+        worst_all: f32,
+    }
 
+    /// Paged, batched forward vs candle-transformers' quantized_llama on the same GGUF bytes:
+    /// whole prompt prefilled in one step into shuffled blocks of 16, then 8 greedy decode
+    /// steps, each side feeding back its own tokens.
+    fn run_against_oracle(
+        m: &LoadedModel,
+        gguf: &mut (impl std::io::Read + std::io::Seek),
+    ) -> OracleRun {
+        let ct = candle_core::quantized::gguf_file::Content::read(gguf).unwrap();
+        let mut oracle = ModelWeights::from_gguf(ct, gguf, &Device::Cpu).unwrap();
         let plain = |s: &str| m.tokenizer.encode(s, false).unwrap();
         let prompts = [
             chatml(m, "What is the capital of France?"),
@@ -402,82 +412,127 @@ mod tests {
                 "Write a haiku about the sea, then explain it in one sentence.",
             ),
         ];
-        let mut worst_first = 0f32;
-        let mut worst_all = 0f32;
-        for (n, prompt) in prompts.iter().enumerate() {
-            let mut cache = CpuKvCache::new(m.model.kv_layout(64, 16));
-            let table = shuffled_blocks(64, n as u64);
-            oracle.clear_kv_cache();
-
-            let mut ours = step(
-                &m.model,
-                &mut cache,
-                &[Part {
-                    tokens: prompt,
-                    start: 0,
-                    block_table: &table,
-                    all_logits: false,
-                }],
-            )
-            .unwrap()
-            .remove(0);
-            let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        let oracle_logits = |oracle: &mut ModelWeights, ids: &[u32], pos: usize| -> Vec<f32> {
+            let input = Tensor::new(ids, &Device::Cpu)
                 .unwrap()
                 .unsqueeze(0)
                 .unwrap();
-            let mut theirs: Vec<f32> = oracle
-                .forward(&input, 0)
+            oracle
+                .forward(&input, pos)
                 .unwrap()
                 .squeeze(0)
                 .unwrap()
                 .to_vec1()
-                .unwrap();
-            let first = max_abs_diff(&ours, &theirs);
-            worst_first = worst_first.max(first);
-            worst_all = worst_all.max(first);
-
-            let (mut our_tokens, mut their_tokens) = (vec![], vec![]);
-            for i in 0..8 {
-                let (a, b) = (argmax(&ours), argmax(&theirs));
-                our_tokens.push(a);
-                their_tokens.push(b);
-                let pos = prompt.len() + i;
-                ours = step(
-                    &m.model,
-                    &mut cache,
-                    &[Part {
-                        tokens: &[a],
-                        start: pos,
-                        block_table: &table,
-                        all_logits: false,
-                    }],
-                )
                 .unwrap()
-                .remove(0);
-                let input = Tensor::new(&[[b]], &Device::Cpu).unwrap();
-                theirs = oracle
-                    .forward(&input, pos)
-                    .unwrap()
-                    .squeeze(0)
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                worst_all = worst_all.max(max_abs_diff(&ours, &theirs));
-                let (a2, b2) = (argmax(&ours), argmax(&theirs));
-                eprintln!("DBG prompt {n} step {i}: diff {} ours {a2} {} {} theirs {b2} {} {}", max_abs_diff(&ours, &theirs), ours[a2 as usize], ours[b2 as usize], theirs[a2 as usize], theirs[b2 as usize]);
+        };
+        let mut run = OracleRun {
+            tokens: vec![],
+            divergence_gaps: vec![],
+            worst_first: 0.0,
+            worst_all: 0.0,
+        };
+        for (n, prompt) in prompts.iter().enumerate() {
+            let mut cache = CpuKvCache::new(m.model.kv_layout(64, 16));
+            let table = shuffled_blocks(64, n as u64);
+            oracle.clear_kv_cache();
+            let prefill = Part {
+                tokens: prompt,
+                start: 0,
+                block_table: &table,
+                all_logits: false,
+            };
+            let mut ours = step(&m.model, &mut cache, &[prefill]).unwrap().remove(0);
+            let mut theirs = oracle_logits(&mut oracle, prompt, 0);
+            run.worst_first = run.worst_first.max(max_abs_diff(&ours, &theirs));
+            let mut tokens: Vec<u32> = vec![];
+            for i in 0..=8 {
+                run.worst_all = run.worst_all.max(max_abs_diff(&ours, &theirs));
+                let (a, b) = (argmax(&ours), argmax(&theirs));
+                if a != b {
+                    run.divergence_gaps
+                        .push(theirs[b as usize] - theirs[a as usize]);
+                    run.tokens
+                        .push(([&tokens[..], &[a]].concat(), [&tokens[..], &[b]].concat()));
+                    break;
+                }
+                tokens.push(a);
+                if i == 8 {
+                    run.tokens.push((tokens.clone(), tokens.clone()));
+                    break;
+                }
+                let pos = prompt.len() + i;
+                let part = Part {
+                    tokens: &[a],
+                    start: pos,
+                    block_table: &table,
+                    all_logits: false,
+                };
+                ours = step(&m.model, &mut cache, &[part]).unwrap().remove(0);
+                theirs = oracle_logits(&mut oracle, &[a], pos);
             }
-            our_tokens.push(argmax(&ours));
-            their_tokens.push(argmax(&theirs));
-            assert_eq!(our_tokens, their_tokens, "prompt {n}");
+        }
+        run
+    }
+
+    /// On F16-stored weights (f32 matmuls) both implementations compute the same function and
+    /// only the attention kernel differs: observed max |logit diff| 7e-5 over all steps.
+    #[test]
+    fn matches_quantized_llama_oracle_on_dequantized_weights() {
+        let (Some(m), Some(bytes)) = (smollm_f16(), smollm_f16_gguf()) else {
+            return;
+        };
+        let run = run_against_oracle(m, &mut std::io::Cursor::new(bytes));
+        eprintln!(
+            "F16 weights: max |logit diff| first step {}, all steps {}",
+            run.worst_first, run.worst_all
+        );
+        for (n, (ours, theirs)) in run.tokens.iter().enumerate() {
+            assert_eq!(ours, theirs, "prompt {n}");
+            assert_eq!(ours.len(), 9);
+        }
+        assert!(
+            run.worst_first < 1e-3,
+            "first-step logits differ by {}",
+            run.worst_first
+        );
+        assert!(run.worst_all < 1e-3, "logits differ by {}", run.worst_all);
+    }
+
+    /// On the Q4_1 file candle's quantized matmul rounds each activation row to 8 bits per
+    /// block of 32; with this model's large activations one flipped rounding moves logits by
+    /// ~0.5, so any difference in attention arithmetic shows up at that scale
+    /// (quantized_llama against itself, prefill vs prefill+decode of the same 17 tokens:
+    /// 0.47). Observed: first-step max |logit diff| 1.28; prompts 1 and 2 agree on all 9
+    /// tokens, prompt 0 on 7, then splits at a near-tie (oracle gap 0.07). So: tokens agree
+    /// except at near-ties, logits within the rounding noise.
+    #[test]
+    fn matches_quantized_llama_oracle_on_q4_1() {
+        let Some(m) = smollm() else { return };
+        let mut file = std::io::BufReader::new(std::fs::File::open(gguf_path()).unwrap());
+        let run = run_against_oracle(m, &mut file);
+        for (n, (ours, theirs)) in run.tokens.iter().enumerate() {
+            eprintln!("Q4_1 prompt {n}: ours {ours:?} oracle {theirs:?}");
         }
         eprintln!(
-            "max |logit diff| vs quantized_llama: first step {worst_first}, all steps {worst_all}"
+            "Q4_1: max |logit diff| first step {}; divergence gaps {:?}",
+            run.worst_first, run.divergence_gaps
         );
         assert!(
-            worst_first < 1e-2,
-            "first-step logits differ by {worst_first}"
+            run.worst_first < 2.0,
+            "first-step logits differ by {}",
+            run.worst_first
         );
-        assert!(worst_all < 1e-2, "decode logits differ by {worst_all}");
+        assert!(
+            run.divergence_gaps.iter().all(|&g| g < 0.5),
+            "diverged where the oracle was sure: {:?}",
+            run.divergence_gaps
+        );
+        let agreed: usize = run
+            .tokens
+            .iter()
+            .map(|(ours, theirs)| ours.iter().zip(theirs).take_while(|(a, b)| a == b).count())
+            .sum();
+        assert!(agreed >= 20, "only {agreed} of 27 greedy tokens agree");
     }
 
     /// One step mixing two prefill chunks (one continuing cached blocks, one fresh) and two

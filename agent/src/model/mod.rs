@@ -167,6 +167,57 @@ pub(crate) mod test_support {
         model.as_ref()
     }
 
+    /// The default GGUF with every quantized tensor dequantized and stored as F16, in memory.
+    /// Loaders turn F16 tensors into f32 matmuls, so this model runs without the per-row Q8
+    /// quantization of activations that makes the Q4_1 model numerically chaotic.
+    pub fn smollm_f16_gguf() -> Option<&'static [u8]> {
+        static BYTES: OnceLock<Option<Vec<u8>>> = OnceLock::new();
+        let bytes = BYTES.get_or_init(|| {
+            use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+            use candle_core::Device;
+            let mut file = std::fs::File::open(gguf_path()).ok()?;
+            let ct = gguf_file::Content::read(&mut file).unwrap();
+            let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
+            names.sort();
+            let tensors: Vec<(&str, QTensor)> = names
+                .into_iter()
+                .map(|name| {
+                    let t = ct.tensor(&mut file, name, &Device::Cpu).unwrap();
+                    let t = match t.dtype() {
+                        GgmlDType::F32 => t,
+                        _ => {
+                            QTensor::quantize(&t.dequantize(&Device::Cpu).unwrap(), GgmlDType::F16)
+                                .unwrap()
+                        }
+                    };
+                    (name.as_str(), t)
+                })
+                .collect();
+            let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+            let metadata: Vec<(&str, &gguf_file::Value)> =
+                ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            let mut out = std::io::Cursor::new(Vec::new());
+            gguf_file::write(&mut out, &metadata, &tensors).unwrap();
+            Some(out.into_inner())
+        });
+        if bytes.is_none() {
+            eprintln!("SKIPPED: {} not found", gguf_path().display());
+        }
+        bytes.as_deref()
+    }
+
+    /// The F16 variant of the default model, loaded through the GGUF loader.
+    pub fn smollm_f16() -> Option<&'static LoadedModel> {
+        static MODEL: OnceLock<Option<LoadedModel>> = OnceLock::new();
+        MODEL
+            .get_or_init(|| {
+                let bytes = smollm_f16_gguf()?;
+                let path = std::path::Path::new("SmolLM2-135M-Instruct.F16.gguf");
+                Some(super::gguf::load_from(std::io::Cursor::new(bytes), path).unwrap())
+            })
+            .as_ref()
+    }
+
     /// A fresh scratch directory under the system temp dir.
     pub fn scratch_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("agent-model-{}-{name}", std::process::id()));
