@@ -57,8 +57,15 @@ impl ChatTemplate {
         extra_kwargs: Option<&Map<String, serde_json::Value>>,
     ) -> Result<String, ModelError> {
         let mut ctx = Map::new();
-        ctx.insert("bos_token".into(), self.bos_token.clone().into());
-        ctx.insert("eos_token".into(), self.eos_token.clone().into());
+        // Like transformers: an unset special token is undefined (renders empty), not None.
+        for (key, token) in [
+            ("bos_token", &self.bos_token),
+            ("eos_token", &self.eos_token),
+        ] {
+            if let Some(t) = token {
+                ctx.insert(key.into(), t.clone().into());
+            }
+        }
         if let Some(extra) = extra_kwargs {
             ctx.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
@@ -187,10 +194,11 @@ mod tests {
                 extra.as_object(),
             )
             .unwrap();
-        // trim_blocks/lstrip_blocks remove the block lines' whitespace; undefined eos is empty.
+        // trim_blocks/lstrip_blocks remove the block lines' whitespace; booleans print like
+        // Python's; the unset eos_token is undefined, so empty.
         assert_eq!(
             out,
-            "<s>[HI THERE|true]\n[{\"name\": \"f\", \"x\": [1, 2.5, \"é\\\"\\n\"]}]|true|"
+            "<s>[HI THERE|True]\n[{\"name\": \"f\", \"x\": [1, 2.5, \"é\\\"\\n\"]}]|True|"
         );
 
         let err = t

@@ -52,25 +52,11 @@ pub(super) fn load_from<R: Read + Seek>(
     let num_kv_heads = meta
         .opt_usize(&key("attention.head_count_kv"))?
         .unwrap_or(num_heads);
-    if num_heads == 0
-        || hidden % num_heads != 0
-        || num_kv_heads == 0
-        || num_heads % num_kv_heads != 0
-    {
-        return Err(malformed(
-            path,
-            format!("hidden {hidden}, {num_heads} heads and {num_kv_heads} KV heads do not divide"),
-        ));
-    }
-    let head_dim = hidden / num_heads;
-    let rope_dim = meta
-        .opt_usize(&key("rope.dimension_count"))?
-        .unwrap_or(head_dim);
-    if rope_dim != head_dim {
-        return Err(ModelError::Unsupported(format!(
-            "partial rotary embedding (rope dim {rope_dim}, head dim {head_dim})"
-        )));
-    }
+    // 0 when the heads do not split `hidden`; ModelConfig::check reports it.
+    let head_dim = match hidden.checked_div(num_heads) {
+        Some(d) if d * num_heads == hidden => d,
+        _ => 0,
+    };
     let embd_rows = match ct.tensor_infos.get("token_embd.weight") {
         Some(info) => info.shape.dims()[0],
         None => return Err(ModelError::MissingTensor("token_embd.weight".into())),
@@ -88,7 +74,16 @@ pub(super) fn load_from<R: Read + Seek>(
         rms_norm_eps: meta.float(&key("attention.layer_norm_rms_epsilon"))?,
         max_position_embeddings: meta.usize(&key("context_length"))?,
     };
-
+    config.check(path)?;
+    let rope_dim = meta
+        .opt_usize(&key("rope.dimension_count"))?
+        .unwrap_or(config.head_dim);
+    if rope_dim != config.head_dim {
+        return Err(ModelError::Unsupported(format!(
+            "partial rotary embedding (rope dim {rope_dim}, head dim {})",
+            config.head_dim
+        )));
+    }
     let mut w = Weights { ct: &ct, reader };
     let model = load_weights(&mut w, &config)?;
     let tokenizer = Tokenizer::from_gguf(&ct)?;

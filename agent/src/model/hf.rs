@@ -97,29 +97,14 @@ fn model_config(hf: &HfConfig, path: &Path) -> Result<ModelConfig, ModelError> {
     }
     let num_heads = hf.num_attention_heads;
     let num_kv_heads = hf.num_key_value_heads.unwrap_or(num_heads);
-    if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-        return Err(malformed(
-            path,
-            format!("{num_heads} attention heads are not a multiple of {num_kv_heads} KV heads"),
-        ));
-    }
-    let head_dim = match hf.head_dim {
-        Some(d) => d,
-        None if hf.hidden_size % num_heads == 0 => hf.hidden_size / num_heads,
-        None => {
-            return Err(malformed(
-                path,
-                format!(
-                    "hidden_size {} is not a multiple of {num_heads} heads",
-                    hf.hidden_size
-                ),
-            ))
-        }
-    };
-    if head_dim % 2 != 0 {
-        return Err(malformed(path, format!("odd head_dim {head_dim}")));
-    }
-    Ok(ModelConfig {
+    // 0 when the heads do not split `hidden_size`; ModelConfig::check reports it.
+    let head_dim = hf
+        .head_dim
+        .unwrap_or(match hf.hidden_size.checked_div(num_heads) {
+            Some(d) if d * num_heads == hf.hidden_size => d,
+            _ => 0,
+        });
+    let config = ModelConfig {
         architecture: arch,
         vocab_size: hf.vocab_size,
         hidden_size: hf.hidden_size,
@@ -131,7 +116,9 @@ fn model_config(hf: &HfConfig, path: &Path) -> Result<ModelConfig, ModelError> {
         rope_theta: hf.rope_theta,
         rms_norm_eps: hf.rms_norm_eps,
         max_position_embeddings: hf.max_position_embeddings,
-    })
+    };
+    config.check(path)?;
+    Ok(config)
 }
 
 fn load_weights(w: &mut Weights, c: &ModelConfig, hf: &HfConfig) -> Result<LlamaModel, ModelError> {
@@ -552,6 +539,17 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "unsupported architecture \"mistral\" (supported: llama, qwen2)"
+        );
+
+        let bad_heads = json!({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
+            "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 3,
+            "num_key_value_heads": 2});
+        std::fs::write(&config, bad_heads.to_string()).unwrap();
+        let err = load(&dir).err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("3 attention heads are not a multiple of 2 KV heads"),
+            "{err}"
         );
 
         // Valid config, no weights.

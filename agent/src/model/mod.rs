@@ -1,7 +1,7 @@
 //! Model files (GGUF, Hugging Face directories), tokenizer, chat template and the forward pass.
 //!
-//! [`load`] picks the loader from the path: a file is read as GGUF ([`gguf`]), a directory as a
-//! Hugging Face checkpoint ([`hf`]). Both produce the same [`LlamaModel`] (llama and qwen2
+//! [`load`] picks the loader from the path: a file is read as GGUF (`gguf`), a directory as a
+//! Hugging Face checkpoint (`hf`). Both produce the same [`LlamaModel`] (llama and qwen2
 //! architectures), a [`Tokenizer`] and, when the model ships one, a [`ChatTemplate`].
 
 pub mod chat_template;
@@ -33,6 +33,27 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
 }
 
+impl ModelConfig {
+    /// Rejects geometries the forward pass cannot run; `path` names the file in the error.
+    fn check(&self, path: &Path) -> Result<(), ModelError> {
+        let (heads, kv_heads, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let problem = if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            format!("{heads} attention heads are not a multiple of {kv_heads} KV heads")
+        } else if hd == 0 || !hd.is_multiple_of(2) {
+            format!(
+                "head dim {hd} (hidden {}, {heads} heads) is not a positive even number",
+                self.hidden_size
+            )
+        } else if self.vocab_size == 0 || self.num_layers == 0 || self.max_position_embeddings == 0
+        {
+            "vocab size, layer count and context length must be positive".to_string()
+        } else {
+            return Ok(());
+        };
+        Err(malformed(path, problem))
+    }
+}
+
 /// Everything [`load`] reads from a model path.
 pub struct LoadedModel {
     pub config: ModelConfig,
@@ -60,7 +81,7 @@ pub enum ModelError {
     },
     #[error("{0} is not a GGUF file (no GGUF magic at its start)")]
     NotGguf(PathBuf),
-    #[error("unsupported architecture \"{0}\" (supported: llama, qwen2)")]
+    #[error("unsupported architecture \"{0}\" (supported: {list})", list = SUPPORTED_ARCHITECTURES.join(", "))]
     UnsupportedArchitecture(String),
     #[error("unsupported model: {0}")]
     Unsupported(String),

@@ -92,12 +92,9 @@ impl Tokenizer {
             .map_err(|e| ModelError::Tokenizer(format!("building BPE: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
 
-        let pre = match ct.metadata.get("tokenizer.ggml.pre") {
-            Some(v) => v
-                .to_string()
-                .map_err(|e| ModelError::Tokenizer(format!("tokenizer.ggml.pre: {e}")))?
-                .clone(),
-            None => "gpt2".to_string(),
+        let pre = match ct.metadata.contains_key("tokenizer.ggml.pre") {
+            true => gguf_string(ct, "tokenizer.ggml.pre")?,
+            false => "gpt2".to_string(),
         };
         let byte_level =
             |use_regex| PreTokenizerWrapper::from(ByteLevel::new(false, true, use_regex));
@@ -307,7 +304,8 @@ fn gguf_u32(v: &gguf_file::Value) -> Result<u32, ModelError> {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::test_support::smollm;
+    use super::*;
+    use crate::model::test_support::{gguf_path, smollm};
 
     /// Expected ids from HF `tokenizers` 0.23.3 (Python) on the equivalent tokenizer built from
     /// the GGUF metadata (`pip install tokenizers gguf`):
@@ -376,6 +374,57 @@ mod tests {
             tok.decode(chat, true),
             "system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face\nuser\n\
              What is the capital of France?\nassistant\n"
+        );
+    }
+
+    /// Pre-tokenizer splits of the `tokenizer.ggml.pre` families, and the unsupported model.
+    #[test]
+    fn gguf_pre_tokenizer_families() {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        let Some(path) = Some(gguf_path()).filter(|p| p.is_file()) else {
+            eprintln!("SKIPPED: default GGUF not found");
+            return;
+        };
+        let mut ct = gguf_file::Content::read(&mut std::fs::File::open(path).unwrap()).unwrap();
+        let mut splits = |pre: &str, text: &str| -> Vec<String> {
+            let v = gguf_file::Value::String(pre.to_string());
+            ct.metadata.insert("tokenizer.ggml.pre".into(), v);
+            let tok = Tokenizer::from_gguf(&ct).unwrap();
+            let mut s = PreTokenizedString::from(text);
+            tok.inner()
+                .get_pre_tokenizer()
+                .unwrap()
+                .pre_tokenize(&mut s)
+                .unwrap();
+            s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+                .into_iter()
+                .map(|(s, _, _)| s.to_string())
+                .collect()
+        };
+        // qwen2/llama3: the splits candle's GGUF tokenizer tests expect for the families'
+        // tokenizer.json regexes.
+        let text = "Hello'Ve world 123\n\n  foo";
+        let qwen2 = [
+            "Hello", "'Ve", "Ġworld", "Ġ", "1", "2", "3", "ĊĊ", "Ġ", "Ġfoo",
+        ];
+        assert_eq!(splits("qwen2", text), qwen2);
+        let llama3 = ["Hello", "'Ve", "Ġworld", "Ġ", "123", "ĊĊ", "Ġ", "Ġfoo"];
+        assert_eq!(splits("llama3", text), llama3);
+        // smollm and plain gpt2: as Python tokenizers 0.23.3 `pre_tokenize_str` splits them.
+        let smollm = [
+            "Hello", "'", "Ve", "Ġworld", "Ġ", "1", "2", "3", "ĊĊĠ", "Ġfoo",
+        ];
+        assert_eq!(splits("smollm", text), smollm);
+        let gpt2 = ["Hello", "'", "Ve", "Ġworld", "Ġ123", "ĊĊĠ", "Ġfoo"];
+        assert_eq!(splits("some-other-bpe", text), gpt2);
+
+        let llama = gguf_file::Value::String("llama".into());
+        ct.metadata.insert("tokenizer.ggml.model".into(), llama);
+        let err = Tokenizer::from_gguf(&ct).err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("unsupported GGUF tokenizer model \"llama\""),
+            "{err}"
         );
     }
 
