@@ -6,6 +6,13 @@
 //! prefill is split into chunks and interleaved with other requests' decode steps) are sent at
 //! once; every greedy token must match, and the first step's top-5 logprobs must agree within
 //! [`LOGPROB_TOLERANCE`].
+//!
+//! Both sides run the GGUF with candle's `CANDLE_DEQUANTIZE_ALL=1` (weights dequantized to f32
+//! at load). With the Q4_1 matmuls, candle quantizes every activation row to 8 bits per block
+//! of 32, and this model's large activations turn 1e-7 differences in attention summation order
+//! into logit differences of ~0.5: the oracle disagrees with itself by 0.47 between a one-shot
+//! prefill and an incremental one, so no other paged/chunked implementation can match it token
+//! for token over 32 steps. On f32 weights the two agree to ~1e-4 at every step.
 
 use std::time::Instant;
 
@@ -15,9 +22,9 @@ use futures::future::join_all;
 
 const STEPS: usize = 32;
 const TOP: usize = 5;
-/// Quantized paths agree far more closely than this; it leaves room for a different (but
-/// correct) summation order in attention and chunked prefill.
-const LOGPROB_TOLERANCE: f32 = 1e-2;
+/// Observed agreement on f32 weights is ~1e-4; this leaves room for a different (but correct)
+/// summation order in attention and chunked prefill, and nothing more.
+const LOGPROB_TOLERANCE: f32 = 1e-3;
 /// The agent's step budget: prompts longer than this are prefilled in several chunks.
 const BATCHED_TOKENS: usize = 64;
 
@@ -62,6 +69,8 @@ fn prompts() -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_greedy_matches_candle_quantized_llama() {
+    // Inherited by the agent process; read by candle in this process when the oracle loads.
+    std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
     let agent = Agent::start(&[
         "--max-num-batched-tokens",
         &BATCHED_TOKENS.to_string(),
