@@ -190,11 +190,7 @@ pub async fn create_chat_completion(
     VllmJson(request): VllmJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let Generation { fields, common } = request;
-    state.check_model(common.model.as_ref().map(|m| m.0.as_str()))?;
-    if !state.engine.is_alive() {
-        return Err(ApiError::engine_dead());
-    }
-    validation::check_unsupported(&common)?;
+    state.admit(&common)?;
     let template_in_kwargs = fields
         .chat_template_kwargs
         .as_ref()

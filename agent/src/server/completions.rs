@@ -44,11 +44,7 @@ pub async fn create_completion(
     VllmJson(request): VllmJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let Generation { fields, common } = request;
-    state.check_model(common.model.as_ref().map(|m| m.0.as_str()))?;
-    if !state.engine.is_alive() {
-        return Err(ApiError::engine_dead());
-    }
-    validation::check_unsupported(&common)?;
+    state.admit(&common)?;
     if fields.suffix.is_some() {
         return Err(ApiError::bad_request("suffix is not currently supported"));
     }

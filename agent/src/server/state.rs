@@ -86,6 +86,16 @@ impl AppState {
             Some(m) => Err(ApiError::model_not_found(m)),
         }
     }
+
+    /// The checks every generation request passes before its own validation: the model is
+    /// served, the engine is alive, and no unsupported field is set.
+    pub fn admit(&self, common: &super::protocol::CommonFields) -> Result<(), ApiError> {
+        self.check_model(common.model.as_ref().map(|m| m.0.as_str()))?;
+        if !self.engine.is_alive() {
+            return Err(ApiError::engine_dead());
+        }
+        super::validation::check_unsupported(common)
+    }
 }
 
 /// Seconds since the Unix epoch (`created`).
