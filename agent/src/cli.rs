@@ -114,8 +114,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub enable_force_include_usage: bool,
 
-    /// KV-cache event publishing (JSON, vLLM's KVEventsConfig). Not implemented yet: validated
-    /// and ignored with a warning.
+    /// KV-cache event publishing over ZMQ (JSON, vLLM's KVEventsConfig keys plus
+    /// `event_encoding`: "map" or "array"); checked at start-up by `kv_events::KvEventsConfig`.
     #[arg(long, value_parser = parse_json_object, value_name = "JSON")]
     pub kv_events_config: Option<Value>,
 

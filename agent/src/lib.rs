@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod engine;
 pub mod kv_cache;
+pub mod kv_events;
 pub mod metrics;
 pub mod model;
 pub mod server;

@@ -15,7 +15,8 @@ use tracing_subscriber::EnvFilter;
 
 use agent::cli::{Cli, Command, ServeArgs};
 use agent::engine::{self, EngineConfig};
-use agent::kv_cache::NullSink;
+use agent::kv_cache::{KvEventSink, NullSink};
+use agent::kv_events::{self, KvEventsConfig};
 use agent::metrics::{CacheConfigInfo, Metrics};
 use agent::model;
 use agent::server::{self, AppState, ServerConfig};
@@ -64,9 +65,6 @@ fn warn_unimplemented(args: &ServeArgs) -> Result<()> {
             args.tensor_parallel_size
         );
     }
-    if args.kv_events_config.is_some() {
-        warn!("--kv-events-config: KV cache events are not implemented yet; nothing is published");
-    }
     if args.kv_transfer_config.is_some() {
         warn!("--kv-transfer-config: KV transfer (P/D disaggregation) is not implemented yet; ignored");
     }
@@ -81,6 +79,14 @@ fn warn_unimplemented(args: &ServeArgs) -> Result<()> {
 
 fn serve(args: &ServeArgs) -> Result<()> {
     warn_unimplemented(args)?;
+    let kv_events_config = args
+        .kv_events_config
+        .as_ref()
+        .map(|json| {
+            let env = std::env::var("VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES").ok();
+            KvEventsConfig::parse(json, env.as_deref())
+        })
+        .transpose()?;
     if args.block_size == 0 {
         bail!("--block-size must be at least 1");
     }
@@ -174,12 +180,26 @@ fn serve(args: &ServeArgs) -> Result<()> {
     if chat_template.is_none() {
         warn!("the model has no chat template: /v1/chat/completions will refuse requests");
     }
+    let sink: Box<dyn KvEventSink> = match kv_events_config.filter(KvEventsConfig::publishes) {
+        Some(events) => {
+            let (sink, endpoints) = kv_events::start(&events, metrics.clone())?;
+            info!(
+                "KV events: publishing on {} (topic {:?}, {} encoding), replay on {}",
+                endpoints.events,
+                events.topic,
+                events.encoding,
+                endpoints.replay.as_deref().unwrap_or("none"),
+            );
+            Box::new(sink)
+        }
+        None => Box::new(NullSink),
+    };
     let engine = engine::start(
         config,
         loaded.model,
         tokenizer.clone(),
         metrics.clone(),
-        Box::new(NullSink),
+        sink,
     )
     .context("starting the engine")?;
 

@@ -64,6 +64,10 @@ pub struct Metrics {
     pub request_prompt_tokens: Histogram,
     pub request_generation_tokens: Histogram,
     pub iteration_tokens: Histogram,
+    /// KV-event batches handed to the publisher thread / dropped because its queue was full
+    /// (ours; vLLM has no such metric).
+    pub kv_events_published: IntCounter,
+    pub kv_events_dropped: IntCounter,
     model_name: String,
 }
 
@@ -148,6 +152,8 @@ impl Metrics {
             request_prompt_tokens: histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", token_buckets.clone())?,
             request_generation_tokens: histogram("vllm:request_generation_tokens", "Number of generation tokens processed.", token_buckets)?,
             iteration_tokens: histogram("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", ITERATION_TOKEN_BUCKETS.to_vec())?,
+            kv_events_published: counter("agent_kv_events_published_batches_total", "KV cache event batches queued for publishing.")?,
+            kv_events_dropped: counter("agent_kv_events_dropped_batches_total", "KV cache event batches dropped because the publisher queue was full.")?,
             registry,
             model_name: model_name.to_string(),
         })

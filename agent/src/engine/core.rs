@@ -82,7 +82,12 @@ impl EngineCore {
         let layout = model.kv_layout(config.num_blocks, config.block_size);
         let hasher = BlockHasher::new(config.hash_algo, config.hash_seed.as_deref());
         let pool = BlockPool::new(config.num_blocks, config.enable_prefix_caching, sink);
-        let kv = KvCacheManager::new(pool, config.block_size, hasher, config.enable_prefix_caching);
+        let kv = KvCacheManager::new(
+            pool,
+            config.block_size,
+            hasher,
+            config.enable_prefix_caching,
+        );
         let scheduler = Scheduler::new(SchedulerLimits {
             max_num_seqs: config.max_num_seqs,
             max_num_batched_tokens: config.max_num_batched_tokens,
@@ -131,6 +136,9 @@ impl EngineCore {
                 self.kv.flush_events();
                 let _ = reply.send(ok);
             }
+            EngineCommand::CachedBlocks(reply) => {
+                let _ = reply.send(self.kv.cached_hashes());
+            }
         }
         self.update_gauges();
     }
@@ -152,13 +160,16 @@ impl EngineCore {
             return;
         }
         let id = request.request_id.clone();
-        self.requests.insert(id.clone(), Request::new(request, outputs));
+        self.requests
+            .insert(id.clone(), Request::new(request, outputs));
         self.scheduler.add(id);
     }
 
     /// Ends a request: frees its blocks, sends its last output, records its metrics.
     fn finish(&mut self, id: &str, finish: Finish) {
-        let Some(mut req) = self.requests.remove(id) else { return };
+        let Some(mut req) = self.requests.remove(id) else {
+            return;
+        };
         self.scheduler.remove(id);
         self.kv.free(id);
         let reason = finish.reason;
@@ -171,21 +182,30 @@ impl EngineCore {
         let now = Instant::now();
         let t = &req.timings;
         m.record_finished(reason.as_str());
-        m.e2e_request_latency.observe(now.duration_since(t.arrival).as_secs_f64());
+        m.e2e_request_latency
+            .observe(now.duration_since(t.arrival).as_secs_f64());
         m.request_prompt_tokens.observe(req.prompt_len as f64);
-        m.request_generation_tokens.observe(req.num_output_tokens() as f64);
+        m.request_generation_tokens
+            .observe(req.num_output_tokens() as f64);
         if let Some(first) = t.first_scheduled {
-            m.request_queue_time.observe(first.duration_since(t.arrival).as_secs_f64());
+            m.request_queue_time
+                .observe(first.duration_since(t.arrival).as_secs_f64());
             if let Some(tok) = t.first_token {
-                m.request_prefill_time.observe(tok.duration_since(first).as_secs_f64());
-                m.request_decode_time.observe(now.duration_since(tok).as_secs_f64());
+                m.request_prefill_time
+                    .observe(tok.duration_since(first).as_secs_f64());
+                m.request_decode_time
+                    .observe(now.duration_since(tok).as_secs_f64());
             }
         }
     }
 
     fn update_gauges(&self) {
-        self.metrics.num_requests_running.set(self.scheduler.num_running() as f64);
-        self.metrics.num_requests_waiting.set(self.scheduler.num_waiting() as f64);
+        self.metrics
+            .num_requests_running
+            .set(self.scheduler.num_running() as f64);
+        self.metrics
+            .num_requests_waiting
+            .set(self.scheduler.num_waiting() as f64);
         self.metrics.kv_cache_usage_perc.set(self.kv.usage());
     }
 
@@ -207,7 +227,10 @@ impl EngineCore {
             Err(e) => {
                 tracing::error!("forward pass failed: {e}");
                 for s in &plan.scheduled {
-                    self.finish(&s.request_id, Finish::new(FinishReason::Error, Some(e.to_string())));
+                    self.finish(
+                        &s.request_id,
+                        Finish::new(FinishReason::Error, Some(e.to_string())),
+                    );
                 }
             }
         }
@@ -231,7 +254,8 @@ impl EngineCore {
     fn record_schedule(&self, plan: &SchedulerOutput) {
         let m = &self.metrics;
         m.num_preemptions.inc_by(plan.num_preemptions as u64);
-        m.prefix_cache_queries.inc_by(plan.prefix_cache_queries as u64);
+        m.prefix_cache_queries
+            .inc_by(plan.prefix_cache_queries as u64);
         m.prefix_cache_hits.inc_by(plan.prefix_cache_hits as u64);
         if !plan.scheduled.is_empty() {
             m.iteration_tokens.observe(plan.total_tokens() as f64);
@@ -295,7 +319,8 @@ impl EngineCore {
         for s in &plan.scheduled {
             if let Some(req) = self.requests.get_mut(&s.request_id) {
                 req.num_computed_tokens += s.num_new_tokens;
-                self.kv.cache_blocks(&s.request_id, &req.all_token_ids, req.num_computed_tokens);
+                self.kv
+                    .cache_blocks(&s.request_id, &req.all_token_ids, req.num_computed_tokens);
             }
         }
 
@@ -305,7 +330,9 @@ impl EngineCore {
         let mut prompt_tokens = 0usize;
         for (row, &i) in samples.iter().enumerate() {
             let id = &plan.scheduled[i].request_id;
-            let Some(req) = self.requests.get_mut(id) else { continue };
+            let Some(req) = self.requests.get_mut(id) else {
+                continue;
+            };
             let finish = req.sample_and_append(
                 &mut logits[row],
                 &self.eos_token_ids,
@@ -322,9 +349,10 @@ impl EngineCore {
                         .time_to_first_token
                         .observe(now.duration_since(t.arrival).as_secs_f64())
                 }
-                Some(last) => {
-                    self.metrics.inter_token_latency.observe(now.duration_since(last).as_secs_f64())
-                }
+                Some(last) => self
+                    .metrics
+                    .inter_token_latency
+                    .observe(now.duration_since(last).as_secs_f64()),
             }
             t.first_token.get_or_insert(now);
             t.last_token = Some(now);

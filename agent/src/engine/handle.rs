@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use super::types::{EngineError, GenerateOutput, GenerateRequest};
+use crate::kv_cache::BlockHash;
 
 /// Messages from handles to the engine thread.
 pub(crate) enum EngineCommand {
@@ -16,6 +17,7 @@ pub(crate) enum EngineCommand {
     },
     Abort(String),
     ResetPrefixCache(oneshot::Sender<bool>),
+    CachedBlocks(oneshot::Sender<Vec<BlockHash>>),
 }
 
 /// Cheap to clone; every clone talks to the same engine thread.
@@ -39,14 +41,24 @@ impl EngineHandle {
         let (tx, rx) = tokio_mpsc::unbounded_channel();
         let request_id = request.request_id.clone();
         self.commands
-            .send(EngineCommand::Add { request, outputs: tx })
+            .send(EngineCommand::Add {
+                request,
+                outputs: tx,
+            })
             .map_err(|_| EngineError::Dead)?;
-        Ok(RequestStream { request_id, outputs: rx, finished: false, engine: self.clone() })
+        Ok(RequestStream {
+            request_id,
+            outputs: rx,
+            finished: false,
+            engine: self.clone(),
+        })
     }
 
     /// Aborts a request if it is still running; unknown ids are ignored.
     pub fn abort(&self, request_id: &str) {
-        let _ = self.commands.send(EngineCommand::Abort(request_id.to_string()));
+        let _ = self
+            .commands
+            .send(EngineCommand::Abort(request_id.to_string()));
     }
 
     /// False once the engine thread has stopped (it died or the process is shutting down).
@@ -59,6 +71,16 @@ impl EngineHandle {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(EngineCommand::ResetPrefixCache(tx))
+            .map_err(|_| EngineError::Dead)?;
+        rx.await.map_err(|_| EngineError::Dead)
+    }
+
+    /// The hashes of the blocks in the prefix cache, sorted. Taken between engine steps, so it
+    /// matches the state every published event batch so far describes.
+    pub async fn cached_blocks(&self) -> Result<Vec<BlockHash>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(EngineCommand::CachedBlocks(tx))
             .map_err(|_| EngineError::Dead)?;
         rx.await.map_err(|_| EngineError::Dead)
     }

@@ -92,7 +92,7 @@ pub struct BlockHash {
 }
 
 impl BlockHash {
-    fn from_digest(digest: &[u8]) -> Self {
+    pub(crate) fn from_digest(digest: &[u8]) -> Self {
         let mut bytes = [0u8; 32];
         bytes[..digest.len()].copy_from_slice(digest);
         Self {

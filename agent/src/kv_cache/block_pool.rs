@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use super::block_hash::BlockHash;
+use super::block_hash::{BlockHash, ExtraKey};
 use super::events::{KvCacheEvent, KvEventSink, Medium};
 
 /// Index of a block in the pool (and in the KV tensors), `0..num_blocks`.
@@ -216,6 +216,7 @@ impl BlockPool {
     /// `parent` is the hash of the block before the first one. A block whose hash is already
     /// cached elsewhere stays uncached; the stored ones go out as one `BlockStored` per
     /// contiguous run, which is one per call unless such a duplicate splits the chain.
+    /// `extra_keys`, when given, holds each block's extra hash keys (for the events).
     pub fn cache_full_blocks(
         &mut self,
         blocks: &[BlockId],
@@ -223,6 +224,7 @@ impl BlockPool {
         token_ids: &[u32],
         parent: Option<BlockHash>,
         lora_name: Option<&str>,
+        extra_keys: Option<&[Vec<ExtraKey>]>,
     ) {
         if !self.enable_caching || blocks.is_empty() {
             return;
@@ -234,6 +236,14 @@ impl BlockPool {
             "token_ids must cover whole blocks"
         );
         let block_size = token_ids.len() / blocks.len();
+        let meta = StoredMeta {
+            hashes,
+            token_ids,
+            block_size,
+            parent,
+            lora_name,
+            extra_keys,
+        };
         let mut run_start = None;
         for (i, (&id, &hash)) in blocks.iter().zip(hashes).enumerate() {
             debug_assert!(
@@ -247,42 +257,12 @@ impl BlockPool {
                 self.cached.insert(hash, id);
                 run_start.get_or_insert(i);
             } else if let Some(start) = run_start.take() {
-                self.emit_stored(start..i, hashes, token_ids, block_size, parent, lora_name);
+                self.sink.on_event(meta.event(start..i));
             }
         }
         if let Some(start) = run_start {
-            self.emit_stored(
-                start..blocks.len(),
-                hashes,
-                token_ids,
-                block_size,
-                parent,
-                lora_name,
-            );
+            self.sink.on_event(meta.event(start..blocks.len()));
         }
-    }
-
-    fn emit_stored(
-        &mut self,
-        run: std::ops::Range<usize>,
-        hashes: &[BlockHash],
-        token_ids: &[u32],
-        block_size: usize,
-        parent: Option<BlockHash>,
-        lora_name: Option<&str>,
-    ) {
-        let parent_block_hash = match run.start {
-            0 => parent,
-            s => Some(hashes[s - 1]),
-        };
-        self.sink.on_event(KvCacheEvent::BlockStored {
-            block_hashes: hashes[run.clone()].to_vec(),
-            parent_block_hash,
-            token_ids: token_ids[run.start * block_size..run.end * block_size].to_vec(),
-            block_size,
-            lora_name: lora_name.map(str::to_string),
-            medium: Medium::Gpu,
-        });
     }
 
     pub fn get_cached_block(&self, hash: &BlockHash) -> Option<BlockId> {
@@ -342,6 +322,39 @@ impl BlockPool {
             }
         }
         assert_eq!(self.cached.len(), self.hashes.iter().flatten().count());
+    }
+}
+
+/// What `cache_full_blocks` announces, sliced into one `BlockStored` per contiguous run.
+struct StoredMeta<'a> {
+    hashes: &'a [BlockHash],
+    token_ids: &'a [u32],
+    block_size: usize,
+    parent: Option<BlockHash>,
+    lora_name: Option<&'a str>,
+    extra_keys: Option<&'a [Vec<ExtraKey>]>,
+}
+
+impl StoredMeta<'_> {
+    fn event(&self, run: std::ops::Range<usize>) -> KvCacheEvent {
+        let parent_block_hash = match run.start {
+            0 => self.parent,
+            s => Some(self.hashes[s - 1]),
+        };
+        let bs = self.block_size;
+        let extra_keys = self
+            .extra_keys
+            .map(|keys| keys[run.clone()].to_vec())
+            .filter(|keys| keys.iter().any(|k| !k.is_empty()));
+        KvCacheEvent::BlockStored {
+            block_hashes: self.hashes[run.clone()].to_vec(),
+            parent_block_hash,
+            token_ids: self.token_ids[run.start * bs..run.end * bs].to_vec(),
+            block_size: bs,
+            lora_name: self.lora_name.map(str::to_string),
+            extra_keys,
+            medium: Medium::Gpu,
+        }
     }
 }
 
@@ -407,7 +420,7 @@ mod tests {
         let (mut p, _) = pool(4);
         let hs = hashes(1);
         let b = p.get_new_blocks(4).expect("enough free blocks");
-        p.cache_full_blocks(&b[..1], &hs, &[0, 1], None, None);
+        p.cache_full_blocks(&b[..1], &hs, &[0, 1], None, None, None);
         // Free in eviction order: uncached 3 then 2 go to the head in that order, cached 0 to the
         // tail; 1 stays in use.
         p.free_blocks([3, 2, 0]);
@@ -420,7 +433,7 @@ mod tests {
         let (mut p, sink) = pool(3);
         let hs = hashes(2);
         let b = p.get_new_blocks(2).expect("enough free blocks");
-        p.cache_full_blocks(&b, &hs, &[0, 1, 2, 3], None, Some("lora"));
+        p.cache_full_blocks(&b, &hs, &[0, 1, 2, 3], None, Some("lora"), None);
         assert_eq!(
             sink.take(),
             vec![KvCacheEvent::BlockStored {
@@ -429,6 +442,7 @@ mod tests {
                 token_ids: vec![0, 1, 2, 3],
                 block_size: 2,
                 lora_name: Some("lora".into()),
+                extra_keys: None,
                 medium: Medium::Gpu,
             }]
         );
@@ -459,16 +473,17 @@ mod tests {
         let hs = hashes(3);
         let toks = [0, 1, 2, 3, 4, 5];
         let a = p.get_new_blocks(3).expect("enough free blocks");
-        p.cache_full_blocks(&a[1..2], &hs[1..2], &toks[2..4], Some(hs[0]), None);
+        p.cache_full_blocks(&a[1..2], &hs[1..2], &toks[2..4], Some(hs[0]), None, None);
         sink.take();
         let b = p.get_new_blocks(3).expect("enough free blocks");
-        p.cache_full_blocks(&b, &hs, &toks, None, None);
+        p.cache_full_blocks(&b, &hs, &toks, None, None, None);
         let stored = |hashes: Vec<BlockHash>, parent, tokens: Vec<u32>| KvCacheEvent::BlockStored {
             block_hashes: hashes,
             parent_block_hash: parent,
             token_ids: tokens,
             block_size: 2,
             lora_name: None,
+            extra_keys: None,
             medium: Medium::Gpu,
         };
         assert_eq!(
@@ -480,7 +495,7 @@ mod tests {
         );
         assert_eq!(p.get_cached_block(&hs[1]), Some(a[1]));
         // Re-caching the same blocks announces nothing new.
-        p.cache_full_blocks(&b, &hs, &toks, None, None);
+        p.cache_full_blocks(&b, &hs, &toks, None, None, None);
         assert!(sink.take().is_empty());
         // Evicting the uncached duplicate announces nothing either.
         p.free_blocks(b.iter().rev().copied());
@@ -495,7 +510,7 @@ mod tests {
         let (mut p, sink) = pool(2);
         let hs = hashes(1);
         let b = p.get_new_blocks(1).expect("enough free blocks");
-        p.cache_full_blocks(&b, &hs, &[0, 1], None, None);
+        p.cache_full_blocks(&b, &hs, &[0, 1], None, None, None);
         sink.take();
         assert!(!p.reset_prefix_cache());
         assert_eq!(p.cached_hashes(), hs);
@@ -516,7 +531,7 @@ mod tests {
         let sink = CollectingSink::new();
         let mut p = BlockPool::new(2, false, Box::new(sink.clone()));
         let b = p.get_new_blocks(1).expect("enough free blocks");
-        p.cache_full_blocks(&b, &hashes(1), &[0, 1], None, None);
+        p.cache_full_blocks(&b, &hashes(1), &[0, 1], None, None, None);
         assert!(p.cached_hashes().is_empty());
         p.free_blocks(b);
         assert!(p.reset_prefix_cache());

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::block_hash::BlockHash;
+use super::block_hash::{BlockHash, ExtraKey};
 
 /// Storage tier a block lives in. The device pool reports `Gpu`, as vLLM does, even when the
 /// "device" is host memory: consumers key the primary tier on that name.
@@ -35,6 +35,9 @@ pub enum KvCacheEvent {
         token_ids: Vec<u32>,
         block_size: usize,
         lora_name: Option<String>,
+        /// Per block, the extra keys its hash covered (the cache salt of a request's first
+        /// block); None when no block in the event has any.
+        extra_keys: Option<Vec<Vec<ExtraKey>>>,
         medium: Medium,
     },
     /// Blocks whose hashes left the cache (evicted for reuse).

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::block_hash::{BlockHash, BlockHasher};
+use super::block_hash::{BlockHash, BlockHasher, ExtraKey};
 use super::block_pool::{BlockId, BlockPool, NoSpace};
 
 /// What the manager keeps per live request.
@@ -138,12 +138,22 @@ impl KvCacheManager {
             req.cache_salt.as_deref(),
         );
         let parent = first.checked_sub(1).map(|i| req.block_hashes[i]);
+        // The salt keys the request's first block only (as in the hash).
+        let extra_keys: Option<Vec<Vec<ExtraKey>>> = match req.cache_salt.as_deref() {
+            Some(salt) if first == 0 && !salt.is_empty() => {
+                let mut keys = vec![Vec::new(); num_full];
+                keys[0].push(ExtraKey::Str(salt.to_string()));
+                Some(keys)
+            }
+            _ => None,
+        };
         self.pool.cache_full_blocks(
             &req.blocks[first..num_full],
             &req.block_hashes[first..num_full],
             &all_token_ids[first * bs..num_full * bs],
             parent,
             None,
+            extra_keys.as_deref(),
         );
         req.num_cached_blocks = num_full;
     }
@@ -298,11 +308,19 @@ mod tests {
 
     #[test]
     fn salt_separates_caches() {
-        let (mut kv, _) = manager(16);
+        let (mut kv, sink) = manager(16);
         let tokens: Vec<u32> = (0..9).collect();
         let (hit, _) = kv.find_cached_prefix("a", &tokens, Some("tenant-a"));
         assert_eq!(kv.allocate_slots("a", tokens.len(), &hit), Ok(()));
         kv.cache_blocks("a", &tokens, tokens.len());
+        // The events carry the salt as the first block's extra key, as the hash covered it.
+        match sink.take().as_slice() {
+            [KvCacheEvent::BlockStored { extra_keys, .. }] => assert_eq!(
+                extra_keys.as_deref(),
+                Some(&[vec![ExtraKey::Str("tenant-a".into())], vec![]][..])
+            ),
+            other => panic!("unexpected events {other:?}"),
+        }
         assert_eq!(kv.find_cached_prefix("b", &tokens, Some("tenant-b")).1, 0);
         assert_eq!(kv.find_cached_prefix("c", &tokens, None).1, 0);
         assert_eq!(kv.find_cached_prefix("d", &tokens, Some("tenant-a")).1, 8);

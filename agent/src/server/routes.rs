@@ -1,6 +1,6 @@
 //! The router: vLLM's routes, `--api-key` bearer authentication on `/v1` paths, the
 //! `X-Request-Id` response header, the body-size limit, and the small endpoints (health, ping,
-//! version, models, metrics, reset_prefix_cache). Unknown routes and methods answer in vLLM's
+//! version, models, metrics, reset_prefix_cache, debug/kv_cache). Unknown routes and methods answer in vLLM's
 //! error shape.
 
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -32,6 +32,7 @@ pub fn router(state: AppState) -> Router {
         .route("/version", get(version))
         .route("/metrics", get(metrics))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
+        .route("/debug/kv_cache", get(debug_kv_cache))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
@@ -170,6 +171,19 @@ async fn reset_prefix_cache(State(state): State<AppState>) -> Result<StatusCode,
         tracing::warn!("reset_prefix_cache: blocks still in use by running requests were kept");
     }
     Ok(StatusCode::OK)
+}
+
+/// The prefix cache's content, for checking a subscriber's reconstruction from KV events:
+/// every cached block's hash in the events' 64-bit form and as the full hex digest.
+async fn debug_kv_cache(
+    State(state): State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let hashes = state.engine.cached_blocks().await?;
+    Ok(Json(serde_json::json!({
+        "num_cached_blocks": hashes.len(),
+        "block_hashes": hashes.iter().map(|h| h.to_u64()).collect::<Vec<_>>(),
+        "block_digests": hashes.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+    })))
 }
 
 #[cfg(test)]

@@ -1,0 +1,512 @@
+//! The ZMQ publisher (vLLM `ZmqEventPublisher`): the engine-side sink turns each step's cache
+//! events into one batch and hands it to a publisher thread through a bounded queue; the thread
+//! encodes it, sends `[topic, seq, payload]` on a PUB socket, keeps the last `buffer_steps`
+//! payloads and answers replay requests on a ROUTER socket. The engine never blocks on it: a
+//! full queue drops the batch (counted, logged), and the skipped seq shows subscribers a gap.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kvevents::{encode_batch, encode_seq, Encoding, EventBatch, ExternalBlockHash, KvEvent};
+use tracing::{debug, warn};
+
+use super::config::{binds, HashForm, KvEventsConfig};
+use crate::kv_cache::{BlockHash, ExtraKey, KvCacheEvent, KvEventSink};
+use crate::metrics::Metrics;
+
+/// How long the publisher thread waits for a batch before it looks at the replay socket.
+const REPLAY_POLL: Duration = Duration::from_millis(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublisherError {
+    #[error("KV events {what} {endpoint}: {source}")]
+    Socket {
+        what: &'static str,
+        endpoint: String,
+        source: zmq::Error,
+    },
+    #[error("cannot start the KV events publisher thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The endpoints the sockets ended up on (wildcard ports resolved).
+#[derive(Debug, Clone)]
+pub struct PublisherEndpoints {
+    pub events: String,
+    pub replay: Option<String>,
+}
+
+/// Opens the sockets (so a busy port is a start-up error), starts the publisher thread and
+/// returns the sink the engine writes to. The thread ends once the sink is dropped and its
+/// queue drained.
+pub fn start(
+    config: &KvEventsConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(ZmqEventSink, PublisherEndpoints), PublisherError> {
+    let ctx = zmq::Context::new();
+    let socket_err = |what, endpoint: &str| {
+        let endpoint = endpoint.to_string();
+        move |source| PublisherError::Socket {
+            what,
+            endpoint,
+            source,
+        }
+    };
+    let publisher = ctx
+        .socket(zmq::PUB)
+        .map_err(socket_err("socket for", &config.endpoint))?;
+    publisher
+        .set_sndhwm(config.hwm)
+        .map_err(socket_err("high-water mark for", &config.endpoint))?;
+    // Let queued messages go out when the process stops, but never hang on a dead peer.
+    publisher
+        .set_linger(1000)
+        .map_err(socket_err("linger for", &config.endpoint))?;
+    let events_endpoint = if binds(&config.endpoint) {
+        publisher
+            .bind(&config.endpoint)
+            .map_err(socket_err("bind", &config.endpoint))?;
+        last_endpoint(&publisher).unwrap_or_else(|| config.endpoint.clone())
+    } else {
+        publisher
+            .connect(&config.endpoint)
+            .map_err(socket_err("connect", &config.endpoint))?;
+        config.endpoint.clone()
+    };
+    let (replay, replay_endpoint) = match &config.replay_endpoint {
+        None => (None, None),
+        Some(endpoint) => {
+            let socket = ctx
+                .socket(zmq::ROUTER)
+                .map_err(socket_err("socket for", endpoint))?;
+            socket
+                .set_linger(0)
+                .map_err(socket_err("linger for", endpoint))?;
+            socket
+                .bind(endpoint)
+                .map_err(socket_err("bind", endpoint))?;
+            let bound = last_endpoint(&socket).unwrap_or_else(|| endpoint.clone());
+            (Some(socket), Some(bound))
+        }
+    };
+    let (tx, rx) = mpsc::sync_channel(config.max_queue_size);
+    let mut thread = PublisherThread {
+        publisher,
+        replay,
+        topic: config.topic.clone().into_bytes(),
+        encoding: config.encoding,
+        buffer: VecDeque::new(),
+        buffer_steps: config.buffer_steps,
+    };
+    std::thread::Builder::new()
+        .name("kv-events".into())
+        .spawn(move || thread.run(rx))
+        .map_err(PublisherError::Thread)?;
+    let sink = ZmqEventSink {
+        queue: tx,
+        pending: Vec::new(),
+        next_seq: 0,
+        hash_form: config.hash_form,
+        metrics,
+    };
+    let endpoints = PublisherEndpoints {
+        events: events_endpoint,
+        replay: replay_endpoint,
+    };
+    Ok((sink, endpoints))
+}
+
+fn last_endpoint(socket: &zmq::Socket) -> Option<String> {
+    socket.get_last_endpoint().ok()?.ok()
+}
+
+/// One batch on its way to the publisher thread.
+struct Queued {
+    seq: u64,
+    batch: EventBatch,
+}
+
+/// The engine side: collects a step's events and queues them as one batch. Cheap: the
+/// events are converted (hash form) here; encoding and I/O happen on the publisher thread.
+pub struct ZmqEventSink {
+    queue: SyncSender<Queued>,
+    pending: Vec<KvEvent>,
+    next_seq: u64,
+    hash_form: HashForm,
+    metrics: Arc<Metrics>,
+}
+
+impl ZmqEventSink {
+    fn hash(&self, h: &BlockHash) -> ExternalBlockHash {
+        match self.hash_form {
+            HashForm::Int => ExternalBlockHash::Int(h.to_u64()),
+            HashForm::Bytes => ExternalBlockHash::Bytes(h.as_bytes().to_vec()),
+        }
+    }
+
+    fn convert(&self, event: KvCacheEvent) -> KvEvent {
+        match event {
+            KvCacheEvent::BlockStored {
+                block_hashes,
+                parent_block_hash,
+                token_ids,
+                block_size,
+                lora_name,
+                extra_keys,
+                medium,
+            } => KvEvent::BlockStored(kvevents::BlockStored {
+                block_hashes: block_hashes.iter().map(|h| self.hash(h)).collect(),
+                parent_block_hash: parent_block_hash.as_ref().map(|h| self.hash(h)),
+                token_ids,
+                block_size: block_size as u32,
+                lora_id: None,
+                medium: Some(medium.as_str().to_string()),
+                lora_name,
+                extra_keys: extra_keys.map(|blocks| {
+                    blocks
+                        .into_iter()
+                        .map(|keys| {
+                            (!keys.is_empty()).then(|| keys.into_iter().map(extra_key).collect())
+                        })
+                        .collect()
+                }),
+                group_idx: None,
+            }),
+            KvCacheEvent::BlockRemoved {
+                block_hashes,
+                medium,
+            } => KvEvent::BlockRemoved(kvevents::BlockRemoved {
+                block_hashes: block_hashes.iter().map(|h| self.hash(h)).collect(),
+                medium: Some(medium.as_str().to_string()),
+                group_idx: None,
+            }),
+            KvCacheEvent::AllBlocksCleared => KvEvent::AllBlocksCleared,
+        }
+    }
+}
+
+fn extra_key(key: ExtraKey) -> kvevents::ExtraKey {
+    match key {
+        ExtraKey::Str(s) => kvevents::ExtraKey::Str(s),
+    }
+}
+
+impl KvEventSink for ZmqEventSink {
+    fn on_event(&mut self, event: KvCacheEvent) {
+        let event = self.convert(event);
+        self.pending.push(event);
+    }
+
+    fn end_step(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let batch = EventBatch {
+            ts,
+            events: std::mem::take(&mut self.pending),
+            data_parallel_rank: None,
+        };
+        // The seq is taken even if the batch is dropped, so subscribers see the loss as a gap.
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        match self.queue.try_send(Queued { seq, batch }) {
+            Ok(()) => self.metrics.kv_events_published.inc(),
+            Err(TrySendError::Full(_)) => {
+                self.metrics.kv_events_dropped.inc();
+                let dropped = self.metrics.kv_events_dropped.get();
+                // Once per power of two: visible without flooding the log under overload.
+                if dropped.is_power_of_two() {
+                    warn!(
+                        seq,
+                        dropped,
+                        "KV events queue full: batch dropped (subscribers will see a seq gap)"
+                    );
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.metrics.kv_events_dropped.inc();
+                warn!(seq, "KV events publisher thread is gone: batch dropped");
+            }
+        }
+    }
+}
+
+struct PublisherThread {
+    publisher: zmq::Socket,
+    replay: Option<zmq::Socket>,
+    topic: Vec<u8>,
+    encoding: Encoding,
+    /// The last `buffer_steps` payloads, oldest first, for replay.
+    buffer: VecDeque<(u64, Vec<u8>)>,
+    buffer_steps: usize,
+}
+
+impl PublisherThread {
+    fn run(&mut self, queue: mpsc::Receiver<Queued>) {
+        loop {
+            match queue.recv_timeout(REPLAY_POLL) {
+                Ok(item) => {
+                    self.publish(item);
+                    while let Ok(item) = queue.try_recv() {
+                        self.publish(item);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            self.serve_replay();
+        }
+    }
+
+    fn publish(&mut self, Queued { seq, batch }: Queued) {
+        let payload = encode_batch(&batch, self.encoding);
+        let frames: [&[u8]; 3] = [&self.topic, &encode_seq(seq), &payload];
+        // PUB never blocks: at the high-water mark ZMQ drops for that subscriber.
+        if let Err(e) = self.publisher.send_multipart(frames, zmq::DONTWAIT) {
+            warn!(seq, "KV events send failed: {e}");
+        }
+        if self.buffer_steps > 0 {
+            if self.buffer.len() == self.buffer_steps {
+                self.buffer.pop_front();
+            }
+            self.buffer.push_back((seq, payload));
+        }
+    }
+
+    /// Answers every pending replay request: `[identity, "", start_seq]` gets each buffered
+    /// batch with seq >= start, then the end marker.
+    fn serve_replay(&mut self) {
+        let Some(socket) = &self.replay else {
+            return;
+        };
+        loop {
+            let frames = match socket.recv_multipart(zmq::DONTWAIT) {
+                Ok(frames) => frames,
+                Err(zmq::Error::EAGAIN) => return,
+                Err(e) => {
+                    warn!("KV events replay receive failed: {e}");
+                    return;
+                }
+            };
+            let [identity, rest @ ..] = frames.as_slice() else {
+                continue;
+            };
+            let start = match rest {
+                [empty, start] if empty.is_empty() => kvevents::decode_seq(start),
+                _ => None,
+            };
+            match start {
+                Some(start) => {
+                    debug!(start, "KV events replay");
+                    for (seq, payload) in self.buffer.iter().filter(|(seq, _)| *seq >= start) {
+                        let frames: [&[u8]; 4] = [identity, b"", &encode_seq(*seq), payload];
+                        if let Err(e) = socket.send_multipart(frames, 0) {
+                            warn!("KV events replay send failed: {e}");
+                            break;
+                        }
+                    }
+                }
+                None => warn!(
+                    "malformed KV events replay request ({} frames)",
+                    frames.len()
+                ),
+            }
+            let end: [&[u8]; 4] = [identity, b"", &kvevents::REPLAY_END_SEQ.to_be_bytes(), b""];
+            if let Err(e) = socket.send_multipart(end, 0) {
+                warn!("KV events replay send failed: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use kvevents::{decode_batch, decode_seq, ReplayReply};
+    use serde_json::json;
+
+    use super::*;
+    use crate::kv_cache::Medium;
+    use crate::metrics::CacheConfigInfo;
+
+    fn metrics() -> Arc<Metrics> {
+        let cache = CacheConfigInfo {
+            block_size: 4,
+            num_gpu_blocks: 8,
+            enable_prefix_caching: true,
+            prefix_caching_hash_algo: "sha256_cbor".into(),
+            cache_dtype: "auto".into(),
+        };
+        Arc::new(Metrics::new("m", 64, &cache).unwrap())
+    }
+
+    fn hash(i: u8) -> BlockHash {
+        BlockHash::from_digest(&[i; 32])
+    }
+
+    fn stored(i: u8) -> KvCacheEvent {
+        KvCacheEvent::BlockStored {
+            block_hashes: vec![hash(i)],
+            parent_block_hash: None,
+            token_ids: vec![1, 2, 3, u32::from(i)],
+            block_size: 4,
+            lora_name: None,
+            extra_keys: Some(vec![vec![ExtraKey::Str("salt".into())]]),
+            medium: Medium::Gpu,
+        }
+    }
+
+    fn recv(socket: &zmq::Socket, timeout_ms: i64) -> Option<Vec<Vec<u8>>> {
+        let mut items = [socket.as_poll_item(zmq::POLLIN)];
+        zmq::poll(&mut items, timeout_ms).unwrap();
+        items[0]
+            .is_readable()
+            .then(|| socket.recv_multipart(0).unwrap())
+    }
+
+    #[test]
+    fn publishes_batches_and_replays_them() {
+        let config = KvEventsConfig::parse(
+            &json!({"enable_kv_cache_events": true, "endpoint": "tcp://127.0.0.1:*",
+                    "replay_endpoint": "tcp://127.0.0.1:*", "topic": "kv@pod:8000@m",
+                    "buffer_steps": 3}),
+            None,
+        )
+        .unwrap();
+        let metrics = metrics();
+        let (mut sink, endpoints) = start(&config, metrics.clone()).unwrap();
+        let ctx = zmq::Context::new();
+        let sub = ctx.socket(zmq::SUB).unwrap();
+        sub.set_subscribe(b"kv@").unwrap();
+        sub.connect(&endpoints.events).unwrap();
+        // A SUB only gets messages published after its subscription arrived: publish until one
+        // comes through.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let first = loop {
+            sink.on_event(stored(0));
+            sink.end_step();
+            if let Some(frames) = recv(&sub, 50) {
+                break frames;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no message reached the subscriber"
+            );
+        };
+        assert_eq!(first[0], b"kv@pod:8000@m");
+        let mut seq = decode_seq(&first[1]).unwrap();
+        // A step without events sends nothing; the next batches follow in order.
+        sink.end_step();
+        sink.on_event(stored(1));
+        sink.on_event(KvCacheEvent::BlockRemoved {
+            block_hashes: vec![hash(1)],
+            medium: Medium::Gpu,
+        });
+        sink.end_step();
+        sink.on_event(KvCacheEvent::AllBlocksCleared);
+        sink.end_step();
+        for want in 0..2 {
+            let frames = recv(&sub, 5000).expect("batch");
+            assert_eq!(decode_seq(&frames[1]), Some(seq + 1));
+            seq += 1;
+            let batch = decode_batch(&frames[2]).unwrap();
+            let tags: Vec<&str> = batch.events.iter().map(KvEvent::tag).collect();
+            if want == 0 {
+                assert_eq!(tags, ["BlockStored", "BlockRemoved"]);
+                let KvEvent::BlockStored(s) = &batch.events[0] else {
+                    unreachable!()
+                };
+                assert_eq!(s.block_hashes, [ExternalBlockHash::Int(hash(1).to_u64())]);
+                assert_eq!(s.medium.as_deref(), Some("GPU"));
+                assert_eq!(
+                    s.extra_keys,
+                    Some(vec![Some(vec![kvevents::ExtraKey::Str("salt".into())])])
+                );
+                assert!(batch.ts > 1.7e9);
+            } else {
+                assert_eq!(tags, ["AllBlocksCleared"]);
+            }
+        }
+        assert_eq!(metrics.kv_events_published.get(), seq + 1);
+
+        // Replay from 0: only the last `buffer_steps` batches are still there, then the end.
+        let dealer = ctx.socket(zmq::DEALER).unwrap();
+        dealer
+            .connect(endpoints.replay.as_deref().unwrap())
+            .unwrap();
+        dealer
+            .send_multipart([&b""[..], &encode_seq(0)], 0)
+            .unwrap();
+        let mut replayed = Vec::new();
+        loop {
+            let frames = recv(&dealer, 5000).expect("replay reply");
+            assert_eq!(frames.len(), 3);
+            assert!(frames[0].is_empty());
+            match ReplayReply::parse(&frames[1], &frames[2]).unwrap() {
+                ReplayReply::End => break,
+                ReplayReply::Batch { seq, payload } => {
+                    decode_batch(payload).unwrap();
+                    replayed.push(seq);
+                }
+            }
+        }
+        assert_eq!(replayed, [seq - 2, seq - 1, seq]);
+        // A malformed request still gets the end marker, so the client never hangs.
+        dealer.send_multipart([&b""[..], b"bad"], 0).unwrap();
+        let frames = recv(&dealer, 5000).expect("end marker");
+        assert_eq!(
+            ReplayReply::parse(&frames[1], &frames[2]),
+            Some(ReplayReply::End)
+        );
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_batch_and_leaves_a_seq_gap() {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let metrics = metrics();
+        let mut sink = ZmqEventSink {
+            queue: tx,
+            pending: Vec::new(),
+            next_seq: 0,
+            hash_form: HashForm::Bytes,
+            metrics: metrics.clone(),
+        };
+        for i in 0..2 {
+            sink.on_event(stored(i));
+            sink.end_step();
+        }
+        assert_eq!(metrics.kv_events_dropped.get(), 1);
+        let first = rx.try_recv().unwrap();
+        assert_eq!(first.seq, 0);
+        let KvEvent::BlockStored(s) = &first.batch.events[0] else {
+            panic!("{:?}", first.batch.events)
+        };
+        assert_eq!(s.block_hashes, [ExternalBlockHash::Bytes(vec![0; 32])]);
+        sink.on_event(stored(2));
+        sink.end_step();
+        assert_eq!(rx.try_recv().unwrap().seq, 2);
+        assert_eq!(metrics.kv_events_published.get(), 2);
+    }
+
+    #[test]
+    fn a_busy_port_is_a_start_up_error() {
+        let ctx = zmq::Context::new();
+        let holder = ctx.socket(zmq::PUB).unwrap();
+        holder.bind("tcp://127.0.0.1:*").unwrap();
+        let taken = holder.get_last_endpoint().unwrap().unwrap();
+        let port = taken.rsplit(':').next().unwrap();
+        let config = KvEventsConfig::parse(
+            &json!({"enable_kv_cache_events": true, "endpoint": format!("tcp://*:{port}")}),
+            None,
+        )
+        .unwrap();
+        let err = start(&config, metrics()).err().expect("bind must fail");
+        assert!(err.to_string().contains("bind"), "{err}");
+    }
+}
