@@ -29,27 +29,29 @@ def _path(env: str, default: Path, hint: str) -> Path:
     return path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 class Agent:
-    """One `agent serve` process; `stop()` kills and reaps it."""
+    """One `agent serve` process; `stop()` kills and reaps it. `env` adds environment
+    variables; `port` picks the HTTP port (a free one by default)."""
 
-    def __init__(self, *extra: str):
+    def __init__(self, *extra: str, env: dict[str, str] | None = None, port: int | None = None):
         binary = _path("AGENT_BIN", ROOT / "target/release/agent", "run scripts/install.sh")
         model = _path(
             "MODEL_PATH", ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf", "run scripts/install.sh"
         )
-        self.port = _free_port()
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile(mode="w+b")
         self.proc = subprocess.Popen(
             [str(binary), "serve", str(model), "--served-model-name", MODEL,
              "--host", "127.0.0.1", "--port", str(self.port), *extra],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
