@@ -4,6 +4,7 @@
 //! and reaps the child. [`metrics`] parses `/metrics`, [`sse`] reads streamed responses and
 //! [`oracle`] runs candle-transformers' quantized llama in-process as an independent reference.
 
+pub mod cluster;
 pub mod metrics;
 pub mod oracle;
 pub mod sse;

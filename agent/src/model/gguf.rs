@@ -86,7 +86,22 @@ pub(super) fn load_from<R: Read + Seek>(
     }
     let mut w = Weights { ct: &ct, reader };
     let model = load_weights(&mut w, &config)?;
-    let tokenizer = Tokenizer::from_gguf(&ct)?;
+    let (tokenizer, chat_template) = tokenizer_and_template(&ct, path)?;
+    Ok(LoadedModel {
+        config,
+        model,
+        tokenizer,
+        chat_template,
+        name: served_name(path, true),
+    })
+}
+
+/// The tokenizer and chat template of `tokenizer.*` metadata (no tensor data is read).
+pub(super) fn tokenizer_and_template(
+    ct: &gguf_file::Content,
+    path: &Path,
+) -> Result<(Tokenizer, Option<ChatTemplate>), ModelError> {
+    let tokenizer = Tokenizer::from_gguf(ct)?;
     let chat_template = match ct.metadata.get("tokenizer.chat_template") {
         Some(v) => Some(ChatTemplate::new(
             v.to_string()
@@ -96,13 +111,7 @@ pub(super) fn load_from<R: Read + Seek>(
         )?),
         None => None,
     };
-    Ok(LoadedModel {
-        config,
-        model,
-        tokenizer,
-        chat_template,
-        name: served_name(path, true),
-    })
+    Ok((tokenizer, chat_template))
 }
 
 fn load_weights<R: Read + Seek>(

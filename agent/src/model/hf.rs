@@ -233,7 +233,7 @@ impl Weights {
 }
 
 /// Tokenizer (`tokenizer.json`) plus special tokens and chat template from the side files.
-fn load_tokenizer(dir: &Path) -> Result<(Tokenizer, Option<ChatTemplate>), ModelError> {
+pub(super) fn load_tokenizer(dir: &Path) -> Result<(Tokenizer, Option<ChatTemplate>), ModelError> {
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.is_file() {
         return Err(ModelError::MissingFile(tok_path));

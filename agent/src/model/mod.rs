@@ -8,6 +8,7 @@ pub mod chat_template;
 mod gguf;
 mod hf;
 pub mod llama;
+pub mod preprocess;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};

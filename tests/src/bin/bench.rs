@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use e2e::oracle::Oracle;
 use e2e::sse::{Event, SseStream};
-use e2e::SERVED_MODEL;
+use e2e::{LONG_TEXT, SERVED_MODEL};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -47,6 +47,14 @@ enum Command {
             default_value = "Write a long story about a lighthouse keeper and the sea."
         )]
         prompt: String,
+        /// Shared-prefix workload: request k's prompt is group (k * 7 mod G)'s long prefix
+        /// (LONG_TEXT, about 200 tokens, headed by the group number) followed by `--prompt`
+        /// and k. 0: every request sends `--prompt` alone.
+        #[arg(long, default_value_t = 0)]
+        prefix_groups: usize,
+        /// Agents' base URLs whose summed prefix-cache hit rate over the run is printed.
+        #[arg(long = "agent-metrics")]
+        agent_metrics: Vec<String>,
     },
     /// Single-stream greedy decoding with candle-transformers `quantized_llama`.
     OracleDecode {
@@ -139,6 +147,8 @@ async fn serve_load(
     max_tokens: usize,
     model: String,
     prompt: String,
+    prefix_groups: usize,
+    agent_metrics: Vec<String>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
         concurrency > 0 && requests > 0,
@@ -147,15 +157,22 @@ async fn serve_load(
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(3600))
         .build()?;
-    let body = Arc::new(json!({
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "ignore_eos": true,
-        "temperature": 0.0,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-    }));
+    let body = Arc::new(move |k: usize| {
+        let prompt = match prefix_groups {
+            0 => prompt.clone(),
+            g => format!("[document {}] {LONG_TEXT}\n{prompt} ({k})", (k * 7) % g),
+        };
+        json!({
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "ignore_eos": true,
+            "temperature": 0.0,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        })
+    });
+    let hits_before = prefix_cache_counters(&client, &agent_metrics).await?;
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let workers: Vec<_> = (0..concurrency)
@@ -164,8 +181,12 @@ async fn serve_load(
                 (client.clone(), url.clone(), body.clone(), next.clone());
             tokio::spawn(async move {
                 let mut samples = Vec::new();
-                while next.fetch_add(1, Ordering::Relaxed) < requests {
-                    samples.push(one_request(&client, &url, &body).await?);
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= requests {
+                        break;
+                    }
+                    samples.push(one_request(&client, &url, &body(k)).await?);
                 }
                 anyhow::Ok(samples)
             })
@@ -205,7 +226,37 @@ async fn serve_load(
         "output throughput   {:.1} tokens/s (aggregate)",
         tokens as f64 / wall.as_secs_f64()
     );
+    if !agent_metrics.is_empty() {
+        let (h0, q0) = hits_before;
+        let (h1, q1) = prefix_cache_counters(&client, &agent_metrics).await?;
+        println!(
+            "prefix cache hits   {:.3} (hits / queries over the agents: {} / {})",
+            (h1 - h0) / (q1 - q0).max(1.0),
+            h1 - h0,
+            q1 - q0
+        );
+    }
     Ok(())
+}
+
+/// Summed `vllm:prefix_cache_hits_total` and `vllm:prefix_cache_queries_total` of `agents`.
+async fn prefix_cache_counters(
+    client: &reqwest::Client,
+    agents: &[String],
+) -> anyhow::Result<(f64, f64)> {
+    let (mut hits, mut queries) = (0.0, 0.0);
+    for a in agents {
+        let text = client
+            .get(format!("{a}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let m = e2e::Metrics::parse(&text).map_err(anyhow::Error::msg)?;
+        hits += m.value("vllm:prefix_cache_hits_total");
+        queries += m.value("vllm:prefix_cache_queries_total");
+    }
+    Ok((hits, queries))
 }
 
 fn oracle_decode(model: PathBuf, tokens: usize, prompt_ids: Vec<u32>) -> anyhow::Result<()> {
@@ -235,6 +286,8 @@ fn main() -> anyhow::Result<()> {
             max_tokens,
             model,
             prompt,
+            prefix_groups,
+            agent_metrics,
         } => tokio::runtime::Runtime::new()?.block_on(serve_load(
             url.trim_end_matches('/').to_string(),
             concurrency,
@@ -242,6 +295,8 @@ fn main() -> anyhow::Result<()> {
             max_tokens,
             model,
             prompt,
+            prefix_groups,
+            agent_metrics,
         )),
         Command::OracleDecode {
             model,

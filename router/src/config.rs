@@ -1,0 +1,555 @@
+//! Router configuration: the command line, and the scheduling YAML in the shape of llm-d's
+//! `EndpointPickerConfig` (a `plugins` list of `type`/`name`/`parameters`, `schedulingProfiles`
+//! referring to them with weights, one picker per profile). Without a YAML, `--policy` picks a
+//! built-in profile written in the same YAML.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::index::{IndexConfig, TierWeights};
+use crate::pods::{Discovery, PodSpec};
+use crate::scoring::{Picker, Profile, Scorer, WeightedScorer, DEFAULT_QUEUE_THRESHOLD};
+
+/// `router`: a KV-cache-aware OpenAI proxy in front of agents or vLLM pods.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "router", version)]
+pub struct Args {
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The model the pods serve, for its tokenizer and chat template: a GGUF file or a Hugging
+    /// Face directory (the agent's MODEL argument).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The model name clients send; seeds the prefix index's block keys (default: the GGUF
+    /// file stem or directory name, as the agent).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// A pod: `[NAME=]http://HOST:PORT[,events=tcp://HOST:5557][,replay=tcp://HOST:5558]`.
+    /// NAME defaults to HOST:PORT (llm-d's topic `kv@HOST:PORT@MODEL` names the same pod).
+    /// Repeatable.
+    #[arg(long = "pod", value_name = "SPEC")]
+    pub pods: Vec<PodSpec>,
+    /// `dns:SERVICE:PORT`: the pods are the addresses SERVICE resolves to (a Kubernetes
+    /// headless Service), re-resolved every `--discovery-interval-ms`.
+    #[arg(long)]
+    pub pod_discovery: Option<Discovery>,
+    #[arg(long, default_value_t = 5000)]
+    pub discovery_interval_ms: u64,
+    /// KV events port of discovered pods (their PUB).
+    #[arg(long, default_value_t = 5557)]
+    pub pod_events_port: u16,
+    /// Replay port of discovered pods (their ROUTER); 0 for none.
+    #[arg(long, default_value_t = 5558)]
+    pub pod_replay_port: u16,
+    /// Centralized events: bind one SUB here (e.g. `tcp://*:5557`) that the pods' publishers
+    /// connect to; events are attributed to pods by their topic `kv@HOST:PORT@MODEL`.
+    #[arg(long)]
+    pub events_bind: Option<String>,
+    /// Topic prefix the event subscribers accept.
+    #[arg(long, default_value = "kv@")]
+    pub topic_filter: String,
+    /// Scheduling YAML (llm-d EndpointPickerConfig); overrides `--policy`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The profile to use from `--config` (default: the first).
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Built-in scheduling profile when there is no `--config`.
+    #[arg(long, value_enum, default_value_t = Policy::PrefixAware)]
+    pub policy: Policy,
+    /// Tokens per KV block; must equal the pods' `--block-size`.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    #[arg(long, default_value_t = 50)]
+    pub scrape_interval_ms: u64,
+    /// A pod's load is unknown when its last good scrape is older than this.
+    #[arg(long, default_value_t = 2000)]
+    pub stale_after_ms: u64,
+    /// `/health` is probed every this many milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub health_interval_ms: u64,
+    /// Largest request body accepted.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_body_bytes: usize,
+}
+
+impl Args {
+    pub fn stale_after(&self) -> Duration {
+        Duration::from_millis(self.stale_after_ms)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Policy {
+    /// Precise prefix cache 3, KV utilization 2, queue 2, max-score picker (llm-d's sample).
+    PrefixAware,
+    /// Load only: KV utilization 1, queue 1, max-score picker.
+    LoadAware,
+    /// Each pod in turn.
+    RoundRobin,
+    /// Uniformly random.
+    Random,
+}
+
+impl Policy {
+    /// The built-in profile as an EndpointPickerConfig YAML.
+    pub fn yaml(self) -> &'static str {
+        match self {
+            Self::PrefixAware => PREFIX_AWARE_YAML,
+            Self::LoadAware => LOAD_AWARE_YAML,
+            Self::RoundRobin => ROUND_ROBIN_YAML,
+            Self::Random => RANDOM_YAML,
+        }
+    }
+}
+
+const PREFIX_AWARE_YAML: &str = "\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: precise-prefix-cache-scorer
+  parameters:
+    indexerConfig:
+      tokenProcessorConfig:
+        blockSize: 16
+- type: kv-cache-utilization-scorer
+- type: queue-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: precise-prefix-cache-scorer
+    weight: 3
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: max-score-picker
+";
+
+const LOAD_AWARE_YAML: &str = "\
+kind: EndpointPickerConfig
+plugins:
+- type: kv-cache-utilization-scorer
+- type: queue-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 1
+  - pluginRef: queue-scorer
+    weight: 1
+  - pluginRef: max-score-picker
+";
+
+const ROUND_ROBIN_YAML: &str = "\
+kind: EndpointPickerConfig
+plugins:
+- type: round-robin-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: round-robin-picker
+";
+
+const RANDOM_YAML: &str = "\
+kind: EndpointPickerConfig
+plugins:
+- type: random-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: random-picker
+";
+
+/// llm-d's `EndpointPickerConfig`, the parts the router reads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointPickerConfig {
+    #[serde(default)]
+    pub plugins: Vec<PluginSpec>,
+    #[serde(default)]
+    pub scheduling_profiles: Vec<ProfileSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PluginSpec {
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Defaults to the type.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub parameters: Value,
+}
+
+impl PluginSpec {
+    fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.kind)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProfileSpec {
+    pub name: String,
+    #[serde(default)]
+    pub plugins: Vec<PluginRef>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginRef {
+    pub plugin_ref: String,
+    #[serde(default)]
+    pub weight: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid scheduling config: {0}")]
+    Yaml(#[from] serde_norway::Error),
+    #[error("scheduling config: {0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+/// The resolved scheduling configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scheduling {
+    pub profile: Profile,
+    /// Index settings from the `precise-prefix-cache-scorer` parameters (also when the profile
+    /// does not score with it: the index is still fed, for `/metrics` and later use).
+    pub index: IndexConfig,
+    /// `kvEventsConfig` of the prefix scorer: a centralized SUB endpoint and topic filter.
+    pub events_bind: Option<String>,
+    pub topic_filter: Option<String>,
+}
+
+impl EndpointPickerConfig {
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        Ok(serde_norway::from_str(text)?)
+    }
+
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Resolves profile `name` (default: the first) against the plugins. `model` seeds the
+    /// index; `block_size` is used unless the prefix scorer's parameters set one.
+    pub fn resolve(
+        &self,
+        name: Option<&str>,
+        model: &str,
+        block_size: usize,
+    ) -> Result<Scheduling, ConfigError> {
+        let spec = match name {
+            Some(n) => self
+                .scheduling_profiles
+                .iter()
+                .find(|p| p.name == n)
+                .ok_or_else(|| invalid(format!("no scheduling profile named {n:?}")))?,
+            None => self
+                .scheduling_profiles
+                .first()
+                .ok_or_else(|| invalid("no schedulingProfiles"))?,
+        };
+        let mut scorers = Vec::new();
+        let mut picker = None;
+        for r in &spec.plugins {
+            let plugin = self
+                .plugins
+                .iter()
+                .find(|p| p.name() == r.plugin_ref)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "profile {:?} refers to unknown plugin {:?}",
+                        spec.name, r.plugin_ref
+                    ))
+                })?;
+            match plugin_kind(plugin)? {
+                PluginKind::Scorer(scorer) => {
+                    let weight = r.weight.unwrap_or(1.0);
+                    if !weight.is_finite() || weight < 0.0 {
+                        return Err(invalid(format!(
+                            "weight {weight} of {:?} is not a non-negative number",
+                            r.plugin_ref
+                        )));
+                    }
+                    scorers.push(WeightedScorer {
+                        name: r.plugin_ref.clone(),
+                        scorer,
+                        weight,
+                    });
+                }
+                PluginKind::Picker(p) if picker.is_none() => picker = Some(p),
+                PluginKind::Picker(_) => {
+                    return Err(invalid(format!(
+                        "profile {:?} has more than one picker",
+                        spec.name
+                    )))
+                }
+            }
+        }
+        let mut index = IndexConfig::new(model);
+        index.block_size = block_size;
+        let (mut events_bind, mut topic_filter) = (None, None);
+        if let Some(p) = self
+            .plugins
+            .iter()
+            .find(|p| p.kind == "precise-prefix-cache-scorer")
+        {
+            prefix_parameters(&p.parameters, &mut index)?;
+            let events = &p.parameters["kvEventsConfig"];
+            events_bind = events["zmqEndpoint"].as_str().map(str::to_string);
+            topic_filter = events["topicFilter"].as_str().map(str::to_string);
+        }
+        Ok(Scheduling {
+            profile: Profile {
+                name: spec.name.clone(),
+                scorers,
+                // llm-d's default picker.
+                picker: picker.unwrap_or(Picker::MaxScore),
+            },
+            index,
+            events_bind,
+            topic_filter,
+        })
+    }
+}
+
+enum PluginKind {
+    Scorer(Scorer),
+    Picker(Picker),
+}
+
+fn plugin_kind(p: &PluginSpec) -> Result<PluginKind, ConfigError> {
+    Ok(match p.kind.as_str() {
+        "precise-prefix-cache-scorer" => PluginKind::Scorer(Scorer::PrecisePrefixCache),
+        "kv-cache-utilization-scorer" => PluginKind::Scorer(Scorer::KvCacheUtilization),
+        "queue-scorer" => PluginKind::Scorer(Scorer::Queue),
+        "load-aware-scorer" => {
+            let threshold = match p.parameters.get("threshold") {
+                None | Some(Value::Null) => DEFAULT_QUEUE_THRESHOLD,
+                Some(v) => v.as_f64().filter(|t| *t > 0.0).ok_or_else(|| {
+                    invalid(format!("load-aware-scorer threshold {v} must be > 0"))
+                })?,
+            };
+            PluginKind::Scorer(Scorer::LoadAware { threshold })
+        }
+        "max-score-picker" => PluginKind::Picker(Picker::MaxScore),
+        "random-picker" => PluginKind::Picker(Picker::Random),
+        "round-robin-picker" => PluginKind::Picker(Picker::RoundRobin),
+        other => return Err(invalid(format!("unknown plugin type {other:?}"))),
+    })
+}
+
+/// llm-d's `indexerConfig` spellings: `tokenProcessorConfig.blockSize`,
+/// `kvBlockIndexConfig.inMemoryConfig.{size, podCacheSize}`, and this router's
+/// `tierWeights.{gpu, cpu, storage}`.
+fn prefix_parameters(params: &Value, index: &mut IndexConfig) -> Result<(), ConfigError> {
+    let indexer = &params["indexerConfig"];
+    let positive = |v: &Value, what: &str| -> Result<Option<usize>, ConfigError> {
+        match v {
+            Value::Null => Ok(None),
+            v => v
+                .as_u64()
+                .filter(|n| *n > 0)
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| invalid(format!("{what} must be a positive integer, got {v}"))),
+        }
+    };
+    let block = &indexer["tokenProcessorConfig"]["blockSize"];
+    if let Some(b) = positive(block, "blockSize")? {
+        index.block_size = b;
+    }
+    let mem = &indexer["kvBlockIndexConfig"]["inMemoryConfig"];
+    if let Some(n) = positive(&mem["size"], "inMemoryConfig.size")? {
+        index.max_keys = n;
+    }
+    if let Some(n) = positive(&mem["podCacheSize"], "inMemoryConfig.podCacheSize")? {
+        index.max_pods_per_key = n;
+    }
+    let tiers = &params["tierWeights"];
+    let default = TierWeights::default();
+    let weight = |key: &str, d: f64| -> Result<f64, ConfigError> {
+        match &tiers[key] {
+            Value::Null => Ok(d),
+            v => v
+                .as_f64()
+                .ok_or_else(|| invalid(format!("tierWeights.{key} must be a number"))),
+        }
+    };
+    index.tier_weights = TierWeights {
+        gpu: weight("gpu", default.gpu)?,
+        cpu: weight("cpu", default.cpu)?,
+        storage: weight("storage", default.storage)?,
+    };
+    Ok(())
+}
+
+/// The scheduling configuration the flags select: `--config` (and `--profile`) or the
+/// built-in `--policy`. Flags for events override the YAML's `kvEventsConfig`.
+pub fn scheduling(args: &Args, model: &str) -> Result<Scheduling, ConfigError> {
+    let cfg = match &args.config {
+        Some(path) => EndpointPickerConfig::from_file(path)?,
+        None => EndpointPickerConfig::from_yaml(args.policy.yaml())?,
+    };
+    let mut s = cfg.resolve(args.profile.as_deref(), model, args.block_size)?;
+    if args.config.is_none() {
+        // The built-in YAML's block size is the default; the flag decides.
+        s.index.block_size = args.block_size;
+    }
+    if args.events_bind.is_some() {
+        s.events_bind = args.events_bind.clone();
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["router", "--model", "m.gguf"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn built_in_profiles() {
+        let a = args(&["--pod", "http://127.0.0.1:8001", "--block-size", "32"]);
+        let s = scheduling(&a, "m").unwrap();
+        assert_eq!(s.profile.picker, Picker::MaxScore);
+        let weights: Vec<(Scorer, f64)> = s
+            .profile
+            .scorers
+            .iter()
+            .map(|w| (w.scorer, w.weight))
+            .collect();
+        assert_eq!(
+            weights,
+            vec![
+                (Scorer::PrecisePrefixCache, 3.0),
+                (Scorer::KvCacheUtilization, 2.0),
+                (Scorer::Queue, 2.0)
+            ]
+        );
+        assert_eq!((s.index.block_size, s.index.model.as_str()), (32, "m"));
+        assert!(s.profile.uses_prefix());
+        for (policy, picker) in [
+            ("round-robin", Picker::RoundRobin),
+            ("random", Picker::Random),
+            ("load-aware", Picker::MaxScore),
+        ] {
+            let s = scheduling(&args(&["--policy", policy]), "m").unwrap();
+            assert_eq!(s.profile.picker, picker);
+            assert!(!s.profile.uses_prefix());
+        }
+    }
+
+    #[test]
+    fn llm_d_shaped_yaml() {
+        let yaml = r#"
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: precise-prefix-cache-scorer
+  name: prefix
+  parameters:
+    indexerConfig:
+      tokenProcessorConfig: {blockSize: 64}
+      kvBlockIndexConfig:
+        inMemoryConfig: {size: 1000, podCacheSize: 4}
+    kvEventsConfig:
+      zmqEndpoint: "tcp://*:5557"
+      topicFilter: "kv@"
+    tierWeights: {cpu: 0.5}
+- type: load-aware-scorer
+  parameters: {threshold: 64}
+- type: queue-scorer
+- type: random-picker
+- type: max-score-picker
+schedulingProfiles:
+- name: other
+  plugins:
+  - pluginRef: random-picker
+- name: default
+  plugins:
+  - pluginRef: prefix
+    weight: 2.5
+  - pluginRef: load-aware-scorer
+  - pluginRef: max-score-picker
+"#;
+        let cfg = EndpointPickerConfig::from_yaml(yaml).unwrap();
+        let s = cfg.resolve(Some("default"), "m", 16).unwrap();
+        assert_eq!(
+            s.profile.scorers,
+            vec![
+                WeightedScorer {
+                    name: "prefix".into(),
+                    scorer: Scorer::PrecisePrefixCache,
+                    weight: 2.5
+                },
+                WeightedScorer {
+                    name: "load-aware-scorer".into(),
+                    scorer: Scorer::LoadAware { threshold: 64.0 },
+                    weight: 1.0
+                },
+            ]
+        );
+        assert_eq!(s.profile.picker, Picker::MaxScore);
+        assert_eq!(s.index.block_size, 64);
+        assert_eq!((s.index.max_keys, s.index.max_pods_per_key), (1000, 4));
+        assert_eq!(s.index.tier_weights.cpu, 0.5);
+        assert_eq!(s.index.tier_weights.gpu, 1.0);
+        assert_eq!(s.events_bind.as_deref(), Some("tcp://*:5557"));
+        assert_eq!(s.topic_filter.as_deref(), Some("kv@"));
+        let first = cfg.resolve(None, "m", 16).unwrap();
+        assert_eq!(first.profile.name, "other");
+        assert_eq!(first.profile.picker, Picker::Random);
+    }
+
+    #[test]
+    fn config_errors_name_the_problem() {
+        let err = |yaml: &str| {
+            EndpointPickerConfig::from_yaml(yaml)
+                .and_then(|c| c.resolve(None, "m", 16))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("plugins: []\nschedulingProfiles: []\n").contains("no schedulingProfiles"));
+        assert!(
+            err("schedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: x\n")
+                .contains("unknown plugin \"x\"")
+        );
+        assert!(err(
+            "plugins:\n- type: magic-scorer\nschedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: magic-scorer\n"
+        )
+        .contains("unknown plugin type \"magic-scorer\""));
+        assert!(err(
+            "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: queue-scorer\n    weight: -1\n"
+        )
+        .contains("weight -1"));
+        assert!(err("plugins: {").contains("invalid scheduling config"));
+    }
+}

@@ -1,0 +1,494 @@
+//! KV-event ingestion over ZMQ into the prefix index, in the two llm-d modes:
+//! - pod discovery: one SUB per pod connects to the pod's PUB (`add_pod` with an events
+//!   endpoint); one thread per pod, so a pod's batches are applied in order;
+//! - centralized: one SUB binds (`bind`) and publishers connect to it; the pod is the
+//!   `<host:port>` of the topic `kv@<host:port>@<model>` (the whole topic when it has no `@`),
+//!   and batches go to a fixed worker per pod (sharded by pod name), so order is kept per pod.
+//!
+//! Each pod's stream tracks seqs (see `stream`): a gap is filled from the pod's replay socket
+//! or else the pod is cleared, a seq going back (engine restart) clears the pod, and an
+//! undecodable batch clears the pod. Nothing a publisher sends can stop ingestion.
+
+mod stream;
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvevents::decode_seq;
+
+use crate::index::PrefixIndex;
+use stream::{Ctx, PodStream};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestConfig {
+    /// SUB topic prefix filter; empty subscribes to everything.
+    pub topic_filter: String,
+    /// How long a replay socket may take for each reply message before recovery gives up.
+    pub replay_timeout: Duration,
+    /// Worker threads of the centralized mode.
+    pub central_workers: usize,
+    /// How often idle threads check whether to stop.
+    pub poll_interval: Duration,
+    /// SUB receive high-water mark (messages); beyond it ZMQ drops, which shows up as gaps.
+    pub rcv_hwm: i32,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            topic_filter: "kv@".into(),
+            replay_timeout: Duration::from_secs(1),
+            central_workers: 2,
+            poll_interval: Duration::from_millis(50),
+            // vLLM's publisher default.
+            rcv_hwm: 100_000,
+        }
+    }
+}
+
+/// Counters over all pods, for the router's metrics.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    /// Batches applied to the index.
+    pub batches: AtomicU64,
+    pub events: AtomicU64,
+    /// Malformed messages or batches.
+    pub decode_errors: AtomicU64,
+    pub gaps: AtomicU64,
+    /// Replays that answered (filled a gap or a stream's start).
+    pub replays: AtomicU64,
+    pub replay_failures: AtomicU64,
+    /// Pods cleared because their state became unknown (restart, unfillable gap, bad batch).
+    pub resets: AtomicU64,
+    /// Live batches dropped because a replay had already applied them.
+    pub duplicates: AtomicU64,
+    /// Age of the last applied batch when applied (now - batch.ts), microseconds.
+    pub last_lag_us: AtomicU64,
+}
+
+/// Where a pod's events come from. `events: None` means the pod publishes to the centralized
+/// socket (`bind`); `replay` is its replay ROUTER in either mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodEndpoints {
+    pub events: Option<String>,
+    pub replay: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("zmq socket for {endpoint}: {source}")]
+    Zmq {
+        endpoint: String,
+        source: zmq::Error,
+    },
+    #[error("the centralized subscriber is already bound to {0}")]
+    AlreadyBound(String),
+}
+
+/// A thread that stops (and is joined) when dropped.
+struct Worker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    fn spawn(name: String, f: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || f(flag))
+            .ok();
+        if thread.is_none() {
+            tracing::error!("could not spawn a KV event thread");
+        }
+        Self { stop, thread }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            // A panicked thread has nothing left to clean up.
+            let _ = t.join();
+        }
+    }
+}
+
+enum CentralMsg {
+    Batch {
+        pod: Arc<str>,
+        seq: u64,
+        payload: Vec<u8>,
+    },
+    Register {
+        pod: Arc<str>,
+        replay: Option<String>,
+    },
+    Forget {
+        pod: Arc<str>,
+    },
+}
+
+/// The centralized workers' queues; a pod always goes to the same one.
+#[derive(Clone)]
+struct Shards(Vec<mpsc::Sender<CentralMsg>>);
+
+impl Shards {
+    fn send(&self, pod: &str, msg: CentralMsg) {
+        let mut h = DefaultHasher::new();
+        pod.hash(&mut h);
+        let shard = (h.finish() % self.0.len() as u64) as usize;
+        // A worker only exits once every sender is gone, so this cannot fail while we hold one.
+        let _ = self.0[shard].send(msg);
+    }
+}
+
+struct Central {
+    endpoint: String,
+    receiver: Option<Worker>,
+    shards: Shards,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Central {
+    fn drop(&mut self) {
+        // Receiver first (it holds sender clones), then our senders, so workers see the end.
+        self.receiver.take();
+        self.shards.0.clear();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+struct PodEntry {
+    endpoints: PodEndpoints,
+    /// Pod-discovery subscriber; None for a pod of the centralized socket.
+    subscriber: Option<Worker>,
+}
+
+pub struct EventIngest {
+    ctx: Arc<Ctx>,
+    cfg: IngestConfig,
+    pods: Mutex<HashMap<String, PodEntry>>,
+    central: Mutex<Option<Central>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn poll_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// `[topic, seq, payload]` of a live message.
+fn live_frames(frames: &[Vec<u8>]) -> Option<(&[u8], u64, &[u8])> {
+    match frames {
+        [topic, seq, payload] => Some((topic, decode_seq(seq)?, payload)),
+        _ => None,
+    }
+}
+
+/// The pod a centralized-mode topic names: `kv@<pod>@<model>` -> `<pod>`.
+fn pod_from_topic(topic: &[u8]) -> Option<&str> {
+    let topic = std::str::from_utf8(topic).ok()?;
+    let pod = topic.split('@').nth(1).unwrap_or(topic);
+    (!pod.is_empty()).then_some(pod)
+}
+
+/// Receives until stopped, handing each message to `on_message`.
+fn receive_loop(
+    sock: &zmq::Socket,
+    stop: &AtomicBool,
+    poll: Duration,
+    mut on_message: impl FnMut(Vec<Vec<u8>>),
+) {
+    while !stop.load(Ordering::Relaxed) {
+        match sock.poll(zmq::POLLIN, poll_ms(poll)) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "KV event socket poll failed");
+                return;
+            }
+        }
+        loop {
+            match sock.recv_multipart(zmq::DONTWAIT) {
+                Ok(frames) => on_message(frames),
+                Err(zmq::Error::EAGAIN) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "KV event socket receive failed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl EventIngest {
+    /// An ingest feeding `index`; no thread runs until pods are added or a socket bound.
+    pub fn start(index: Arc<PrefixIndex>, cfg: IngestConfig) -> Self {
+        Self {
+            ctx: Arc::new(Ctx {
+                index,
+                stats: Arc::new(IngestStats::default()),
+                zmq: zmq::Context::new(),
+                replay_timeout: cfg.replay_timeout,
+            }),
+            cfg,
+            pods: Mutex::new(HashMap::new()),
+            central: Mutex::new(None),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<IngestStats> {
+        self.ctx.stats.clone()
+    }
+
+    fn zmq_err(endpoint: &str) -> impl FnOnce(zmq::Error) -> IngestError + '_ {
+        move |source| IngestError::Zmq {
+            endpoint: endpoint.to_string(),
+            source,
+        }
+    }
+
+    /// A SUB socket with the topic filter, not yet connected or bound.
+    fn sub_socket(&self, endpoint: &str) -> Result<zmq::Socket, IngestError> {
+        let sock = self
+            .ctx
+            .zmq
+            .socket(zmq::SUB)
+            .map_err(Self::zmq_err(endpoint))?;
+        sock.set_linger(0).map_err(Self::zmq_err(endpoint))?;
+        sock.set_rcvhwm(self.cfg.rcv_hwm)
+            .map_err(Self::zmq_err(endpoint))?;
+        sock.set_subscribe(self.cfg.topic_filter.as_bytes())
+            .map_err(Self::zmq_err(endpoint))?;
+        Ok(sock)
+    }
+
+    /// Starts following a pod. Adding a pod again with other endpoints restarts its stream and
+    /// clears what the index knew of it; with the same endpoints it is a no-op.
+    pub fn add_pod(&self, pod: &str, endpoints: PodEndpoints) -> Result<(), IngestError> {
+        let mut pods = lock(&self.pods);
+        if let Some(old) = pods.get(pod) {
+            if old.endpoints == endpoints {
+                return Ok(());
+            }
+            self.forget(&mut pods, pod);
+        }
+        let name: Arc<str> = pod.into();
+        let subscriber = match &endpoints.events {
+            Some(endpoint) => {
+                let sock = self.sub_socket(endpoint)?;
+                sock.connect(endpoint).map_err(Self::zmq_err(endpoint))?;
+                let ctx = self.ctx.clone();
+                let poll = self.cfg.poll_interval;
+                let mut stream = PodStream::new(name.clone(), endpoints.replay.clone());
+                Some(Worker::spawn(format!("kv-sub-{pod}"), move |stop| {
+                    receive_loop(&sock, &stop, poll, |frames| match live_frames(&frames) {
+                        Some((_, seq, payload)) => stream.on_live(&ctx, seq, payload),
+                        None => {
+                            ctx.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                            let topic = topic_of(&frames);
+                            let frames = frames.len();
+                            tracing::warn!(%topic, frames, "malformed KV event message");
+                        }
+                    })
+                }))
+            }
+            None => {
+                if let Some(central) = lock(&self.central).as_ref() {
+                    central.shards.send(
+                        pod,
+                        CentralMsg::Register {
+                            pod: name,
+                            replay: endpoints.replay.clone(),
+                        },
+                    );
+                }
+                None
+            }
+        };
+        pods.insert(
+            pod.to_string(),
+            PodEntry {
+                endpoints,
+                subscriber,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops following a pod and drops its index state.
+    pub fn remove_pod(&self, pod: &str) {
+        let mut pods = lock(&self.pods);
+        self.forget(&mut pods, pod);
+    }
+
+    fn forget(&self, pods: &mut HashMap<String, PodEntry>, pod: &str) {
+        let subscriber = pods.remove(pod).and_then(|e| e.subscriber);
+        match (subscriber, lock(&self.central).as_ref()) {
+            (Some(sub), _) => {
+                // Joined before the index forgets the pod, so no batch of it lands afterwards.
+                drop(sub);
+                self.ctx.index.remove_pod(pod);
+            }
+            // The pod's worker drops it in order with its queued batches.
+            (None, Some(central)) => central
+                .shards
+                .send(pod, CentralMsg::Forget { pod: pod.into() }),
+            (None, None) => self.ctx.index.remove_pod(pod),
+        }
+    }
+
+    /// Binds the centralized subscriber (e.g. `tcp://*:5557`); returns the bound endpoint (with
+    /// the port chosen when the endpoint asked for `*`).
+    pub fn bind(&self, endpoint: &str) -> Result<String, IngestError> {
+        // Same lock order as add_pod: pods, then central.
+        let pods = lock(&self.pods);
+        let mut central = lock(&self.central);
+        if let Some(c) = central.as_ref() {
+            return Err(IngestError::AlreadyBound(c.endpoint.clone()));
+        }
+        let sock = self.sub_socket(endpoint)?;
+        sock.bind(endpoint).map_err(Self::zmq_err(endpoint))?;
+        let bound = sock
+            .get_last_endpoint()
+            .map_err(Self::zmq_err(endpoint))?
+            .unwrap_or_else(|_| endpoint.to_string());
+
+        let mut senders = Vec::new();
+        let mut workers = Vec::new();
+        for i in 0..self.cfg.central_workers.max(1) {
+            let (tx, rx) = mpsc::channel::<CentralMsg>();
+            let ctx = self.ctx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("kv-central-{i}"))
+                .spawn(move || central_worker(&ctx, rx));
+            match spawned {
+                Ok(handle) => workers.push(handle),
+                Err(e) => tracing::error!(error = %e, "could not spawn a KV event worker"),
+            }
+            senders.push(tx);
+        }
+        let shards = Shards(senders);
+        let to_workers = shards.clone();
+        let ctx = self.ctx.clone();
+        let poll = self.cfg.poll_interval;
+        let receiver = Worker::spawn("kv-central-sub".into(), move |stop| {
+            receive_loop(&sock, &stop, poll, |frames| {
+                match live_frames(&frames).and_then(|(t, s, p)| Some((pod_from_topic(t)?, s, p))) {
+                    Some((pod, seq, payload)) => to_workers.send(
+                        pod,
+                        CentralMsg::Batch {
+                            pod: pod.into(),
+                            seq,
+                            payload: payload.to_vec(),
+                        },
+                    ),
+                    None => {
+                        ctx.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(frames = frames.len(), "malformed KV event message");
+                    }
+                }
+            });
+        });
+        let c = Central {
+            endpoint: bound.clone(),
+            receiver: Some(receiver),
+            shards,
+            workers,
+        };
+        // Pods registered before the bind get their replay endpoints now.
+        for (pod, entry) in pods.iter() {
+            if entry.subscriber.is_none() {
+                c.shards.send(
+                    pod,
+                    CentralMsg::Register {
+                        pod: pod.as_str().into(),
+                        replay: entry.endpoints.replay.clone(),
+                    },
+                );
+            }
+        }
+        *central = Some(c);
+        Ok(bound)
+    }
+}
+
+/// The topic of a malformed message, for the log.
+fn topic_of(frames: &[Vec<u8>]) -> String {
+    frames
+        .first()
+        .map(|t| String::from_utf8_lossy(t).into_owned())
+        .unwrap_or_default()
+}
+
+/// Applies one shard's pods' batches in arrival order.
+fn central_worker(ctx: &Ctx, rx: mpsc::Receiver<CentralMsg>) {
+    let mut streams: HashMap<Arc<str>, PodStream> = HashMap::new();
+    let mut replays: HashMap<Arc<str>, String> = HashMap::new();
+    for msg in rx {
+        match msg {
+            CentralMsg::Batch { pod, seq, payload } => streams
+                .entry(pod.clone())
+                .or_insert_with(|| PodStream::new(pod.clone(), replays.get(&pod).cloned()))
+                .on_live(ctx, seq, &payload),
+            CentralMsg::Register { pod, replay } => {
+                if let Some(s) = streams.get_mut(&pod) {
+                    s.set_replay(replay.clone());
+                }
+                match replay {
+                    Some(r) => replays.insert(pod, r),
+                    None => replays.remove(&pod),
+                };
+            }
+            CentralMsg::Forget { pod } => {
+                streams.remove(&pod);
+                replays.remove(&pod);
+                ctx.index.remove_pod(&pod);
+            }
+        }
+    }
+}
+
+impl Drop for EventIngest {
+    fn drop(&mut self) {
+        lock(&self.pods).clear();
+        lock(&self.central).take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_name_pods() {
+        assert_eq!(pod_from_topic(b"kv@10.0.0.1:8000@m"), Some("10.0.0.1:8000"));
+        assert_eq!(pod_from_topic(b"kv@10.0.0.1:8000"), Some("10.0.0.1:8000"));
+        assert_eq!(pod_from_topic(b"pod-a"), Some("pod-a"));
+        assert_eq!(pod_from_topic(b"kv@@m"), None);
+        assert_eq!(pod_from_topic(b""), None);
+        assert_eq!(pod_from_topic(&[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn live_frames_need_three_frames_and_an_8_byte_seq() {
+        let ok = vec![b"t".to_vec(), 5u64.to_be_bytes().to_vec(), b"p".to_vec()];
+        assert_eq!(live_frames(&ok), Some((&b"t"[..], 5, &b"p"[..])));
+        assert_eq!(live_frames(&ok[..2]), None);
+        let bad_seq = vec![b"t".to_vec(), vec![1, 2], b"p".to_vec()];
+        assert_eq!(live_frames(&bad_seq), None);
+    }
+}

@@ -1,0 +1,502 @@
+//! The prefix index (llm-d's kvblock index, Dynamo's kv-router indexer): which pod holds which
+//! prompt blocks, fed by the pods' KV events and queried per request with the router's own block
+//! keys (see `keys` for their exact definition).
+//!
+//! Events name blocks by engine hash; the index maps each pod's engine hashes to router keys
+//! computed from `BlockStored.token_ids` and the parent's router key (looked up by the parent's
+//! engine hash for that pod, or the model root when the parent is None), so the engine's hash
+//! algorithm and seed never matter. Both hash forms map to one engine key: a 32-byte digest to
+//! its last 8 bytes read big-endian, which is exactly vLLM's 64-bit form of the same digest.
+//!
+//! Concurrency: pods' engine maps each have their own lock and the key table is split into
+//! shards by key, so ingesting different pods and scoring run side by side. A pod's events must
+//! be applied in order (the `events` module keeps one ordered stream per pod).
+//!
+//! Memory is bounded: approximate LRU over keys (CLOCK, see `table`) at `max_keys`,
+//! `max_pods_per_key` pods per key (the pod whose store is the oldest gives way), and an engine
+//! map per pod holding only blocks the pod has not removed. Known limit: two engine hashes of one
+//! pod with the same router key (identical content under two engine hashes) share one entry, so
+//! removing one clears both.
+
+mod keys;
+mod table;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use kvevents::{BlockRemoved, BlockStored, EventBatch, ExternalBlockHash, KvEvent};
+
+pub use keys::{block_keys, chain_key, root_key};
+use table::{mix, KeyTable, MixState};
+
+/// Storage tiers as the events' `medium` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Gpu,
+    Cpu,
+    Storage,
+}
+
+impl Tier {
+    /// `None` is the GPU (vLLM before tiers); names are matched case-insensitively and unknown
+    /// ones (an offloading backend's own tier names) count as storage.
+    pub fn from_medium(medium: Option<&str>) -> Self {
+        match medium {
+            None => Self::Gpu,
+            Some(m) if m.eq_ignore_ascii_case("GPU") => Self::Gpu,
+            Some(m) if m.eq_ignore_ascii_case("CPU") => Self::Cpu,
+            Some(_) => Self::Storage,
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            Self::Gpu => 1,
+            Self::Cpu => 2,
+            Self::Storage => 4,
+        }
+    }
+}
+
+/// Weight of a matched block by the best tier holding it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TierWeights {
+    pub gpu: f64,
+    pub cpu: f64,
+    pub storage: f64,
+}
+
+impl Default for TierWeights {
+    fn default() -> Self {
+        Self {
+            gpu: 1.0,
+            cpu: 0.8,
+            storage: 0.5,
+        }
+    }
+}
+
+impl TierWeights {
+    /// Best weight for every tier-bit combination.
+    fn table(&self) -> [f64; 8] {
+        let mut t = [0.0; 8];
+        for (mask, w) in t.iter_mut().enumerate() {
+            for (tier, weight) in [
+                (Tier::Gpu, self.gpu),
+                (Tier::Cpu, self.cpu),
+                (Tier::Storage, self.storage),
+            ] {
+                if mask as u8 & tier.bit() != 0 && weight > *w {
+                    *w = weight;
+                }
+            }
+        }
+        t
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexConfig {
+    /// Model name: seeds the key chain.
+    pub model: String,
+    /// Tokens per block; must equal the engines' block size.
+    pub block_size: usize,
+    pub max_keys: usize,
+    pub max_pods_per_key: usize,
+    pub tier_weights: TierWeights,
+    /// Key-table shards (locks).
+    pub shards: usize,
+}
+
+impl IndexConfig {
+    pub fn new(model: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            block_size: 16,
+            max_keys: 1 << 22,
+            max_pods_per_key: 10,
+            tier_weights: TierWeights::default(),
+            shards: 64,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum IndexConfigError {
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    #[error("tier weight {0} is not in [0, 1]")]
+    Weight(f64),
+}
+
+/// A pod's match for one prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodMatch {
+    pub pod: Arc<str>,
+    /// Leading blocks of the prompt the pod holds (any tier).
+    pub blocks: usize,
+    /// Tier-weighted leading blocks / prompt blocks, in [0, 1].
+    pub score: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexStats {
+    pub pods: usize,
+    /// Router keys held.
+    pub keys: usize,
+    /// (key, pod) pairs over all keys.
+    pub pod_entries: usize,
+    /// Engine hashes mapped, over all pods.
+    pub engine_hashes: usize,
+    /// Stored blocks that could not be mapped: unknown engine hash of an offloaded block or of a
+    /// parent, or token ids that do not fit the block size.
+    pub unresolved_blocks: u64,
+}
+
+/// What a pod's engine hash stands for.
+#[derive(Clone, Copy)]
+struct Mapped {
+    key: u64,
+    tiers: u8,
+}
+
+struct EngineMap {
+    map: HashMap<u64, Mapped, MixState>,
+    /// Set under this lock when the pod leaves, so a late batch cannot re-add entries.
+    removed: bool,
+}
+
+struct PodState {
+    id: u32,
+    name: Arc<str>,
+    engine: Mutex<EngineMap>,
+}
+
+#[derive(Default)]
+struct Registry {
+    by_name: HashMap<Arc<str>, Arc<PodState>>,
+    by_id: HashMap<u32, Arc<str>>,
+}
+
+pub struct PrefixIndex {
+    root: u64,
+    block_size: usize,
+    weights: [f64; 8],
+    shards: Box<[Mutex<KeyTable>]>,
+    pods: RwLock<Registry>,
+    next_pod: AtomicU32,
+    unresolved: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock cannot leave these tables structurally broken (every update
+    // is a few field writes), so keep serving rather than propagate the poison.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Both hash forms as one engine key (see the module header).
+fn engine_key(h: &ExternalBlockHash) -> u64 {
+    match h {
+        ExternalBlockHash::Int(v) => *v,
+        ExternalBlockHash::Bytes(b) => {
+            let tail = &b[b.len().saturating_sub(8)..];
+            tail.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x))
+        }
+    }
+}
+
+impl PrefixIndex {
+    pub fn new(cfg: IndexConfig) -> Result<Self, IndexConfigError> {
+        for (name, v) in [
+            ("block_size", cfg.block_size),
+            ("max_keys", cfg.max_keys),
+            ("max_pods_per_key", cfg.max_pods_per_key),
+            ("shards", cfg.shards),
+        ] {
+            if v == 0 {
+                return Err(IndexConfigError::Zero(name));
+            }
+        }
+        let w = cfg.tier_weights;
+        for v in [w.gpu, w.cpu, w.storage] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(IndexConfigError::Weight(v));
+            }
+        }
+        let per_shard = cfg.max_keys.div_ceil(cfg.shards);
+        Ok(Self {
+            root: root_key(&cfg.model),
+            block_size: cfg.block_size,
+            weights: w.table(),
+            shards: (0..cfg.shards)
+                .map(|_| Mutex::new(KeyTable::new(per_shard, cfg.max_pods_per_key)))
+                .collect(),
+            pods: RwLock::new(Registry::default()),
+            next_pod: AtomicU32::new(0),
+            unresolved: AtomicU64::new(0),
+        })
+    }
+
+    /// The router keys of the full blocks of a prompt.
+    pub fn block_keys(&self, tokens: &[u32]) -> Vec<u64> {
+        block_keys(self.root, self.block_size, tokens)
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    fn shard(&self, key: u64) -> MutexGuard<'_, KeyTable> {
+        // High bits: the table's hash map uses the low ones of the same mix.
+        lock(&self.shards[(mix(key) >> 40) as usize % self.shards.len()])
+    }
+
+    fn pod(&self, name: &str) -> Arc<PodState> {
+        if let Some(p) = self
+            .pods
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_name
+            .get(name)
+        {
+            return p.clone();
+        }
+        let mut reg = self.pods.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = reg.by_name.get(name) {
+            return p.clone();
+        }
+        let name: Arc<str> = name.into();
+        let state = Arc::new(PodState {
+            id: self.next_pod.fetch_add(1, Ordering::Relaxed),
+            name: name.clone(),
+            engine: Mutex::new(EngineMap {
+                map: HashMap::default(),
+                removed: false,
+            }),
+        });
+        reg.by_id.insert(state.id, name.clone());
+        reg.by_name.insert(name, state.clone());
+        state
+    }
+
+    /// Applies one event of `pod` (registering the pod on first sight).
+    pub fn apply(&self, pod: &str, event: &KvEvent) {
+        let state = self.pod(pod);
+        let mut engine = lock(&state.engine);
+        self.apply_locked(state.id, &mut engine, event);
+    }
+
+    /// Applies a batch's events in order under one lock of the pod.
+    pub fn apply_batch(&self, pod: &str, batch: &EventBatch) {
+        let state = self.pod(pod);
+        let mut engine = lock(&state.engine);
+        for event in &batch.events {
+            self.apply_locked(state.id, &mut engine, event);
+        }
+    }
+
+    fn apply_locked(&self, pod: u32, engine: &mut EngineMap, event: &KvEvent) {
+        if engine.removed {
+            return;
+        }
+        match event {
+            KvEvent::BlockStored(e) => self.stored(pod, engine, e),
+            KvEvent::BlockRemoved(e) => self.removed(pod, engine, e),
+            KvEvent::AllBlocksCleared => self.clear_locked(pod, engine),
+            KvEvent::Unknown(_) => {}
+        }
+    }
+
+    fn stored(&self, pod: u32, engine: &mut EngineMap, e: &BlockStored) {
+        let tier = Tier::from_medium(e.medium.as_deref()).bit();
+        if e.token_ids.is_empty() {
+            // An offloaded copy: the tokens are known from the block's first store.
+            for h in &e.block_hashes {
+                match engine.map.get_mut(&engine_key(h)) {
+                    Some(m) => {
+                        m.tiers |= tier;
+                        self.shard(m.key).add(m.key, pod, tier);
+                    }
+                    None => {
+                        self.unresolved.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            return;
+        }
+        let bs = self.block_size;
+        let parent = match &e.parent_block_hash {
+            None => Some(self.root),
+            Some(h) => engine.map.get(&engine_key(h)).map(|m| m.key),
+        };
+        let (Some(mut parent), true) = (parent, e.token_ids.len() == e.block_hashes.len() * bs)
+        else {
+            self.unresolved
+                .fetch_add(e.block_hashes.len() as u64, Ordering::Relaxed);
+            return;
+        };
+        for (i, h) in e.block_hashes.iter().enumerate() {
+            let extra = e
+                .extra_keys
+                .as_ref()
+                .and_then(|per_block| per_block.get(i))
+                .and_then(|x| x.as_deref());
+            let key = chain_key(parent, &e.token_ids[i * bs..(i + 1) * bs], extra);
+            let m = engine
+                .map
+                .entry(engine_key(h))
+                .or_insert(Mapped { key, tiers: 0 });
+            if m.key != key {
+                // The engine reused a hash for other content (a restart the stream did not
+                // show): forget the old block.
+                self.shard(m.key).remove(m.key, pod, m.tiers);
+                *m = Mapped { key, tiers: 0 };
+            }
+            m.tiers |= tier;
+            self.shard(key).add(key, pod, tier);
+            parent = key;
+        }
+    }
+
+    fn removed(&self, pod: u32, engine: &mut EngineMap, e: &BlockRemoved) {
+        let tier = Tier::from_medium(e.medium.as_deref()).bit();
+        for h in &e.block_hashes {
+            let ek = engine_key(h);
+            let Some(m) = engine.map.get_mut(&ek) else {
+                continue;
+            };
+            if m.tiers & tier == 0 {
+                continue;
+            }
+            m.tiers &= !tier;
+            self.shard(m.key).remove(m.key, pod, tier);
+            if m.tiers == 0 {
+                engine.map.remove(&ek);
+            }
+        }
+    }
+
+    fn clear_locked(&self, pod: u32, engine: &mut EngineMap) {
+        for (_, m) in engine.map.drain() {
+            self.shard(m.key).remove(m.key, pod, m.tiers);
+        }
+    }
+
+    /// Forgets everything `pod` holds (AllBlocksCleared, an engine restart, lost events).
+    pub fn clear_pod(&self, pod: &str) {
+        let state = self
+            .pods
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_name
+            .get(pod)
+            .cloned();
+        if let Some(state) = state {
+            let mut engine = lock(&state.engine);
+            self.clear_locked(state.id, &mut engine);
+        }
+    }
+
+    /// Clears `pod` and drops it from the index; events still in flight for it are ignored.
+    pub fn remove_pod(&self, pod: &str) {
+        let state = {
+            let mut reg = self.pods.write().unwrap_or_else(PoisonError::into_inner);
+            let state = reg.by_name.remove(pod);
+            if let Some(s) = &state {
+                reg.by_id.remove(&s.id);
+            }
+            state
+        };
+        if let Some(state) = state {
+            let mut engine = lock(&state.engine);
+            engine.removed = true;
+            self.clear_locked(state.id, &mut engine);
+        }
+    }
+
+    /// Per pod holding the prompt's first block: the run of leading blocks it holds and its
+    /// tier-weighted score (weighted run / prompt blocks). Pods absent from the result hold no
+    /// leading block (score 0). Walks the blocks in order and stops at the first one no
+    /// candidate holds.
+    pub fn longest_prefix(&self, keys: &[u64]) -> Vec<PodMatch> {
+        struct Run {
+            pod: u32,
+            blocks: usize,
+            weight: f64,
+            open: bool,
+        }
+        let mut runs: Vec<Run> = Vec::new();
+        for (i, &key) in keys.iter().enumerate() {
+            let mut shard = self.shard(key);
+            let Some(slots) = shard.get(key) else {
+                break;
+            };
+            if i == 0 {
+                // Only pods holding the first block can have a run.
+                runs.extend(slots.iter().map(|s| Run {
+                    pod: s.pod,
+                    blocks: 1,
+                    weight: self.weights[s.tiers as usize & 7],
+                    open: true,
+                }));
+                continue;
+            }
+            let mut any = false;
+            for run in runs.iter_mut().filter(|r| r.open) {
+                match slots.iter().find(|s| s.pod == run.pod) {
+                    Some(s) => {
+                        run.blocks += 1;
+                        run.weight += self.weights[s.tiers as usize & 7];
+                        any = true;
+                    }
+                    None => run.open = false,
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+        let reg = self.pods.read().unwrap_or_else(PoisonError::into_inner);
+        runs.into_iter()
+            .filter_map(|r| {
+                Some(PodMatch {
+                    pod: reg.by_id.get(&r.pod)?.clone(),
+                    blocks: r.blocks,
+                    score: r.weight / keys.len() as f64,
+                })
+            })
+            .collect()
+    }
+
+    /// Names of the pods the index knows.
+    pub fn pods(&self) -> Vec<Arc<str>> {
+        let reg = self.pods.read().unwrap_or_else(PoisonError::into_inner);
+        reg.by_name.values().map(|p| p.name.clone()).collect()
+    }
+
+    pub fn stats(&self) -> IndexStats {
+        let (pods, engine_hashes) = {
+            let reg = self.pods.read().unwrap_or_else(PoisonError::into_inner);
+            let hashes = reg
+                .by_name
+                .values()
+                .map(|p| lock(&p.engine).map.len())
+                .sum();
+            (reg.by_name.len(), hashes)
+        };
+        let (mut keys, mut pod_entries) = (0, 0);
+        for s in self.shards.iter() {
+            let s = lock(s);
+            keys += s.len();
+            pod_entries += s.entries();
+        }
+        IndexStats {
+            pods,
+            keys,
+            pod_entries,
+            engine_hashes,
+            unresolved_blocks: self.unresolved.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! `router`: the KV-cache-aware OpenAI proxy. Loads the model's tokenizer, builds the prefix
+//! index and the scheduling profile, starts the pods' monitors and event subscribers (per pod,
+//! or one centralized SUB), pod discovery if asked, and serves HTTP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::serve::ListenerExt;
+use clap::Parser;
+use router::config::{self, Args};
+use router::events::{EventIngest, IngestConfig};
+use router::index::PrefixIndex;
+use router::load::MonitorConfig;
+use router::metrics::RouterMetrics;
+use router::pods::{self, IndexHooks, Origin, PodSet};
+use router::proxy::{self, RouterState};
+use router::scoring::Scheduler;
+use router::tokenize::PromptTokenizer;
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.pods.is_empty() || args.pod_discovery.is_some(),
+        "no pods: give --pod (repeatable) or --pod-discovery dns:SERVICE:PORT"
+    );
+    let tokenizer = PromptTokenizer::load(&args.model)
+        .with_context(|| format!("loading the tokenizer of {}", args.model.display()))?;
+    let model = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| tokenizer.default_name().to_string());
+    let scheduling = config::scheduling(&args, &model)?;
+    let index = Arc::new(PrefixIndex::new(scheduling.index.clone())?);
+    let topic_filter = scheduling
+        .topic_filter
+        .clone()
+        .unwrap_or_else(|| args.topic_filter.clone());
+
+    let monitor_client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .build()?;
+    let scrape = Duration::from_millis(args.scrape_interval_ms.max(1));
+    let monitor = MonitorConfig {
+        scrape_interval: scrape,
+        health_every: (args.health_interval_ms / args.scrape_interval_ms.max(1)).max(1) as u32,
+        timeout: Duration::from_secs(1),
+    };
+    let ingest = Arc::new(EventIngest::start(
+        index.clone(),
+        IngestConfig {
+            topic_filter,
+            ..IngestConfig::default()
+        },
+    ));
+    if let Some(endpoint) = &scheduling.events_bind {
+        let bound = ingest
+            .bind(endpoint)
+            .with_context(|| format!("binding the central KV events socket {endpoint}"))?;
+        tracing::info!(endpoint = bound, "centralized KV events subscriber bound");
+    }
+    let hooks = IndexHooks {
+        ingest: ingest.clone(),
+        index: index.clone(),
+    };
+    let pods = Arc::new(PodSet::new(monitor_client, monitor, Arc::new(hooks)));
+    for spec in &args.pods {
+        pods.add(spec.clone(), Origin::Static);
+    }
+    if let Some(discovery) = args.pod_discovery.clone() {
+        tokio::spawn(pods::discover(
+            pods.clone(),
+            discovery,
+            Duration::from_millis(args.discovery_interval_ms.max(100)),
+            args.pod_events_port,
+            args.pod_replay_port,
+        ));
+    }
+
+    let state = Arc::new(RouterState {
+        pods,
+        index,
+        scheduler: Scheduler::new(scheduling.profile.clone()),
+        tokenizer: Arc::new(tokenizer),
+        metrics: RouterMetrics::new()?,
+        client: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .build()?,
+        stale_after: args.stale_after(),
+        max_body_bytes: args.max_body_bytes,
+        events: ingest.stats(),
+    });
+    let addr = format!("{}:{}", args.host, args.port);
+    // No Nagle delay on the client side: streamed chunks are small and latency is the point.
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?
+        .tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("TCP_NODELAY: {e}");
+            }
+        });
+    tracing::info!(
+        %addr,
+        model,
+        profile = %scheduling.profile.name,
+        picker = scheduling.profile.picker.plugin_type(),
+        "router listening"
+    );
+    axum::serve(listener, proxy::app(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

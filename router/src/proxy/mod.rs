@@ -1,0 +1,218 @@
+//! The HTTP front: `/v1/completions` and `/v1/chat/completions` are scored and forwarded to the
+//! best pod (streams passed through chunk by chunk), `/v1/models` and anything else unknown go
+//! to the least loaded pod, and `/health` and `/metrics` are the router's own.
+
+mod forward;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent::server::errors::ApiError;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Map, Value};
+
+use crate::events::IngestStats;
+use crate::index::PrefixIndex;
+use crate::metrics::RouterMetrics;
+use crate::pods::PodSet;
+use crate::scoring::{PodView, Scheduler};
+use crate::tokenize::{Endpoint, PromptTokenizer};
+
+pub use forward::{Attempt, POD_HEADER};
+
+/// Bodies up to this size are tokenized on the request's task; larger ones on the blocking
+/// pool, so that one long prompt does not stall the other requests' I/O.
+const INLINE_TOKENIZE_BYTES: usize = 16 << 10;
+
+/// Everything the handlers share.
+pub struct RouterState {
+    pub pods: Arc<PodSet>,
+    pub index: Arc<PrefixIndex>,
+    pub scheduler: Scheduler,
+    pub tokenizer: Arc<PromptTokenizer>,
+    pub metrics: RouterMetrics,
+    /// Client for forwarded requests (no overall timeout: streams last as long as they last).
+    pub client: reqwest::Client,
+    pub stale_after: Duration,
+    pub max_body_bytes: usize,
+    pub events: Arc<IngestStats>,
+}
+
+type AppState = Arc<RouterState>;
+
+pub fn app(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(passthrough)
+        .with_state(state)
+}
+
+/// One routing decision: the candidates in order and what the chosen one matched.
+pub struct Decision {
+    pub order: Vec<Arc<crate::pods::Pod>>,
+    /// Leading prompt blocks each pod in `order` holds.
+    pub prefix_blocks: Vec<usize>,
+    pub latency: Duration,
+}
+
+impl RouterState {
+    /// Ranks the pods for a prompt (`None`: score by load only). Healthy pods come first,
+    /// in the picker's order; unhealthy ones follow as a last resort.
+    pub fn decide(&self, tokens: Option<&[u32]>, arrived: Instant) -> Decision {
+        let pods = self.pods.list();
+        let matches = match tokens {
+            Some(t) if self.scheduler.profile().uses_prefix() => {
+                self.index.longest_prefix(&self.index.block_keys(t))
+            }
+            _ => Vec::new(),
+        };
+        let now = Instant::now();
+        let (healthy, sick): (Vec<_>, Vec<_>) = pods.iter().partition(|p| p.load.is_healthy());
+        let mut order = Vec::with_capacity(pods.len());
+        let mut prefix_blocks = Vec::with_capacity(pods.len());
+        for group in [healthy, sick] {
+            let views: Vec<PodView> = group
+                .iter()
+                .map(|p| {
+                    let m = matches.iter().find(|m| *m.pod == *p.name);
+                    PodView {
+                        load: p.load.view(now, self.stale_after),
+                        prefix_score: m.map_or(0.0, |m| m.score),
+                        prefix_blocks: m.map_or(0, |m| m.blocks),
+                    }
+                })
+                .collect();
+            for i in self.scheduler.rank(&views).order {
+                order.push((*group[i]).clone());
+                prefix_blocks.push(views[i].prefix_blocks);
+            }
+        }
+        Decision {
+            order,
+            prefix_blocks,
+            latency: arrived.elapsed(),
+        }
+    }
+}
+
+async fn completions(State(s): State<AppState>, req: Request) -> Response {
+    generate(s, Endpoint::Completions, req).await
+}
+
+async fn chat_completions(State(s): State<AppState>, req: Request) -> Response {
+    generate(s, Endpoint::ChatCompletions, req).await
+}
+
+async fn generate(s: AppState, endpoint: Endpoint, req: Request) -> Response {
+    let arrived = Instant::now();
+    let (parts, body) = req.into_parts();
+    let body = match read_body(body, s.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let tokens = if s.scheduler.profile().uses_prefix() {
+        prompt_tokens(&s.tokenizer, endpoint, &body).await
+    } else {
+        None
+    };
+    let decision = s.decide(tokens.as_deref(), arrived);
+    let attempt = Attempt {
+        method: parts.method,
+        path_and_query: path_and_query(&parts.uri),
+        headers: parts.headers,
+        body,
+    };
+    forward::send(&s, &decision, attempt).await
+}
+
+async fn prompt_tokens(
+    tokenizer: &Arc<PromptTokenizer>,
+    endpoint: Endpoint,
+    body: &Bytes,
+) -> Option<Vec<u32>> {
+    let parse = move |bytes: &[u8], t: &PromptTokenizer| {
+        let obj: Map<String, Value> = serde_json::from_slice(bytes).ok()?;
+        t.prompt_tokens(endpoint, &obj)
+    };
+    if body.len() <= INLINE_TOKENIZE_BYTES {
+        return parse(body, tokenizer);
+    }
+    let (t, b) = (tokenizer.clone(), body.clone());
+    tokio::task::spawn_blocking(move || parse(&b, &t))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Requests the router does not score (`/v1/models`, `/tokenize`, `/version`, …): to the pod
+/// the profile ranks best without a prompt.
+async fn passthrough(State(s): State<AppState>, req: Request) -> Response {
+    let arrived = Instant::now();
+    let (parts, body) = req.into_parts();
+    let body = match read_body(body, s.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let decision = s.decide(None, arrived);
+    let attempt = Attempt {
+        method: parts.method,
+        path_and_query: path_and_query(&parts.uri),
+        headers: parts.headers,
+        body,
+    };
+    forward::send(&s, &decision, attempt).await
+}
+
+/// 200 while at least one pod passes its health probe, else 503 (as a pod's `/health`).
+async fn health(State(s): State<AppState>) -> StatusCode {
+    if s.pods.list().iter().any(|p| p.load.is_healthy()) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let page = s
+        .metrics
+        .render(&s.pods.list(), s.stale_after, s.index.stats(), &s.events);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    (headers, page).into_response()
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::payload_too_large(limit))
+}
+
+fn path_and_query(uri: &axum::http::Uri) -> String {
+    uri.path_and_query()
+        .map_or_else(|| uri.path().to_string(), |pq| pq.as_str().to_string())
+}
+
+/// A 503 in vLLM's error shape.
+pub(crate) fn unavailable(message: impl Into<String>) -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: message.into(),
+        kind: "ServiceUnavailableError",
+        param: None,
+    }
+}
+
+/// Whether a method carries a body worth forwarding.
+pub(crate) fn has_body(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD)
+}

@@ -1,0 +1,474 @@
+//! Event ingestion over real ZMQ sockets: a test publisher (XPUB, so it knows when the router's
+//! subscription arrived) and a test replay ROUTER speaking vLLM's protocol.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvevents::{
+    encode_batch, encode_seq, BlockStored, Encoding, EventBatch, ExternalBlockHash, KvEvent,
+    REPLAY_END_SEQ,
+};
+use router::events::{EventIngest, IngestConfig, IngestStats, PodEndpoints};
+use router::index::{IndexConfig, PrefixIndex};
+
+const BS: usize = 4;
+
+fn setup() -> (Arc<PrefixIndex>, EventIngest, zmq::Context) {
+    let mut cfg = IndexConfig::new("m");
+    cfg.block_size = BS;
+    let index = Arc::new(PrefixIndex::new(cfg).unwrap());
+    let ingest = EventIngest::start(
+        index.clone(),
+        IngestConfig {
+            replay_timeout: Duration::from_millis(300),
+            poll_interval: Duration::from_millis(10),
+            ..IngestConfig::default()
+        },
+    );
+    (index, ingest, zmq::Context::new())
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn tokens(chain: u32) -> Vec<u32> {
+    (0..(4 * BS) as u32).map(|i| chain * 100 + i).collect()
+}
+
+/// A batch storing blocks `from..to` of chain `chain` (engine hash = chain*1000 + block).
+fn store(chain: u32, from: usize, to: usize) -> EventBatch {
+    let t = tokens(chain);
+    let h = |i: usize| ExternalBlockHash::Int(u64::from(chain) * 1000 + i as u64);
+    EventBatch {
+        ts: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64(),
+        events: vec![KvEvent::BlockStored(BlockStored {
+            block_hashes: (from..to).map(h).collect(),
+            parent_block_hash: from.checked_sub(1).map(h),
+            token_ids: t[from * BS..to * BS].to_vec(),
+            block_size: BS as u32,
+            lora_id: None,
+            medium: Some("GPU".into()),
+            lora_name: None,
+            extra_keys: None,
+            group_idx: None,
+        })],
+        data_parallel_rank: None,
+    }
+}
+
+/// Leading blocks of `chain` that `pod` holds.
+fn held(index: &PrefixIndex, pod: &str, chain: u32) -> usize {
+    index
+        .longest_prefix(&index.block_keys(&tokens(chain)))
+        .iter()
+        .find(|m| &*m.pod == pod)
+        .map_or(0, |m| m.blocks)
+}
+
+fn count(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+struct TestPub {
+    sock: zmq::Socket,
+    endpoint: String,
+    topic: String,
+}
+
+impl TestPub {
+    /// An XPUB that binds, like the agent's publisher.
+    fn bind(ctx: &zmq::Context, topic: &str) -> Self {
+        let sock = ctx.socket(zmq::XPUB).unwrap();
+        sock.bind("tcp://127.0.0.1:*").unwrap();
+        let endpoint = sock.get_last_endpoint().unwrap().unwrap();
+        Self {
+            sock,
+            endpoint,
+            topic: topic.into(),
+        }
+    }
+
+    /// An XPUB that connects to a centralized subscriber.
+    fn connect(ctx: &zmq::Context, endpoint: &str, topic: &str) -> Self {
+        let sock = ctx.socket(zmq::XPUB).unwrap();
+        sock.connect(endpoint).unwrap();
+        Self {
+            sock,
+            endpoint: endpoint.into(),
+            topic: topic.into(),
+        }
+    }
+
+    /// Blocks until a subscriber's subscription arrived (ZMQ drops messages sent before).
+    fn wait_subscribed(&self) {
+        assert!(
+            self.sock.poll(zmq::POLLIN, 10_000).unwrap() > 0,
+            "no subscriber"
+        );
+        let sub = self.sock.recv_bytes(0).unwrap();
+        assert_eq!(sub[0], 1, "subscribe message");
+    }
+
+    fn send(&self, seq: u64, batch: &EventBatch, encoding: Encoding) {
+        self.send_raw(seq, &encode_batch(batch, encoding));
+    }
+
+    fn send_raw(&self, seq: u64, payload: &[u8]) {
+        self.sock
+            .send_multipart([self.topic.as_bytes(), &encode_seq(seq)[..], payload], 0)
+            .unwrap();
+    }
+}
+
+/// Buffered (seq, payload) batches of the test replay socket.
+type Buffer = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
+/// vLLM's replay socket over a buffer the test controls; `answer: false` makes it mute.
+struct TestReplay {
+    endpoint: String,
+    buffer: Buffer,
+    requests: Arc<Mutex<Vec<u64>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestReplay {
+    fn start(ctx: &zmq::Context, answer: bool) -> Self {
+        let sock = ctx.socket(zmq::ROUTER).unwrap();
+        sock.bind("tcp://127.0.0.1:*").unwrap();
+        let endpoint = sock.get_last_endpoint().unwrap().unwrap();
+        let buffer: Buffer = Arc::default();
+        let requests: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (b, r, s) = (buffer.clone(), requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if sock.poll(zmq::POLLIN, 10).unwrap() == 0 {
+                    continue;
+                }
+                let frames = sock.recv_multipart(0).unwrap();
+                let start = u64::from_be_bytes(frames[2].as_slice().try_into().unwrap());
+                r.lock().unwrap().push(start);
+                if !answer {
+                    continue;
+                }
+                let id = &frames[0];
+                for (seq, payload) in b.lock().unwrap().iter().filter(|(seq, _)| *seq >= start) {
+                    sock.send_multipart([&id[..], b"", &encode_seq(*seq)[..], payload], 0)
+                        .unwrap();
+                }
+                sock.send_multipart([&id[..], b"", &REPLAY_END_SEQ.to_be_bytes()[..], b""], 0)
+                    .unwrap();
+            }
+        });
+        Self {
+            endpoint,
+            buffer,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn keep(&self, seq: u64, batch: &EventBatch) {
+        self.buffer
+            .lock()
+            .unwrap()
+            .push((seq, encode_batch(batch, Encoding::Map)));
+    }
+
+    fn requests(&self) -> Vec<u64> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for TestReplay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+/// A pod-discovery subscriber on a fresh publisher, subscription confirmed.
+fn follow(
+    ingest: &EventIngest,
+    ctx: &zmq::Context,
+    pod: &str,
+    replay: Option<&TestReplay>,
+) -> TestPub {
+    let p = TestPub::bind(ctx, &format!("kv@{pod}@m"));
+    ingest
+        .add_pod(
+            pod,
+            PodEndpoints {
+                events: Some(p.endpoint.clone()),
+                replay: replay.map(|r| r.endpoint.clone()),
+            },
+        )
+        .unwrap();
+    p.wait_subscribed();
+    p
+}
+
+fn batches(stats: &IngestStats) -> u64 {
+    count(&stats.batches)
+}
+
+#[test]
+fn live_batches_in_both_encodings_and_topic_filter() {
+    let (index, ingest, ctx) = setup();
+    let stats = ingest.stats();
+    let p = follow(&ingest, &ctx, "a", None);
+    p.send(0, &store(1, 0, 2), Encoding::Map);
+    p.send(1, &store(1, 2, 4), Encoding::Array);
+    // Another topic on the same socket is filtered out by the SUB ("kv@" prefix).
+    p.sock
+        .send_multipart(
+            [
+                &b"other"[..],
+                &encode_seq(2)[..],
+                &encode_batch(&store(2, 0, 4), Encoding::Map),
+            ],
+            0,
+        )
+        .unwrap();
+    wait_until("two batches", || batches(&stats) == 2);
+    assert_eq!(held(&index, "a", 1), 4);
+    assert_eq!(held(&index, "a", 2), 0);
+    assert_eq!(count(&stats.events), 2);
+    assert_eq!((count(&stats.gaps), count(&stats.resets)), (0, 0));
+    assert!(count(&stats.last_lag_us) < 10_000_000);
+}
+
+#[test]
+fn gap_is_filled_by_replay_and_replayed_batches_are_not_applied_twice() {
+    let (index, ingest, ctx) = setup();
+    let stats = ingest.stats();
+    let replay = TestReplay::start(&ctx, true);
+    let p = follow(&ingest, &ctx, "a", Some(&replay));
+    let all = [
+        store(1, 0, 1),
+        store(1, 1, 2),
+        store(1, 2, 3),
+        store(1, 3, 4),
+    ];
+    for (seq, b) in all.iter().enumerate() {
+        replay.keep(seq as u64, b);
+    }
+    p.send(0, &all[0], Encoding::Map);
+    // Seq 1 is lost on the live socket.
+    p.send(2, &all[2], Encoding::Map);
+    p.send(3, &all[3], Encoding::Map);
+    wait_until("replayed chain", || {
+        held(&index, "a", 1) == 4 && count(&stats.duplicates) == 1
+    });
+    assert_eq!(replay.requests(), vec![1]);
+    assert_eq!(batches(&stats), 4);
+    assert_eq!(
+        (
+            count(&stats.gaps),
+            count(&stats.replays),
+            count(&stats.resets)
+        ),
+        (1, 1, 0)
+    );
+    // Live batches go on after the recovery.
+    p.send(4, &store(2, 0, 4), Encoding::Map);
+    wait_until("live after replay", || held(&index, "a", 2) == 4);
+}
+
+#[test]
+fn gap_without_replay_clears_the_pod() {
+    let (index, ingest, ctx) = setup();
+    let stats = ingest.stats();
+    let p = follow(&ingest, &ctx, "a", None);
+    p.send(0, &store(1, 0, 4), Encoding::Map);
+    wait_until("first batch", || held(&index, "a", 1) == 4);
+    p.send(5, &store(2, 0, 4), Encoding::Map);
+    wait_until("second batch", || batches(&stats) == 2);
+    assert_eq!(
+        held(&index, "a", 1),
+        0,
+        "blocks from before the gap are dropped"
+    );
+    assert_eq!(held(&index, "a", 2), 4);
+    assert_eq!((count(&stats.gaps), count(&stats.resets)), (1, 1));
+}
+
+#[test]
+fn gap_the_replay_buffer_no_longer_covers_clears_the_pod() {
+    let (index, ingest, ctx) = setup();
+    let stats = ingest.stats();
+    let replay = TestReplay::start(&ctx, true);
+    let p = follow(&ingest, &ctx, "a", Some(&replay));
+    p.send(0, &store(1, 0, 4), Encoding::Map);
+    wait_until("first batch", || held(&index, "a", 1) == 4);
+    // Seqs 1..3 fell out of the publisher's buffer; 3 and 4 are still there.
+    replay.keep(3, &store(2, 0, 2));
+    replay.keep(4, &store(2, 2, 4));
+    p.send(4, &store(2, 2, 4), Encoding::Map);
+    wait_until("recovery", || held(&index, "a", 2) == 4);
+    assert_eq!(held(&index, "a", 1), 0);
+    assert_eq!((count(&stats.replays), count(&stats.resets)), (1, 1));
+}
+
+#[test]
+fn mute_replay_times_out_and_clears_the_pod() {
+    let (index, ingest, ctx) = setup();
+    let stats = ingest.stats();
+    let replay = TestReplay::start(&ctx, false);
+    let p = follow(&ingest, &ctx, "a", Some(&replay));
+    p.send(0, &store(1, 0, 4), Encoding::Map);
+    wait_until("first batch", || held(&index, "a", 1) == 4);
+    p.send(2, &store(2, 0, 4), Encoding::Map);
+    wait_until("give-up", || {
+        count(&stats.replay_failures) == 1 && held(&index, "a", 2) == 4
+    });
+    assert_eq!(held(&index, "a", 1), 0);
+    assert_eq!(count(&stats.resets), 1);
+}
+
+#[test]
+fn seq_going_back_means_restart_and_clears_the_pod() {
+    let (index, ingest, ctx) = setup();
+    let stats = ingest.stats();
+    let p = follow(&ingest, &ctx, "a", None);
+    p.send(0, &store(1, 0, 2), Encoding::Map);
+    p.send(1, &store(1, 2, 4), Encoding::Map);
+    wait_until("old stream", || held(&index, "a", 1) == 4);
+    p.send(0, &store(2, 0, 4), Encoding::Array);
+    wait_until("new stream", || held(&index, "a", 2) == 4);
+    assert_eq!(held(&index, "a", 1), 0);
+    assert_eq!((count(&stats.resets), count(&stats.gaps)), (1, 0));
+    // The new stream continues normally.
+    p.send(1, &store(3, 0, 4), Encoding::Map);
+    wait_until("continuation", || held(&index, "a", 3) == 4);
+    assert_eq!(count(&stats.resets), 1);
+}
+
+#[test]
+fn joining_a_running_stream_replays_its_start() {
+    let (index, ingest, ctx) = setup();
+    let stats = ingest.stats();
+    let replay = TestReplay::start(&ctx, true);
+    let p = follow(&ingest, &ctx, "a", Some(&replay));
+    let all = [store(1, 0, 2), store(1, 2, 4), store(2, 0, 4)];
+    for (seq, b) in all.iter().enumerate() {
+        replay.keep(seq as u64, b);
+    }
+    p.send(2, &all[2], Encoding::Map);
+    wait_until("start filled", || {
+        held(&index, "a", 1) == 4 && held(&index, "a", 2) == 4
+    });
+    assert_eq!(replay.requests(), vec![0]);
+    assert_eq!(
+        (batches(&stats), count(&stats.resets), count(&stats.gaps)),
+        (3, 0, 0)
+    );
+}
+
+#[test]
+fn malformed_messages_are_counted_and_ingestion_goes_on() {
+    let (index, ingest, ctx) = setup();
+    let stats = ingest.stats();
+    let p = follow(&ingest, &ctx, "a", None);
+    p.send(0, &store(1, 0, 4), Encoding::Map);
+    wait_until("first batch", || held(&index, "a", 1) == 4);
+    // Wrong frame count, bad seq frame, undecodable payload.
+    p.sock.send_multipart([&b"kv@a@m"[..], b"x"], 0).unwrap();
+    p.sock
+        .send_multipart([&b"kv@a@m"[..], b"123", b"\x93"], 0)
+        .unwrap();
+    p.send_raw(1, b"\xc1 not msgpack");
+    p.send(2, &store(2, 0, 4), Encoding::Map);
+    wait_until("batch after garbage", || held(&index, "a", 2) == 4);
+    assert_eq!(count(&stats.decode_errors), 3);
+    // The undecodable batch's changes are unknown: the pod was cleared.
+    assert_eq!(held(&index, "a", 1), 0);
+    assert_eq!(count(&stats.gaps), 0);
+}
+
+#[test]
+fn remove_pod_stops_following_and_forgets_its_blocks() {
+    let (index, ingest, ctx) = setup();
+    let stats = ingest.stats();
+    let pa = follow(&ingest, &ctx, "a", None);
+    let pb = follow(&ingest, &ctx, "b", None);
+    pa.send(0, &store(1, 0, 4), Encoding::Map);
+    pb.send(0, &store(1, 0, 4), Encoding::Map);
+    wait_until("both pods", || {
+        held(&index, "a", 1) == 4 && held(&index, "b", 1) == 4
+    });
+    ingest.remove_pod("a");
+    assert_eq!(held(&index, "a", 1), 0);
+    pa.send(1, &store(2, 0, 4), Encoding::Map);
+    pb.send(1, &store(2, 0, 4), Encoding::Map);
+    wait_until("b's batch", || held(&index, "b", 2) == 4);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(held(&index, "a", 2), 0);
+    assert_eq!(batches(&stats), 3);
+    assert_eq!(index.stats().pods, 1);
+}
+
+#[test]
+fn centralized_mode_tells_pods_apart_by_topic_and_replays() {
+    let (index, ingest, ctx) = setup();
+    let stats = ingest.stats();
+    let replay = TestReplay::start(&ctx, true);
+    // One pod known in advance with its replay socket, the other discovered from its topic.
+    ingest
+        .add_pod(
+            "10.0.0.1:8000",
+            PodEndpoints {
+                events: None,
+                replay: Some(replay.endpoint.clone()),
+            },
+        )
+        .unwrap();
+    let endpoint = ingest.bind("tcp://127.0.0.1:*").unwrap();
+    assert!(ingest.bind("tcp://127.0.0.1:*").is_err());
+    let p1 = TestPub::connect(&ctx, &endpoint, "kv@10.0.0.1:8000@m");
+    let p2 = TestPub::connect(&ctx, &endpoint, "kv@10.0.0.2:8000@m");
+    p1.wait_subscribed();
+    p2.wait_subscribed();
+    p1.send(0, &store(1, 0, 2), Encoding::Map);
+    p2.send(0, &store(2, 0, 4), Encoding::Array);
+    p1.send(1, &store(1, 2, 4), Encoding::Map);
+    wait_until("both pods", || {
+        held(&index, "10.0.0.1:8000", 1) == 4 && held(&index, "10.0.0.2:8000", 2) == 4
+    });
+    assert_eq!(held(&index, "10.0.0.1:8000", 2), 0);
+    assert_eq!(held(&index, "10.0.0.2:8000", 1), 0);
+    // A gap on the first pod is filled from its replay socket.
+    replay.keep(2, &store(3, 0, 2));
+    replay.keep(3, &store(3, 2, 4));
+    p1.send(3, &store(3, 2, 4), Encoding::Map);
+    wait_until("replayed", || held(&index, "10.0.0.1:8000", 3) == 4);
+    assert_eq!(replay.requests(), vec![2]);
+    assert_eq!(
+        (
+            count(&stats.gaps),
+            count(&stats.replays),
+            count(&stats.resets)
+        ),
+        (1, 1, 0)
+    );
+    // Removing a centralized pod drops its state once its worker gets there.
+    ingest.remove_pod("10.0.0.2:8000");
+    wait_until("forgotten", || held(&index, "10.0.0.2:8000", 2) == 0);
+}

@@ -1,0 +1,103 @@
+//! Router acceptance 4: a pod killed mid-run: every request still succeeds (those in flight on
+//! the killed pod are retried on the other one, as no byte had reached the client yet), and
+//! the router stops choosing the dead pod. Also: a client that drops a stream through the
+//! router aborts the request on the pod.
+
+use std::time::{Duration, Instant};
+
+use e2e::cluster::{Pod, RouterProc};
+use e2e::sse::{Event, SseStream};
+use e2e::SERVED_MODEL;
+use serde_json::json;
+
+const REQUESTS: usize = 16;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_pod_does_not_fail_requests() {
+    let (mut a, b) = tokio::join!(Pod::start(&[]), Pod::start(&[]));
+    let router = RouterProc::start(&[
+        "--pod".into(),
+        a.spec("a", None),
+        "--pod".into(),
+        b.spec("b", None),
+    ])
+    .await;
+
+    // A dropped stream through the router frees the pod.
+    let long = json!({
+        "model": SERVED_MODEL,
+        "prompt": "Write a very long story about a lighthouse keeper.",
+        "max_tokens": 2000,
+        "ignore_eos": true,
+        "stream": true,
+    });
+    let resp = router
+        .client()
+        .post(router.url("/v1/completions"))
+        .json(&long)
+        .send()
+        .await
+        .expect("streaming request through the router");
+    let pod = resp
+        .headers()
+        .get("x-router-pod")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .expect("x-router-pod");
+    let mut stream = SseStream::new(resp);
+    for _ in 0..3 {
+        assert!(matches!(stream.next().await, Ok(Some(Event::Json(_)))));
+    }
+    drop(stream);
+    let target = if pod == "a" { &a } else { &b };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while target.metrics().await.value("vllm:num_requests_running") > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the pod still runs the dropped stream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Two clients send requests while pod a is killed after a few of them.
+    let body = |i: usize| {
+        json!({
+            "model": SERVED_MODEL,
+            "prompt": format!("Request {i}: tell me about the number {i}."),
+            "max_tokens": 24,
+            "ignore_eos": true,
+        })
+    };
+    let router = &router;
+    let worker = |w: usize| async move {
+        let mut pods = Vec::new();
+        for i in (w..REQUESTS).step_by(2) {
+            let r = router.post("/v1/completions", &body(i)).await;
+            assert_eq!(
+                r.reply.status,
+                200,
+                "request {i} failed: {}\nrouter log:\n{}",
+                r.reply.body,
+                router.log()
+            );
+            pods.push(r.pod.unwrap_or_default());
+        }
+        pods
+    };
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        a.kill();
+    };
+    let (p0, p1, ()) = tokio::join!(worker(0), worker(1), killer);
+    let served: Vec<String> = p0.into_iter().chain(p1).collect();
+    assert_eq!(served.len(), REQUESTS);
+    println!("served by: {served:?}");
+    assert!(served.iter().any(|p| p == "b"));
+    // After the kill, new requests go to b.
+    for i in 0..4 {
+        let pod = router.post_ok("/v1/completions", &body(100 + i)).await;
+        assert_eq!(pod, "b");
+    }
+    let m = router.metrics().await;
+    assert_eq!(m.get("router_pod_healthy", &[("pod", "a")]), Some(0.0));
+}

@@ -1,0 +1,141 @@
+//! Router acceptance 3: recovery of the prefix index.
+//! - Restarting an agent clears its index entries: its old prefixes no longer attract requests.
+//! - Dropping the router's event connection for a while (the pod's PUB reached through a relay
+//!   that is cut) loses live events; once reconnected, the seq gap is filled from the pod's
+//!   replay socket and the blocks stored meanwhile are known again.
+
+use std::time::{Duration, Instant};
+
+use e2e::cluster::{Pod, Relay, RouterProc};
+use e2e::{Metrics, LONG_TEXT, SERVED_MODEL};
+use serde_json::{json, Value};
+
+fn completion(prompt: &str) -> Value {
+    json!({"model": SERVED_MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0.0})
+}
+
+/// A prompt of about ten full blocks, distinct per `tag`.
+fn prompt(tag: &str) -> String {
+    format!("[{tag}] {}", &LONG_TEXT[..800])
+}
+
+fn hit_blocks(m: &Metrics) -> f64 {
+    m.value("router_prefix_hit_blocks_sum")
+}
+
+/// Polls the router's metrics until `ok` holds (panics with the router log after 15 s).
+async fn wait_for(router: &RouterProc, what: &str, ok: impl Fn(&Metrics) -> bool) -> Metrics {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = router.metrics().await;
+        if ok(&m) {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\nrouter log:\n{}",
+            router.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn index_entries(m: &Metrics) -> f64 {
+    m.value("router_index_pod_entries")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_and_lost_events_are_recovered() {
+    let (mut a, mut b) = tokio::join!(Pod::start(&[]), Pod::start(&[]));
+    let (mut relay_a, relay_b) = tokio::join!(Relay::start(a.events), Relay::start(b.events));
+    let router = RouterProc::start(&[
+        "--pod".into(),
+        a.spec("a", Some(relay_a.port)),
+        "--pod".into(),
+        b.spec("b", Some(relay_b.port)),
+    ])
+    .await;
+
+    // --- Restart: the pod that holds P is restarted; P no longer matches anywhere.
+    let p = prompt("restart");
+    let holder = router.post_ok("/v1/completions", &completion(&p)).await;
+    let m = wait_for(&router, "P's blocks in the index", |m| {
+        index_entries(m) >= 9.0
+    })
+    .await;
+    let again = router.post_ok("/v1/completions", &completion(&p)).await;
+    assert_eq!(
+        again, holder,
+        "the second P request should follow its prefix"
+    );
+    let m2 = router.metrics().await;
+    let matched = hit_blocks(&m2) - hit_blocks(&m);
+    assert!(matched >= 9.0, "P matched only {matched} blocks");
+    let restarted = if holder == "a" { &mut a } else { &mut b };
+    restarted.restart().await;
+    wait_for(&router, "the restarted pod's entries to go", |m| {
+        index_entries(m) == 0.0
+    })
+    .await;
+    let before = router.metrics().await;
+    router.post_ok("/v1/completions", &completion(&p)).await;
+    let after = router.metrics().await;
+    assert_eq!(
+        hit_blocks(&after) - hit_blocks(&before),
+        0.0,
+        "P still matched the restarted pod's old blocks"
+    );
+
+    // --- Lost events: pod a's event connection is cut while it stores Q.
+    let wait_connected = wait_for(&router, "events flowing again", |m| {
+        m.get("router_kv_events", &[("counter", "batches")])
+            .unwrap_or(0.0)
+            > 0.0
+    })
+    .await;
+    let replays_before = wait_connected
+        .get("router_kv_events", &[("counter", "replays")])
+        .unwrap_or(0.0);
+    relay_a.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let q = prompt("lost");
+    let direct = a.post("/v1/completions", &completion(&q)).await;
+    assert_eq!(direct.status, 200, "{}", direct.body);
+    relay_a.restore().await;
+    // New traffic on a shows the router a seq gap, which it fills from a's replay socket.
+    let mut n = 0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = a
+            .post(
+                "/v1/completions",
+                &completion(&prompt(&format!("after {n}"))),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        n += 1;
+        let m = router.metrics().await;
+        let replays = m
+            .get("router_kv_events", &[("counter", "replays")])
+            .unwrap_or(0.0);
+        if replays > replays_before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no replay after the event connection came back\nrouter log:\n{}",
+            router.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = router.metrics().await;
+    let pod = router.post_ok("/v1/completions", &completion(&q)).await;
+    let after = router.metrics().await;
+    let matched = hit_blocks(&after) - hit_blocks(&before);
+    println!("after the replay: Q went to {pod} matching {matched} blocks");
+    assert_eq!(
+        pod, "a",
+        "Q's blocks (stored while disconnected) were not recovered"
+    );
+    assert!(matched >= 9.0, "Q matched only {matched} blocks");
+}
