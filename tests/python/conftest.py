@@ -35,15 +35,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def agent_binary() -> Path:
+    return _path("AGENT_BIN", ROOT / "target/release/agent", "run scripts/install.sh")
+
+
+def model_file() -> Path:
+    return _path(
+        "MODEL_PATH", ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf", "run scripts/install.sh"
+    )
+
+
 class Agent:
     """One `agent serve` process; `stop()` kills and reaps it. `env` adds environment
     variables; `port` picks the HTTP port (a free one by default)."""
 
     def __init__(self, *extra: str, env: dict[str, str] | None = None, port: int | None = None):
-        binary = _path("AGENT_BIN", ROOT / "target/release/agent", "run scripts/install.sh")
-        model = _path(
-            "MODEL_PATH", ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf", "run scripts/install.sh"
-        )
+        binary = agent_binary()
+        model = model_file()
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile(mode="w+b")

@@ -8,6 +8,7 @@ for the sockets, the generic `msgpack` reader for the payloads (both event layou
 import hashlib
 import json
 import random
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ import msgpack
 import pytest
 import zmq
 
-from conftest import MODEL, Agent, free_port
+from conftest import MODEL, Agent, agent_binary, free_port, model_file
 
 BLOCK_SIZE = 16
 STORED_FIELDS = ["block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id",
@@ -304,3 +305,30 @@ def test_reset_prefix_cache_clears_everything(map_agent):
                                       "block_digests": []}
     finally:
         sub.close()
+
+
+@pytest.mark.parametrize("config, message", [
+    ('{"enable_kv_cache_events": true, "endpoint": "localhost:5557"}', "not a ZMQ endpoint"),
+    ('{"enable_kv_cache_events": true, "buffer_step": 5}', "unknown field `buffer_step`"),
+    ('{"enable_kv_cache_events": true, "event_encoding": "json"}', "unknown event encoding"),
+    ('{"enable_kv_cache_events": 1}', "invalid type"),
+    ('not json', "--kv-events-config"),
+])
+def test_invalid_config_is_a_clear_start_up_error(config, message):
+    done = subprocess.run([str(agent_binary()), "serve", str(model_file()), "--port", str(free_port()),
+                           "--kv-events-config", config],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert message in done.stdout + done.stderr, done.stdout + done.stderr
+    assert "panicked" not in done.stderr
+
+
+def test_busy_events_port_is_a_start_up_error():
+    with zmq.Context() as ctx, ctx.socket(zmq.PUB) as holder:
+        port = holder.bind_to_random_port("tcp://*")
+        config = json.dumps({"enable_kv_cache_events": True, "endpoint": f"tcp://*:{port}"})
+        done = subprocess.run([str(agent_binary()), "serve", str(model_file()),
+                               "--port", str(free_port()), "--kv-events-config", config],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"KV events bind tcp://*:{port}" in done.stdout + done.stderr, done.stderr
