@@ -56,6 +56,30 @@ enum Command {
         #[arg(long = "agent-metrics")]
         agent_metrics: Vec<String>,
     },
+    /// Routing overhead, paired: the same one-token streamed request alternately direct to an
+    /// agent and through the router (which picks that agent: it holds the prompt's prefix);
+    /// prints both TTFT distributions and the median of the per-pair differences.
+    RouterOverhead {
+        /// The agent the router will pick for this prompt.
+        #[arg(long)]
+        direct: String,
+        #[arg(long)]
+        router: String,
+        /// Pairs to measure.
+        #[arg(long, default_value_t = 200)]
+        pairs: usize,
+        #[arg(long, default_value = SERVED_MODEL)]
+        model: String,
+        #[arg(
+            long,
+            default_value = "The lighthouse keeper looked at the sea and said"
+        )]
+        prompt: String,
+        /// Time a whole GET of this path (e.g. /v1/models, which the router passes through)
+        /// instead of a completion's TTFT: the HTTP hop without the model's noise.
+        #[arg(long)]
+        get_path: Option<String>,
+    },
     /// Single-stream greedy decoding with candle-transformers `quantized_llama`.
     OracleDecode {
         /// GGUF file.
@@ -259,6 +283,82 @@ async fn prefix_cache_counters(
     Ok((hits, queries))
 }
 
+async fn router_overhead(
+    direct: String,
+    router: String,
+    pairs: usize,
+    model: String,
+    prompt: String,
+    get_path: Option<String>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(pairs > 0, "pairs must be > 0");
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(600))
+        .build()?;
+    let body = json!({"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+                      "stream": true, "stream_options": {"include_usage": true}});
+    let measure = |url: &String| {
+        let (client, body, url) = (&client, &body, url.clone());
+        let get_path = get_path.clone();
+        async move {
+            match get_path {
+                None => Ok(one_request(client, &url, body).await?.ttft),
+                Some(path) => {
+                    let start = Instant::now();
+                    let resp = client.get(format!("{url}{path}")).send().await?;
+                    anyhow::ensure!(resp.status().is_success(), "GET {path}: {}", resp.status());
+                    resp.bytes().await?;
+                    anyhow::Ok(start.elapsed())
+                }
+            }
+        }
+    };
+    // Warm both paths (connections, the prefix cache) before measuring.
+    for url in [&direct, &router, &direct, &router] {
+        measure(url).await?;
+    }
+    let (mut d, mut r, mut diff) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..pairs {
+        // Alternate which side goes first so drift does not favour one.
+        let (first, second) = if i % 2 == 0 {
+            (&direct, &router)
+        } else {
+            (&router, &direct)
+        };
+        let a = measure(first).await?;
+        let b = measure(second).await?;
+        let (td, tr) = if i % 2 == 0 { (a, b) } else { (b, a) };
+        d.push(td);
+        r.push(tr);
+        diff.push(tr.as_secs_f64() - td.as_secs_f64());
+    }
+    d.sort();
+    r.sort();
+    diff.sort_by(f64::total_cmp);
+    println!("pairs: {pairs}");
+    let what = if get_path.is_some() { "GET" } else { "TTFT" };
+    println!(
+        "direct {what} p50 / p90:  {:.2} / {:.2} ms",
+        ms(percentile(&d, 50.0)),
+        ms(percentile(&d, 90.0))
+    );
+    println!(
+        "router {what} p50 / p90:  {:.2} / {:.2} ms",
+        ms(percentile(&r, 50.0)),
+        ms(percentile(&r, 90.0))
+    );
+    let q =
+        |p: f64| diff[((p / 100.0 * diff.len() as f64).ceil() as usize).clamp(1, diff.len()) - 1];
+    println!(
+        "router - direct, per pair: p25 {:.3} / p50 {:.3} / p75 {:.3} ms",
+        q(25.0) * 1e3,
+        q(50.0) * 1e3,
+        q(75.0) * 1e3
+    );
+    Ok(())
+}
+
 fn oracle_decode(model: PathBuf, tokens: usize, prompt_ids: Vec<u32>) -> anyhow::Result<()> {
     anyhow::ensure!(tokens > 1, "--tokens must be at least 2");
     let load = Instant::now();
@@ -297,6 +397,21 @@ fn main() -> anyhow::Result<()> {
             prompt,
             prefix_groups,
             agent_metrics,
+        )),
+        Command::RouterOverhead {
+            direct,
+            router,
+            pairs,
+            model,
+            prompt,
+            get_path,
+        } => tokio::runtime::Runtime::new()?.block_on(router_overhead(
+            direct.trim_end_matches('/').to_string(),
+            router.trim_end_matches('/').to_string(),
+            pairs,
+            model,
+            prompt,
+            get_path,
         )),
         Command::OracleDecode {
             model,
