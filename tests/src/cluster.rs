@@ -135,8 +135,11 @@ async fn metrics_of(client: &reqwest::Client, url: String) -> Metrics {
 pub struct Pod {
     proc: Option<Proc>,
     pub http: u16,
+    /// The port its PUB binds; or, in centralized mode, the subscriber's port it connects to.
     pub events: u16,
     pub replay: u16,
+    /// Centralized mode: the PUB connects to a subscriber that binds `events`.
+    connects: bool,
     extra: Vec<String>,
     client: reqwest::Client,
 }
@@ -145,11 +148,23 @@ impl Pod {
     /// Starts `agent serve` on three fresh ports with `extra` flags.
     pub async fn start(extra: &[&str]) -> Pod {
         let ports = reserve_ports(3);
+        Self::launched(ports[0], ports[1], ports[2], false, extra).await
+    }
+
+    /// Starts an agent whose PUB connects to `tcp://127.0.0.1:<subscriber_port>` (vLLM's
+    /// rule: an endpoint without a wildcard connects), for a router bound there.
+    pub async fn start_publishing_to(subscriber_port: u16, extra: &[&str]) -> Pod {
+        let ports = reserve_ports(2);
+        Self::launched(ports[0], subscriber_port, ports[1], true, extra).await
+    }
+
+    async fn launched(http: u16, events: u16, replay: u16, connects: bool, extra: &[&str]) -> Pod {
         let mut pod = Pod {
             proc: None,
-            http: ports[0],
-            events: ports[1],
-            replay: ports[2],
+            http,
+            events,
+            replay,
+            connects,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             client: client(),
         };
@@ -158,10 +173,11 @@ impl Pod {
     }
 
     async fn launch(&mut self) {
+        let host = if self.connects { "127.0.0.1" } else { "*" };
         let events = json!({
             "enable_kv_cache_events": true,
             "publisher": "zmq",
-            "endpoint": format!("tcp://*:{}", self.events),
+            "endpoint": format!("tcp://{host}:{}", self.events),
             "replay_endpoint": format!("tcp://*:{}", self.replay),
             "topic": format!("kv@127.0.0.1:{}@{SERVED_MODEL}", self.http),
         });

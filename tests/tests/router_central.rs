@@ -1,0 +1,87 @@
+//! Router in centralized events mode (llm-d's `kvEventsConfig.zmqEndpoint`): the router binds
+//! one SUB socket, the agents' PUB sockets connect to it (their endpoint has no wildcard, so
+//! they connect, as vLLM's do), and events are attributed to pods by the topic
+//! `kv@HOST:PORT@MODEL`. Repeated requests of a group then land on the pod that holds the
+//! group's prefix, with the router matching its blocks.
+
+use std::time::{Duration, Instant};
+
+use e2e::cluster::{reserve_ports, Pod, RouterProc};
+use e2e::{LONG_TEXT, SERVED_MODEL};
+use serde_json::json;
+
+fn request(group: usize, i: usize) -> serde_json::Value {
+    let start = group * 60;
+    json!({
+        "model": SERVED_MODEL,
+        "prompt": format!("[document {group}] {} Question {i}:", &LONG_TEXT[start..start + 400]),
+        "max_tokens": 2,
+        "temperature": 0.0,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn centralized_subscriber_routes_by_topic() {
+    let sub_port = reserve_ports(1)[0];
+    let (a, b) = tokio::join!(
+        Pod::start_publishing_to(sub_port, &[]),
+        Pod::start_publishing_to(sub_port, &[])
+    );
+    // No `events=` on the pods: their events arrive on the bound socket. Pods are named by
+    // their HTTP address, which is what their topics carry.
+    let pod_arg = |p: &Pod| {
+        format!(
+            "http://127.0.0.1:{},replay=tcp://127.0.0.1:{}",
+            p.http, p.replay
+        )
+    };
+    let router = RouterProc::start(&[
+        "--events-bind".into(),
+        format!("tcp://127.0.0.1:{sub_port}"),
+        "--pod".into(),
+        pod_arg(&a),
+        "--pod".into(),
+        pod_arg(&b),
+    ])
+    .await;
+
+    let mut homes = Vec::new();
+    for group in 0..4 {
+        let first = router.post_ok("/v1/completions", &request(group, 0)).await;
+        // The group's blocks reach the router through the central socket.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last_hits = 0.0;
+        for i in 1..4 {
+            loop {
+                let before = router.metrics().await.value("router_prefix_hit_blocks_sum");
+                let pod = router.post_ok("/v1/completions", &request(group, i)).await;
+                let hits = router.metrics().await.value("router_prefix_hit_blocks_sum") - before;
+                if hits > 0.0 {
+                    assert_eq!(pod, first, "group {group} request {i} left its pod");
+                    last_hits = hits;
+                    break;
+                }
+                // Events may not have arrived yet for the first follow-up; never for long.
+                assert!(
+                    Instant::now() < deadline,
+                    "the router never matched group {group}'s blocks:\n{}",
+                    router.log()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        assert!(
+            last_hits >= 3.0,
+            "group {group}: only {last_hits} blocks matched"
+        );
+        homes.push(first);
+    }
+    let names = [
+        format!("127.0.0.1:{}", a.http),
+        format!("127.0.0.1:{}", b.http),
+    ];
+    assert!(
+        homes.iter().all(|h| names.contains(h)),
+        "unexpected pod names {homes:?}"
+    );
+}
