@@ -18,7 +18,11 @@ impl KvLayout {
 
     /// Bytes one block occupies across all layers, K and V together.
     pub fn bytes_per_block(&self) -> usize {
-        2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * std::mem::size_of::<f32>()
+        2 * self.num_layers
+            * self.block_size
+            * self.num_kv_heads
+            * self.head_dim
+            * std::mem::size_of::<f32>()
     }
 
     /// Elements of one token's K (or V) row: `num_kv_heads * head_dim`.

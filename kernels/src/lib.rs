@@ -6,9 +6,14 @@
 //!
 //! [`PagedAttention`] is the interface a backend implements; [`CpuPagedAttention`] is the
 //! multi-threaded CPU implementation (also the oracle for future GPU backends).
+//!
+//! [`QuantMatrix`] multiplies f32 activations by GGUF block-quantized weights on the CPU, with
+//! weight reuse across the rows of a batch and results bit-identical to candle's `QMatMul`.
 
 pub mod attention;
 pub mod kv_cache;
+pub mod quant_matmul;
 
 pub use attention::{cpu::CpuPagedAttention, PagedAttention, SeqAttn};
 pub use kv_cache::{CpuKvCache, KvLayout};
+pub use quant_matmul::{matmul_many, BlockFormat, QuantMatmulError, QuantMatrix};

@@ -1,15 +1,23 @@
 //! The llama-family decoder (llama, qwen2) and its batched forward pass over the paged KV cache.
 //!
 //! One call runs one engine step: the tokens of every scheduled sequence are flattened into
-//! rows of one `[T, hidden]` batch. Projections and the MLP run on the whole batch (quantized
-//! matmuls quantize each row on its own, so a row's result does not depend on its batch-mates);
-//! attention goes through the kernels' [`PagedAttention`] with per-sequence block tables.
-//! The candle ops are the ones candle-transformers' `quantized_llama` uses, so greedy tokens
-//! match that reference implementation.
+//! rows of one `[T, hidden]` batch. Projections and the MLP run on the whole batch: Q4_1 and
+//! Q8_0 weights through the kernels' [`QuantMatrix`] (each weight block read once per step for
+//! all rows; each row quantized on its own, so a row's result does not depend on its
+//! batch-mates, bit-identical to candle's `QMatMul`), other weights through candle. Attention
+//! goes through the kernels' [`PagedAttention`] with per-sequence block tables. The arithmetic
+//! is that of candle-transformers' `quantized_llama`, so greedy tokens match that reference.
+//!
+//! Threads: the kernels run on the rayon pool. candle's CPU backend has a second, spinning
+//! pool of its own that it uses for quantized matmuls and for elementwise ops on 64Ki+ values;
+//! sharing the cores with it halved throughput, so none of those ops run here (the residual
+//! adds and the SwiGLU product are plain loops, same arithmetic as candle's).
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Device, Module, Storage, Tensor};
-use kernels::{CpuKvCache, CpuPagedAttention, KvLayout, PagedAttention, SeqAttn};
+use kernels::{
+    BlockFormat, CpuKvCache, CpuPagedAttention, KvLayout, PagedAttention, QuantMatrix, SeqAttn,
+};
 
 use super::{ModelConfig, ModelError};
 
@@ -33,9 +41,80 @@ pub struct StepInput<'a> {
     pub logits_rows: &'a [usize],
 }
 
-/// A projection: matmul (quantized or f32) plus an optional bias (qwen2's q/k/v).
-pub(crate) struct Linear {
-    weight: QMatMul,
+/// A `[out, in]` weight matrix as the forward pass runs it: the kernels' [`QuantMatrix`] for
+/// the block formats it supports, candle's `QMatMul` for anything else (f32 weights of
+/// Hugging Face checkpoints and of `CANDLE_DEQUANTIZE_ALL=1`, other GGUF formats).
+pub(crate) enum Matmul {
+    Kernel(QuantMatrix),
+    Candle(QMatMul),
+}
+
+impl Matmul {
+    fn new(weight: QMatMul) -> Result<Self, ModelError> {
+        let QMatMul::QTensor(q) = &weight else {
+            return Ok(Self::Candle(weight));
+        };
+        let format = match q.dtype() {
+            GgmlDType::Q4_1 => BlockFormat::Q4_1,
+            GgmlDType::Q8_0 => BlockFormat::Q8_0,
+            _ => return Ok(Self::Candle(weight)),
+        };
+        let (rows, cols) = q.shape().dims2()?;
+        let matrix = QuantMatrix::from_gguf_blocks(format, rows, cols, &q.data()?)
+            .map_err(candle_core::Error::wrap)?;
+        Ok(Self::Kernel(matrix))
+    }
+
+    /// `x · Wᵀ` for a contiguous `[T, in]` f32 `x`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        match self {
+            Self::Candle(w) => Ok(w.forward(x)?),
+            Self::Kernel(w) => Ok(kernel_pass(&[w], x)?.remove(0)),
+        }
+    }
+
+    /// `x · Wᵢᵀ` for each `Wᵢ` of `ws`; when all are kernel matrices, in one kernel pass.
+    fn forward_all<const N: usize>(
+        ws: [&Matmul; N],
+        x: &Tensor,
+    ) -> Result<[Tensor; N], ModelError> {
+        let kernel: Option<Vec<&QuantMatrix>> = ws
+            .iter()
+            .map(|w| match w {
+                Self::Kernel(m) => Some(m),
+                Self::Candle(_) => None,
+            })
+            .collect();
+        let ys = match kernel {
+            Some(mats) => kernel_pass(&mats, x)?,
+            None => ws.iter().map(|w| w.forward(x)).collect::<Result<_, _>>()?,
+        };
+        ys.try_into().map_err(|_| {
+            ModelError::Candle(candle_core::Error::Msg(
+                "a matmul lost an output".to_string(),
+            ))
+        })
+    }
+}
+
+/// `x · Wᵢᵀ` for kernel matrices sharing `x`: one quantization of `x`, one parallel loop.
+fn kernel_pass(mats: &[&QuantMatrix], x: &Tensor) -> Result<Vec<Tensor>, ModelError> {
+    let t = x.dim(0)?;
+    let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; t * w.rows()]).collect();
+    let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
+    with_f32(x, |x| kernels::matmul_many(mats, x, &mut slices))?
+        .map_err(candle_core::Error::wrap)?;
+    Ok(outs
+        .into_iter()
+        .zip(mats)
+        .map(|(y, w)| Tensor::from_vec(y, (t, w.rows()), &Device::Cpu))
+        .collect::<Result<_, _>>()?)
+}
+
+/// A projection: matmul plus an optional bias (qwen2's q/k/v). Loaders build it (and
+/// [`Layer`]) over candle's `QMatMul`; [`LlamaModel::new`] turns that into a [`Matmul`].
+pub(crate) struct Linear<M = QMatMul> {
+    weight: M,
     bias: Option<Tensor>,
 }
 
@@ -44,10 +123,36 @@ impl Linear {
         Self { weight, bias }
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.weight.forward(x)?;
+    fn prepare(self) -> Result<Linear<Matmul>, ModelError> {
+        Ok(Linear {
+            weight: Matmul::new(self.weight)?,
+            bias: self.bias,
+        })
+    }
+}
+
+impl Linear<Matmul> {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        self.add_bias(self.weight.forward(x)?)
+    }
+
+    /// Several projections of one `x` (q, k, v), their matmuls in one pass.
+    fn forward_all<const N: usize>(ls: [&Self; N], x: &Tensor) -> Result<[Tensor; N], ModelError> {
+        let ys = Matmul::forward_all(ls.map(|l| &l.weight), x)?;
+        let mut out = Vec::with_capacity(N);
+        for (l, y) in ls.iter().zip(ys) {
+            out.push(l.add_bias(y)?);
+        }
+        out.try_into().map_err(|_| {
+            ModelError::Candle(candle_core::Error::Msg(
+                "a projection lost an output".to_string(),
+            ))
+        })
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor, ModelError> {
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),
         }
     }
@@ -72,16 +177,32 @@ impl RmsNorm {
 }
 
 /// One decoder block's weights.
-pub(crate) struct Layer {
+pub(crate) struct Layer<M = QMatMul> {
     pub attn_norm: RmsNorm,
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
+    pub q: Linear<M>,
+    pub k: Linear<M>,
+    pub v: Linear<M>,
+    pub o: Linear<M>,
     pub ffn_norm: RmsNorm,
-    pub gate: QMatMul,
-    pub up: QMatMul,
-    pub down: QMatMul,
+    pub gate: M,
+    pub up: M,
+    pub down: M,
+}
+
+impl Layer {
+    fn prepare(self) -> Result<Layer<Matmul>, ModelError> {
+        Ok(Layer {
+            attn_norm: self.attn_norm,
+            q: self.q.prepare()?,
+            k: self.k.prepare()?,
+            v: self.v.prepare()?,
+            o: self.o.prepare()?,
+            ffn_norm: self.ffn_norm,
+            gate: Matmul::new(self.gate)?,
+            up: Matmul::new(self.up)?,
+            down: Matmul::new(self.down)?,
+        })
+    }
 }
 
 /// A loaded llama-family model. Immutable: all per-sequence state lives in the KV cache.
@@ -92,9 +213,9 @@ pub struct LlamaModel {
     vocab_size: usize,
     /// `[vocab, hidden]` f32, rows gathered per token.
     embed: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<Layer<Matmul>>,
     norm: RmsNorm,
-    lm_head: QMatMul,
+    lm_head: Matmul,
     rope: RopeStyle,
     /// `[max_position_embeddings, head_dim / 2]` tables, rows gathered per token position.
     cos: Tensor,
@@ -119,9 +240,12 @@ impl LlamaModel {
             head_dim: config.head_dim,
             vocab_size: config.vocab_size,
             embed,
-            layers,
+            layers: layers
+                .into_iter()
+                .map(Layer::prepare)
+                .collect::<Result<_, _>>()?,
             norm,
-            lm_head,
+            lm_head: Matmul::new(lm_head)?,
             rope,
             cos,
             sin,
@@ -144,6 +268,17 @@ impl LlamaModel {
     /// (rows), writes their K/V into `cache` at `slots`, attends through the block tables,
     /// returns the logits (vocab-sized) of each row listed in `logits_rows`, in that order.
     pub fn forward(
+        &self,
+        input: &StepInput,
+        cache: &mut CpuKvCache,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        // The step runs on a rayon worker: its hundreds of parallel loops then fork from inside
+        // the pool, instead of each being handed over from this thread and back (two context
+        // switches per loop).
+        rayon::scope(|_| self.forward_on_pool(input, cache))
+    }
+
+    fn forward_on_pool(
         &self,
         input: &StepInput,
         cache: &mut CpuKvCache,
@@ -178,9 +313,8 @@ impl LlamaModel {
         let mut x = self.embed.index_select(&ids, 0)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
-            let q = rope(&layer.q.forward(&h)?, nh)?;
-            let k = rope(&layer.k.forward(&h)?, nkv)?;
-            let v = layer.v.forward(&h)?;
+            let [q, k, v] = Linear::forward_all([&layer.q, &layer.k, &layer.v], &h)?;
+            let (q, k) = (rope(&q, nh)?, rope(&k, nkv)?);
 
             let (k_cache, v_cache) = cache.layer_mut(i);
             with_f32(&k, |k| {
@@ -198,12 +332,14 @@ impl LlamaModel {
             let attn = layer
                 .o
                 .forward(&Tensor::from_vec(out, (t, nh * hd), &dev)?)?;
-            x = (attn + &x)?;
+            x = zip_map(&attn, &x, |a, x| a + x)?;
 
             let h = layer.ffn_norm.forward(&x)?;
-            let gate = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-            let mlp = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
-            x = (mlp + &x)?;
+            // silu(gate) · up, with candle's silu formula.
+            let [gate, up] = Matmul::forward_all([&layer.gate, &layer.up], &h)?;
+            let gated = zip_map(&gate, &up, |g, u| g / (1.0 + (-g).exp()) * u)?;
+            let mlp = layer.down.forward(&gated)?;
+            x = zip_map(&mlp, &x, |m, x| m + x)?;
         }
 
         // The LM head is the largest matmul: run it only on the rows that need logits (none
@@ -281,6 +417,27 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError>
         ));
     };
     Ok(f(&cpu.as_slice::<f32>()?[start..end]))
+}
+
+/// `f` applied elementwise to two contiguous f32 tensors of one shape, on this thread (see the
+/// module doc for why not candle's elementwise ops).
+fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> Result<Tensor, ModelError> {
+    if a.shape() != b.shape() {
+        return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+            "elementwise op on shapes {:?} and {:?}",
+            a.shape(),
+            b.shape()
+        ))));
+    }
+    let out = with_f32(a, |a| {
+        with_f32(b, |b| {
+            a.iter()
+                .zip(b)
+                .map(|(&x, &y)| f(x, y))
+                .collect::<Vec<f32>>()
+        })
+    })??;
+    Ok(Tensor::from_vec(out, a.shape(), &Device::Cpu)?)
 }
 
 /// RoPE cos/sin tables, computed exactly as candle-transformers' `precomput_freqs_cis`.
@@ -624,8 +781,42 @@ mod tests {
             .zip(&separate)
             .map(|(x, y)| max_abs_diff(x, y))
             .fold(0.0, f32::max);
-        eprintln!("batched vs separate: max |logit diff| {worst}");
-        assert!(worst < 1e-4, "batched logits differ by {worst}");
+        // Matmuls and attention compute each row by itself: exactly equal, not just close.
+        assert_eq!(worst, 0.0, "batched logits differ by {worst}");
+    }
+
+    /// The default GGUF's Q4_1 projections and Q8_0 (tied) LM head run on the kernels' matmul,
+    /// bit-identical to candle's `QMatMul` on the file's own tensors; F16 weights stay on
+    /// candle's f32 matmul.
+    #[test]
+    fn gguf_matmuls_use_the_kernel_and_match_candle() {
+        let (Some(m), Some(f16)) = (smollm(), smollm_f16()) else {
+            return;
+        };
+        let kernel = |w: &Matmul| matches!(w, Matmul::Kernel(_));
+        let layer = &m.model.layers[0];
+        assert!([&layer.q.weight, &layer.o.weight, &layer.gate, &layer.down]
+            .into_iter()
+            .all(kernel));
+        assert!(kernel(&m.model.lm_head));
+        assert!(!kernel(&f16.model.layers[0].up) && !kernel(&f16.model.lm_head));
+
+        let mut file = std::fs::File::open(gguf_path()).unwrap();
+        let ct = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+        for name in ["blk.3.ffn_down.weight", "token_embd.weight"] {
+            let q = std::sync::Arc::new(ct.tensor(&mut file, name, &Device::Cpu).unwrap());
+            let k = q.shape().dims()[1];
+            let x = Tensor::randn(0f32, 3.0, (16, k), &Device::Cpu).unwrap();
+            let candle = QMatMul::QTensor(q.clone());
+            let theirs = candle.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            let ours = Matmul::new(QMatMul::QTensor(q))
+                .unwrap()
+                .forward(&x)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            assert!(ours == theirs, "{name}: kernel differs from candle");
+        }
     }
 
     /// Greedy continuation of `prompt` until EOS (at most 32 tokens), decoded.

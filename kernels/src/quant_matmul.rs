@@ -1,0 +1,794 @@
+//! CPU matmul of f32 activations by GGUF block-quantized weights (Q4_1, Q8_0): `y = x · Wᵀ`.
+//!
+//! Each call quantizes the activation rows as candle does (Q8_1 for Q4_1 weights, Q8_0 for
+//! Q8_0 weights), then walks the weights in units of 8 rows: a unit's blocks are read from
+//! memory once and reused by every activation row (4 at a time from L1), so a 16-row step costs
+//! far less than 16 one-row steps. Units are split over rayon (the pool the attention kernel
+//! uses); [`matmul_many`] runs several matrices on one input in one quantization and one pass.
+//!
+//! Every output is computed by one fixed sequence of operations, whatever the batch and the
+//! thread count, and that sequence is candle 0.11.1's: Q4_1 follows `vec_dot_q4_1_q8_1`
+//! (candle's scalar code, exact integer block sums then `sumf += sumi·dx·dy + mx·sy`), Q8_0
+//! follows `avx::vec_dot_q8_0_q8_0` (8 f32 lanes, FMA, `hsum_float_8`) with AVX2+FMA and the
+//! scalar `vec_dot_unopt` without. So results are bit-identical to candle's `QMatMul::forward`
+//! and independent of which rows share a call.
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Elements per quantization block (all formats here).
+pub const BLOCK: usize = 32;
+/// Weight rows per unit of work; Q4_1 weights are interleaved in units of this many rows.
+const UNIT_ROWS: usize = 8;
+/// Activation rows computed together against one weight unit.
+const ACT_TILE: usize = 4;
+/// Activation values per parallel quantization task.
+const PAR_QUANTIZE_MIN: usize = 1 << 16;
+
+/// The GGUF block formats [`QuantMatrix`] multiplies natively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockFormat {
+    /// 32 unsigned 4-bit values, f16 scale `d` and f16 minimum `m`: `x = q·d + m`.
+    Q4_1,
+    /// 32 signed 8-bit values and an f16 scale: `x = q·d`.
+    Q8_0,
+}
+
+impl BlockFormat {
+    /// Bytes one 32-element block takes in a GGUF file.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q4_1 => 20,
+            BlockFormat::Q8_0 => 34,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QuantMatmulError {
+    #[error("{cols} columns is not a positive multiple of the block size {BLOCK}")]
+    Columns { cols: usize },
+    #[error("{format:?} weights of {rows}x{cols} take {expected} bytes, got {actual}")]
+    WeightBytes {
+        format: BlockFormat,
+        rows: usize,
+        cols: usize,
+        expected: usize,
+        actual: usize,
+    },
+    #[error("input of {len} values is not a whole number of {cols}-wide rows")]
+    Input { len: usize, cols: usize },
+    #[error("output has {actual} values, expected {expected}")]
+    Output { actual: usize, expected: usize },
+    #[error("matrices of {first} and {other} columns cannot share an input")]
+    ColumnsDiffer { first: usize, other: usize },
+    #[error("{matrices} matrices but {outputs} outputs")]
+    Outputs { matrices: usize, outputs: usize },
+}
+
+/// One block of 8 weight rows of Q4_1, interleaved for the AVX2 kernel: `qs[32t + 4j + e]` is
+/// byte `4t + e` of row `j`'s GGUF block, so its low nibble is element `4t + e` and its high
+/// nibble element `16 + 4t + e`. Scales and minimums are widened to f32 once, at load.
+#[derive(Clone)]
+#[repr(C, align(32))]
+struct Q41x8 {
+    qs: [u8; 128],
+    d: [f32; UNIT_ROWS],
+    m: [f32; UNIT_ROWS],
+}
+
+impl Q41x8 {
+    /// Element `i` (0..32) of row `j` of this block.
+    fn nibble(&self, j: usize, i: usize) -> u8 {
+        let (half, i) = (i / 16, i % 16);
+        let byte = self.qs[32 * (i / 4) + 4 * j + i % 4];
+        if half == 0 {
+            byte & 0x0F
+        } else {
+            byte >> 4
+        }
+    }
+}
+
+enum Packed {
+    /// `[units][blocks per row]`; rows past `rows` in the last unit are zero.
+    Q4_1(Vec<Q41x8>),
+    /// `[rows][blocks per row]` quants and f32 scales.
+    Q8_0 { qs: Vec<[i8; BLOCK]>, d: Vec<f32> },
+}
+
+/// A `[rows, cols]` weight matrix in one of the [`BlockFormat`]s, ready for [`Self::matmul`].
+pub struct QuantMatrix {
+    rows: usize,
+    cols: usize,
+    packed: Packed,
+    /// AVX2+FMA kernels (detected at load); the scalar ones otherwise.
+    simd: bool,
+}
+
+/// Activation rows quantized to 8 bits per element, `[rows][blocks per row]`.
+struct QuantRows {
+    qs: Vec<[i8; BLOCK]>,
+    /// Block scales, f16-rounded as candle stores them, widened to f32.
+    d: Vec<f32>,
+    /// `d · Σq` per block (f16-rounded), Q8_1's extra field.
+    s: Vec<f32>,
+    blocks: usize,
+}
+
+fn f16_at(bytes: &[u8], at: usize) -> f16 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]])
+}
+
+impl QuantMatrix {
+    /// Takes `rows × cols` weights in `format` as the GGUF file stores them (row-major, each
+    /// row `cols / 32` blocks).
+    pub fn from_gguf_blocks(
+        format: BlockFormat,
+        rows: usize,
+        cols: usize,
+        data: &[u8],
+    ) -> Result<Self, QuantMatmulError> {
+        if cols == 0 || !cols.is_multiple_of(BLOCK) {
+            return Err(QuantMatmulError::Columns { cols });
+        }
+        let nb = cols / BLOCK;
+        let bb = format.block_bytes();
+        let expected = rows * nb * bb;
+        if data.len() != expected {
+            return Err(QuantMatmulError::WeightBytes {
+                format,
+                rows,
+                cols,
+                expected,
+                actual: data.len(),
+            });
+        }
+        let block = |row: usize, b: usize| &data[(row * nb + b) * bb..(row * nb + b + 1) * bb];
+        let packed = match format {
+            BlockFormat::Q4_1 => {
+                let units = rows.div_ceil(UNIT_ROWS);
+                let mut packed = Vec::with_capacity(units * nb);
+                for u in 0..units {
+                    for b in 0..nb {
+                        let mut p = Q41x8 {
+                            qs: [0; 128],
+                            d: [0.0; UNIT_ROWS],
+                            m: [0.0; UNIT_ROWS],
+                        };
+                        for j in 0..UNIT_ROWS.min(rows - u * UNIT_ROWS) {
+                            let src = block(u * UNIT_ROWS + j, b);
+                            p.d[j] = f16_at(src, 0).to_f32();
+                            p.m[j] = f16_at(src, 2).to_f32();
+                            for t in 0..4 {
+                                p.qs[32 * t + 4 * j..32 * t + 4 * j + 4]
+                                    .copy_from_slice(&src[4 + 4 * t..8 + 4 * t]);
+                            }
+                        }
+                        packed.push(p);
+                    }
+                }
+                Packed::Q4_1(packed)
+            }
+            BlockFormat::Q8_0 => {
+                let (mut qs, mut d) =
+                    (Vec::with_capacity(rows * nb), Vec::with_capacity(rows * nb));
+                for src in data.chunks_exact(bb) {
+                    d.push(f16_at(src, 0).to_f32());
+                    qs.push(std::array::from_fn(|i| src[2 + i] as i8));
+                }
+                Packed::Q8_0 { qs, d }
+            }
+        };
+        Ok(Self {
+            rows,
+            cols,
+            packed,
+            simd: has_avx2_fma(),
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn format(&self) -> BlockFormat {
+        match self.packed {
+            Packed::Q4_1(_) => BlockFormat::Q4_1,
+            Packed::Q8_0 { .. } => BlockFormat::Q8_0,
+        }
+    }
+
+    /// `out[r][j] = Σ_k x[r][k] · W[j][k]` for the `x.len() / cols` rows of `x` (`[m, cols]`
+    /// row-major; `out` is `[m, rows]`). Row `r`'s result depends on row `r` only.
+    pub fn matmul(&self, x: &[f32], out: &mut [f32]) -> Result<(), QuantMatmulError> {
+        matmul_many(&[self], x, &mut [out])
+    }
+
+    /// Weight rows `8·unit ..` (the valid ones) against every row `a` of `acts`, into
+    /// `out[a][j - first]` (`out[a]` covers this task's rows from `first`).
+    fn unit_rows(&self, unit: usize, acts: &QuantRows, first: usize, out: &mut [&mut [f32]]) {
+        let row0 = unit * UNIT_ROWS;
+        let valid = UNIT_ROWS.min(self.rows - row0);
+        let mut a0 = 0;
+        while a0 < out.len() {
+            let count = ACT_TILE.min(out.len() - a0);
+            let mut res = [[0f32; UNIT_ROWS]; ACT_TILE];
+            self.unit_tile(unit, acts, a0, count, &mut res);
+            for (a, r) in res.iter().take(count).enumerate() {
+                out[a0 + a][row0 - first..row0 - first + valid].copy_from_slice(&r[..valid]);
+            }
+            a0 += count;
+        }
+    }
+
+    /// Results of weight rows `8·unit ..` (the valid ones) against activation rows
+    /// `a0 .. a0 + count` (`count <= ACT_TILE`): `res[a][j]`.
+    fn unit_tile(
+        &self,
+        unit: usize,
+        acts: &QuantRows,
+        a0: usize,
+        count: usize,
+        res: &mut [[f32; UNIT_ROWS]; ACT_TILE],
+    ) {
+        let nb = acts.blocks;
+        match &self.packed {
+            Packed::Q4_1(packed) => {
+                let w = &packed[unit * nb..(unit + 1) * nb];
+                #[cfg(target_arch = "x86_64")]
+                if self.simd {
+                    // SAFETY: `simd` is set only where AVX2 and FMA were detected.
+                    unsafe {
+                        match count {
+                            4 => avx2::q4_1_unit::<4>(w, acts, a0, res),
+                            3 => avx2::q4_1_unit::<3>(w, acts, a0, res),
+                            2 => avx2::q4_1_unit::<2>(w, acts, a0, res),
+                            _ => avx2::q4_1_unit::<1>(w, acts, a0, res),
+                        }
+                    }
+                    return;
+                }
+                for (a, r) in res.iter_mut().take(count).enumerate() {
+                    let row = (a0 + a) * nb;
+                    for (j, out) in r.iter_mut().enumerate() {
+                        *out = scalar_q4_1(w, j, acts, row);
+                    }
+                }
+            }
+            Packed::Q8_0 { qs, d } => {
+                let valid = UNIT_ROWS.min(self.rows - unit * UNIT_ROWS);
+                for j in 0..valid {
+                    let row = (unit * UNIT_ROWS + j) * nb;
+                    let (wq, wd) = (&qs[row..row + nb], &d[row..row + nb]);
+                    #[cfg(target_arch = "x86_64")]
+                    if self.simd {
+                        // SAFETY: as above.
+                        unsafe {
+                            match count {
+                                4 => avx2::q8_0_row::<4>(wq, wd, acts, a0, j, res),
+                                3 => avx2::q8_0_row::<3>(wq, wd, acts, a0, j, res),
+                                2 => avx2::q8_0_row::<2>(wq, wd, acts, a0, j, res),
+                                _ => avx2::q8_0_row::<1>(wq, wd, acts, a0, j, res),
+                            }
+                        }
+                        continue;
+                    }
+                    for (a, r) in res.iter_mut().take(count).enumerate() {
+                        r[j] = scalar_q8_0(wq, wd, acts, (a0 + a) * nb);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`QuantMatrix::matmul`] of several matrices with the same column count on one `x`
+/// (`outs[i]` is `[m, mats[i].rows()]`): `x` is quantized once and all matrices' rows are
+/// split over one parallel pass, which for small batches costs much less than one pass each.
+pub fn matmul_many(
+    mats: &[&QuantMatrix],
+    x: &[f32],
+    outs: &mut [&mut [f32]],
+) -> Result<(), QuantMatmulError> {
+    let Some(k) = mats.first().map(|w| w.cols) else {
+        return Ok(());
+    };
+    if let Some(w) = mats.iter().find(|w| w.cols != k) {
+        return Err(QuantMatmulError::ColumnsDiffer {
+            first: k,
+            other: w.cols,
+        });
+    }
+    if !x.len().is_multiple_of(k) {
+        return Err(QuantMatmulError::Input {
+            len: x.len(),
+            cols: k,
+        });
+    }
+    let m = x.len() / k;
+    if outs.len() != mats.len() {
+        return Err(QuantMatmulError::Outputs {
+            matrices: mats.len(),
+            outputs: outs.len(),
+        });
+    }
+    for (w, out) in mats.iter().zip(outs.iter()) {
+        if out.len() != m * w.rows {
+            return Err(QuantMatmulError::Output {
+                actual: out.len(),
+                expected: m * w.rows,
+            });
+        }
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    let acts = quantize_rows(x, k);
+    // Tasks are runs of whole units of one matrix, a few per thread so uneven ones balance out.
+    let units: usize = mats.iter().map(|w| w.rows.div_ceil(UNIT_ROWS)).sum();
+    let tasks = (rayon::current_num_threads() * 4).clamp(1, units.max(1));
+    let span = units.div_ceil(tasks) * UNIT_ROWS;
+    // (matrix, first row, that row range of every output row).
+    let mut work: Vec<(&QuantMatrix, usize, Vec<&mut [f32]>)> = Vec::new();
+    for (w, out) in mats.iter().zip(outs.iter_mut()) {
+        let first_task = work.len();
+        for start in (0..w.rows).step_by(span) {
+            work.push((w, start, Vec::with_capacity(m)));
+        }
+        if w.rows == 0 {
+            continue;
+        }
+        for row in out.chunks_exact_mut(w.rows) {
+            for (i, piece) in row.chunks_mut(span).enumerate() {
+                work[first_task + i].2.push(piece);
+            }
+        }
+    }
+    work.into_par_iter().for_each(|(w, first, mut out)| {
+        let end = (first + span).min(w.rows);
+        for unit in first / UNIT_ROWS..end.div_ceil(UNIT_ROWS) {
+            w.unit_rows(unit, &acts, first, &mut out);
+        }
+    });
+    Ok(())
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Quantizes each `k`-wide row of `x` as candle's `quantize_row_q8_1` does, rows in parallel.
+/// Q8_0 (`quantize_row_q8_0`) is the same without the block sums, which its kernels ignore.
+fn quantize_rows(x: &[f32], k: usize) -> QuantRows {
+    let nb = k / BLOCK;
+    let total = x.len() / BLOCK;
+    let mut q = QuantRows {
+        qs: vec![[0; BLOCK]; total],
+        d: vec![0.0; total],
+        s: vec![0.0; total],
+        blocks: nb,
+    };
+    let rows: Vec<_> = x
+        .chunks_exact(k)
+        .zip(q.qs.chunks_mut(nb))
+        .zip(q.d.chunks_mut(nb))
+        .zip(q.s.chunks_mut(nb))
+        .collect();
+    // Parallel only where it pays: for a few decode rows waking the pool costs more.
+    let min_rows = (PAR_QUANTIZE_MIN / k).max(1);
+    rows.into_par_iter()
+        .with_min_len(min_rows)
+        .for_each(|(((x, qs), d), s)| {
+            for (b, (xs, qs)) in x.chunks_exact(BLOCK).zip(qs.iter_mut()).enumerate() {
+                let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+                let scale = amax / 127.0;
+                let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+                let scale16 = f16::from_f32(scale);
+                d[b] = scale16.to_f32();
+                let mut sum = 0i32;
+                for (q, &v) in qs.iter_mut().zip(xs) {
+                    *q = (v * inv).round() as i8;
+                    sum += *q as i32;
+                }
+                // f16 × f16 as candle computes it (through f32, rounded back to f16).
+                s[b] = (f16::from_f32(sum as f32) * scale16).to_f32();
+            }
+        });
+    q
+}
+
+/// Row `j` of a Q4_1 unit against activation row starting at block `row`, in candle's
+/// `vec_dot_q4_1_q8_1` order.
+fn scalar_q4_1(w: &[Q41x8], j: usize, acts: &QuantRows, row: usize) -> f32 {
+    let mut sumf = 0f32;
+    for (b, blk) in w.iter().enumerate() {
+        let y = &acts.qs[row + b];
+        let sumi: i32 = (0..BLOCK)
+            .map(|i| blk.nibble(j, i) as i32 * y[i] as i32)
+            .sum();
+        sumf += sumi as f32 * blk.d[j] * acts.d[row + b] + blk.m[j] * acts.s[row + b];
+    }
+    sumf
+}
+
+/// One Q8_0 weight row against an activation row, in candle's `vec_dot_unopt` order.
+fn scalar_q8_0(wq: &[[i8; BLOCK]], wd: &[f32], acts: &QuantRows, row: usize) -> f32 {
+    let mut sumf = 0f32;
+    for (b, (x, &dx)) in wq.iter().zip(wd).enumerate() {
+        let y = &acts.qs[row + b];
+        let sumi: i32 = x.iter().zip(y).map(|(&a, &b)| a as i32 * b as i32).sum();
+        sumf += sumi as f32 * dx * acts.d[row + b];
+    }
+    sumf
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Q41x8, QuantRows, ACT_TILE, BLOCK, UNIT_ROWS};
+
+    /// Bytes `at..at + 4` of an activation block, in every 32-bit lane.
+    #[inline(always)]
+    unsafe fn broadcast4(q: &[i8; BLOCK], at: usize) -> __m256i {
+        _mm256_set1_epi32(i32::from_le_bytes([
+            q[at] as u8,
+            q[at + 1] as u8,
+            q[at + 2] as u8,
+            q[at + 3] as u8,
+        ]))
+    }
+
+    /// 8 Q4_1 rows × `A` activation rows. Per block, lane `j` of `isum` gathers row `j`'s
+    /// products 4 elements at a time (u8 × i8 pairs in i16: at most 8 · 2 · 15 · 127 = 30480,
+    /// no overflow), giving candle's exact integer block sum; the f32 update then repeats
+    /// candle's `sumf += sumi·dx·dy + mx·sy` lane-wise, without FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn q4_1_unit<const A: usize>(
+        w: &[Q41x8],
+        acts: &QuantRows,
+        a0: usize,
+        res: &mut [[f32; UNIT_ROWS]; ACT_TILE],
+    ) {
+        let nb = acts.blocks;
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); A];
+        for (b, blk) in w.iter().enumerate() {
+            let mut isum = [_mm256_setzero_si256(); A];
+            for t in 0..4 {
+                let p = _mm256_load_si256(blk.qs.as_ptr().add(32 * t) as *const __m256i);
+                let lo = _mm256_and_si256(p, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(p), mask);
+                for (a, s) in isum.iter_mut().enumerate() {
+                    let y = &acts.qs[(a0 + a) * nb + b];
+                    let s_lo = _mm256_maddubs_epi16(lo, broadcast4(y, 4 * t));
+                    let s_hi = _mm256_maddubs_epi16(hi, broadcast4(y, 16 + 4 * t));
+                    *s = _mm256_add_epi16(*s, _mm256_add_epi16(s_lo, s_hi));
+                }
+            }
+            let dx = _mm256_load_ps(blk.d.as_ptr());
+            let mx = _mm256_load_ps(blk.m.as_ptr());
+            for (a, (acc, s)) in acc.iter_mut().zip(isum).enumerate() {
+                let i = (a0 + a) * nb + b;
+                let sumi = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+                let scaled = _mm256_mul_ps(_mm256_mul_ps(sumi, dx), _mm256_set1_ps(acts.d[i]));
+                let min = _mm256_mul_ps(mx, _mm256_set1_ps(acts.s[i]));
+                *acc = _mm256_add_ps(*acc, _mm256_add_ps(scaled, min));
+            }
+        }
+        for (r, acc) in res.iter_mut().zip(acc) {
+            _mm256_storeu_ps(r.as_mut_ptr(), acc);
+        }
+    }
+
+    /// One Q8_0 weight row × `A` activation rows into `res[a][j]`, each exactly candle's
+    /// `avx::vec_dot_q8_0_q8_0`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn q8_0_row<const A: usize>(
+        wq: &[[i8; BLOCK]],
+        wd: &[f32],
+        acts: &QuantRows,
+        a0: usize,
+        j: usize,
+        res: &mut [[f32; UNIT_ROWS]; ACT_TILE],
+    ) {
+        let nb = acts.blocks;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); A];
+        for (b, (x, &dx)) in wq.iter().zip(wd).enumerate() {
+            let bx = _mm256_loadu_si256(x.as_ptr() as *const __m256i);
+            let ax = _mm256_sign_epi8(bx, bx);
+            for (a, acc) in acc.iter_mut().enumerate() {
+                let i = (a0 + a) * nb + b;
+                let by = _mm256_loadu_si256(acts.qs[i].as_ptr() as *const __m256i);
+                let sy = _mm256_sign_epi8(by, bx);
+                let q = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy)));
+                *acc = _mm256_fmadd_ps(_mm256_set1_ps(dx * acts.d[i]), q, *acc);
+            }
+        }
+        for (r, acc) in res.iter_mut().zip(acc) {
+            r[j] = hsum_float_8(acc);
+        }
+    }
+
+    /// candle's `hsum_float_8`, same order.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum_float_8(x: __m256) -> f32 {
+        let res = _mm256_extractf128_ps::<1>(x);
+        let res = _mm_add_ps(res, _mm256_castps256_ps128(x));
+        let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+        let res = _mm_add_ss(res, _mm_movehdup_ps(res));
+        _mm_cvtss_f32(res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+    use rand::{Rng, SeedableRng};
+
+    /// `len` values of mixed magnitude, with some all-zero 32-blocks (the zero-scale path).
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut v: Vec<f32> = (0..len)
+            .map(|_| (rng.random::<f32>() - 0.5) * 10f32.powi(rng.random_range(-2..2)))
+            .collect();
+        for block in v.chunks_mut(BLOCK).step_by(7) {
+            block.fill(0.0);
+        }
+        v
+    }
+
+    /// Candle's quantization of random `[n, k]` weights, and ours built from its GGUF bytes.
+    fn weights(format: BlockFormat, n: usize, k: usize, seed: u64) -> (QTensor, QuantMatrix) {
+        let dtype = match format {
+            BlockFormat::Q4_1 => GgmlDType::Q4_1,
+            BlockFormat::Q8_0 => GgmlDType::Q8_0,
+        };
+        let w = Tensor::from_vec(random(n * k, seed), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let ours = QuantMatrix::from_gguf_blocks(format, n, k, &q.data().unwrap()).unwrap();
+        (q, ours)
+    }
+
+    fn ours(w: &QuantMatrix, x: &[f32]) -> Vec<f32> {
+        let mut out = vec![f32::NAN; x.len() / w.cols() * w.rows()];
+        w.matmul(x, &mut out).unwrap();
+        out
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Bit-identical to candle's `QMatMul::forward` (the quantized, not dequantized, variant),
+    /// for decode-like and prefill-like row counts, and row counts that are not a multiple of
+    /// the 4-row activation tile nor weight rows of the 8-row unit. (k is kept off multiples
+    /// of 256, where candle on AVX-512-VNNI/AVX-VNNI machines takes a repacked Q8_0 path of
+    /// different rounding, and at an even number of blocks, which candle debug-asserts for
+    /// Q4_1.)
+    #[test]
+    fn bit_identical_to_candle_qmatmul() {
+        for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            for (n, k, m) in [
+                (64, 576, 1),
+                (37, 128, 5),
+                (200, 192, 16),
+                (8, 64, 3),
+                (3, 64, 33),
+            ] {
+                let (q, w) = weights(format, n, k, (n * k) as u64);
+                let x = random(m * k, m as u64);
+                let theirs = QMatMul::QTensor(std::sync::Arc::new(q))
+                    .forward(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let ours = ours(&w, &x);
+                assert!(ours.iter().all(|v| v.is_finite()));
+                assert_eq!(bits(&ours), bits(&theirs), "{format:?} n={n} k={k} m={m}");
+            }
+        }
+    }
+
+    /// The scalar kernels (machines without AVX2) follow candle's scalar `vec_dot_unopt`; for
+    /// Q4_1 that is also what the AVX2 kernel computes, so both agree bit for bit.
+    #[test]
+    fn scalar_kernels_match_candle_scalar_order() {
+        let (n, k, m) = (21, 128, 6);
+        let x = random(m * k, 5);
+        for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            let (q, mut w) = weights(format, n, k, 11);
+            let simd = ours(&w, &x);
+            w.simd = false;
+            let scalar = ours(&w, &x);
+            match format {
+                BlockFormat::Q4_1 => assert_eq!(bits(&scalar), bits(&simd)),
+                BlockFormat::Q8_0 => {
+                    let wb: Vec<BlockQ8_0> = {
+                        let mut b = vec![BlockQ8_0::zeros(); n * k / BLOCK];
+                        BlockQ8_0::from_float(
+                            &q.dequantize(&Device::Cpu)
+                                .unwrap()
+                                .flatten_all()
+                                .unwrap()
+                                .to_vec1()
+                                .unwrap(),
+                            &mut b,
+                        );
+                        b
+                    };
+                    for r in 0..m {
+                        let mut xb = vec![BlockQ8_0::zeros(); k / BLOCK];
+                        BlockQ8_0::from_float(&x[r * k..(r + 1) * k], &mut xb);
+                        for j in 0..n {
+                            let rows = k / BLOCK;
+                            let expected =
+                                BlockQ8_0::vec_dot_unopt(k, &wb[j * rows..(j + 1) * rows], &xb);
+                            assert_eq!(scalar[r * n + j].to_bits(), expected.to_bits());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Row `r` of a 16-row call equals a 1-row call on row `r` alone, on 1 thread or 3.
+    #[test]
+    fn rows_are_independent_of_batch_and_threads() {
+        let (n, k, m) = (45, 192, 16);
+        let x = random(m * k, 9);
+        for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            let (_, w) = weights(format, n, k, 3);
+            let pool = |t| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(t)
+                    .build()
+                    .unwrap()
+            };
+            let batched = pool(3).install(|| ours(&w, &x));
+            assert_eq!(bits(&batched), bits(&pool(1).install(|| ours(&w, &x))));
+            for r in 0..m {
+                let alone = ours(&w, &x[r * k..(r + 1) * k]);
+                assert_eq!(
+                    bits(&alone),
+                    bits(&batched[r * n..(r + 1) * n]),
+                    "{format:?} row {r}"
+                );
+            }
+            let odd = [3, 7, 11];
+            let picked: Vec<f32> = odd
+                .iter()
+                .flat_map(|&r| x[r * k..(r + 1) * k].to_vec())
+                .collect();
+            let picked_out = ours(&w, &picked);
+            for (i, &r) in odd.iter().enumerate() {
+                assert_eq!(
+                    bits(&picked_out[i * n..(i + 1) * n]),
+                    bits(&batched[r * n..(r + 1) * n])
+                );
+            }
+        }
+    }
+
+    /// The quantized product stays near the f32 product of the dequantized weights (a check
+    /// on the maths, independent of candle).
+    #[test]
+    fn close_to_f32_matmul_of_dequantized_weights() {
+        let (n, k, m) = (13, 256, 2);
+        let x = random(m * k, 21);
+        for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            let (q, w) = weights(format, n, k, 4);
+            let deq = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let out = ours(&w, &x);
+            for r in 0..m {
+                for j in 0..n {
+                    let xr = &x[r * k..(r + 1) * k];
+                    let exact: f32 = xr
+                        .iter()
+                        .zip(&deq[j * k..(j + 1) * k])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    let scale: f32 = xr
+                        .iter()
+                        .zip(&deq[j * k..(j + 1) * k])
+                        .map(|(a, b)| (a * b).abs())
+                        .sum();
+                    let got = out[r * n + j];
+                    assert!(
+                        (got - exact).abs() <= 0.02 * scale + 1e-6,
+                        "{format:?} {got} vs {exact}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Several matrices (mixed formats, one with fewer rows than a unit) on one input give
+    /// exactly what separate calls give.
+    #[test]
+    fn matmul_many_equals_separate_calls() {
+        let (k, m) = (128, 6);
+        let x = random(m * k, 17);
+        let mats = [
+            weights(BlockFormat::Q4_1, 40, k, 1).1,
+            weights(BlockFormat::Q8_0, 3, k, 2).1,
+            weights(BlockFormat::Q4_1, 17, k, 3).1,
+        ];
+        let refs: Vec<&QuantMatrix> = mats.iter().collect();
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![f32::NAN; m * w.rows()]).collect();
+        let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        matmul_many(&refs, &x, &mut slices).unwrap();
+        for (w, out) in mats.iter().zip(&outs) {
+            assert_eq!(bits(out), bits(&ours(w, &x)));
+        }
+        let narrow = weights(BlockFormat::Q4_1, 8, 64, 4).1;
+        assert_eq!(
+            matmul_many(&[&mats[0], &narrow], &x, &mut [&mut [], &mut []]),
+            Err(QuantMatmulError::ColumnsDiffer {
+                first: 128,
+                other: 64
+            })
+        );
+        assert_eq!(
+            matmul_many(&[&mats[0]], &x, &mut []),
+            Err(QuantMatmulError::Outputs {
+                matrices: 1,
+                outputs: 0
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        let e = QuantMatrix::from_gguf_blocks(BlockFormat::Q4_1, 2, 48, &[0; 80]);
+        assert_eq!(e.err(), Some(QuantMatmulError::Columns { cols: 48 }));
+        let e = QuantMatrix::from_gguf_blocks(BlockFormat::Q8_0, 2, 64, &[0; 130]);
+        assert!(matches!(
+            e,
+            Err(QuantMatmulError::WeightBytes {
+                expected: 136,
+                actual: 130,
+                ..
+            })
+        ));
+        let w = QuantMatrix::from_gguf_blocks(BlockFormat::Q4_1, 2, 64, &[0; 80]).unwrap();
+        let mut out = vec![0.0; 4];
+        assert_eq!(
+            w.matmul(&[0.0; 65], &mut out),
+            Err(QuantMatmulError::Input { len: 65, cols: 64 })
+        );
+        assert_eq!(
+            w.matmul(&[0.0; 128], &mut out[..3]),
+            Err(QuantMatmulError::Output {
+                actual: 3,
+                expected: 4
+            })
+        );
+        assert_eq!(w.matmul(&[0.0; 128], &mut out), Ok(()));
+    }
+}
