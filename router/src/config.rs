@@ -98,76 +98,37 @@ pub enum Policy {
 }
 
 impl Policy {
-    /// The built-in profile as an EndpointPickerConfig YAML.
-    pub fn yaml(self) -> &'static str {
-        match self {
-            Self::PrefixAware => PREFIX_AWARE_YAML,
-            Self::LoadAware => LOAD_AWARE_YAML,
-            Self::RoundRobin => ROUND_ROBIN_YAML,
-            Self::Random => RANDOM_YAML,
+    /// The built-in profile as an EndpointPickerConfig YAML: its scorers (with weights) and
+    /// picker as plugins, referred to by one `default` profile. The prefix scorer has no
+    /// parameters: the index takes `--block-size` and the defaults.
+    pub fn yaml(self) -> String {
+        let (scorers, picker): (&[(&str, u32)], &str) = match self {
+            Self::PrefixAware => (
+                &[
+                    ("precise-prefix-cache-scorer", 3),
+                    ("kv-cache-utilization-scorer", 2),
+                    ("queue-scorer", 2),
+                ],
+                "max-score-picker",
+            ),
+            Self::LoadAware => (
+                &[("kv-cache-utilization-scorer", 1), ("queue-scorer", 1)],
+                "max-score-picker",
+            ),
+            Self::RoundRobin => (&[], "round-robin-picker"),
+            Self::Random => (&[], "random-picker"),
+        };
+        let (mut plugins, mut refs) = (String::new(), String::new());
+        for (kind, weight) in scorers {
+            plugins += &format!("- type: {kind}\n");
+            refs += &format!("  - pluginRef: {kind}\n    weight: {weight}\n");
         }
+        format!(
+            "kind: EndpointPickerConfig\nplugins:\n{plugins}- type: {picker}\n\
+             schedulingProfiles:\n- name: default\n  plugins:\n{refs}  - pluginRef: {picker}\n"
+        )
     }
 }
-
-const PREFIX_AWARE_YAML: &str = "\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: precise-prefix-cache-scorer
-  parameters:
-    indexerConfig:
-      tokenProcessorConfig:
-        blockSize: 16
-- type: kv-cache-utilization-scorer
-- type: queue-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: precise-prefix-cache-scorer
-    weight: 3
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: max-score-picker
-";
-
-const LOAD_AWARE_YAML: &str = "\
-kind: EndpointPickerConfig
-plugins:
-- type: kv-cache-utilization-scorer
-- type: queue-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 1
-  - pluginRef: queue-scorer
-    weight: 1
-  - pluginRef: max-score-picker
-";
-
-const ROUND_ROBIN_YAML: &str = "\
-kind: EndpointPickerConfig
-plugins:
-- type: round-robin-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: round-robin-picker
-";
-
-const RANDOM_YAML: &str = "\
-kind: EndpointPickerConfig
-plugins:
-- type: random-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: random-picker
-";
 
 /// llm-d's `EndpointPickerConfig`, the parts the router reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -412,13 +373,9 @@ fn prefix_parameters(params: &Value, index: &mut IndexConfig) -> Result<(), Conf
 pub fn scheduling(args: &Args, model: &str) -> Result<Scheduling, ConfigError> {
     let cfg = match &args.config {
         Some(path) => EndpointPickerConfig::from_file(path)?,
-        None => EndpointPickerConfig::from_yaml(args.policy.yaml())?,
+        None => EndpointPickerConfig::from_yaml(&args.policy.yaml())?,
     };
     let mut s = cfg.resolve(args.profile.as_deref(), model, args.block_size)?;
-    if args.config.is_none() {
-        // The built-in YAML's block size is the default; the flag decides.
-        s.index.block_size = args.block_size;
-    }
     if args.events_bind.is_some() {
         s.events_bind = args.events_bind.clone();
     }
@@ -435,19 +392,21 @@ mod tests {
         Args::try_parse_from(argv).unwrap()
     }
 
+    fn weights(s: &Scheduling) -> Vec<(Scorer, f64)> {
+        s.profile
+            .scorers
+            .iter()
+            .map(|w| (w.scorer, w.weight))
+            .collect()
+    }
+
     #[test]
     fn built_in_profiles() {
         let a = args(&["--pod", "http://127.0.0.1:8001", "--block-size", "32"]);
         let s = scheduling(&a, "m").unwrap();
         assert_eq!(s.profile.picker, Picker::MaxScore);
-        let weights: Vec<(Scorer, f64)> = s
-            .profile
-            .scorers
-            .iter()
-            .map(|w| (w.scorer, w.weight))
-            .collect();
         assert_eq!(
-            weights,
+            weights(&s),
             vec![
                 (Scorer::PrecisePrefixCache, 3.0),
                 (Scorer::KvCacheUtilization, 2.0),
@@ -465,6 +424,12 @@ mod tests {
             assert_eq!(s.profile.picker, picker);
             assert!(!s.profile.uses_prefix());
         }
+        let s = scheduling(&args(&["--policy", "load-aware"]), "m").unwrap();
+        assert_eq!(
+            weights(&s),
+            vec![(Scorer::KvCacheUtilization, 1.0), (Scorer::Queue, 1.0)]
+        );
+        assert_eq!(s.index.block_size, 16);
     }
 
     #[test]

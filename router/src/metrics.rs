@@ -1,7 +1,9 @@
 //! The router's own Prometheus metrics (`router_*`): routing decisions per pod, prefix blocks
 //! matched per decision, decision latency, retries; and, sampled when `/metrics` is rendered,
-//! per-pod in-flight/health/load, the index size and the event streams' lag.
+//! per-pod in-flight/health/load, the index size, and the event streams' counters and lag, over
+//! all pods and per pod.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
@@ -9,7 +11,7 @@ use prometheus::{
 
 use std::sync::atomic::Ordering;
 
-use crate::events::IngestStats;
+use crate::events::{IngestStats, StreamStats};
 use crate::index::IndexStats;
 use crate::pods::Pod;
 
@@ -38,60 +40,32 @@ pub struct RouterMetrics {
     index_unresolved: IntGauge,
     event_lag: Gauge,
     event_counts: GaugeVec,
+    pod_event_lag: GaugeVec,
+    pod_event_counts: GaugeVec,
 }
 
 impl RouterMetrics {
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
-        let pod_gauge = |name: &str, help: &str| -> prometheus::Result<GaugeVec> {
-            let g = GaugeVec::new(Opts::new(name, help), &["pod"])?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            registered(&registry, GaugeVec::new(Opts::new(name, help), labels)?)
         };
-        let int_gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
-            let g = IntGauge::new(name, help)?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
+        let pod_gauge = |name: &str, help: &str| gauge_vec(name, help, &["pod"]);
+        let int_gauge = |name: &str, help: &str| registered(&registry, IntGauge::new(name, help)?);
+        let histogram = |name: &str, help: &str, b: &[f64]| {
+            let opts = HistogramOpts::new(name, help).buckets(b.to_vec());
+            registered(&registry, Histogram::with_opts(opts)?)
         };
-        let histogram = |name: &str, help: &str, b: &[f64]| -> prometheus::Result<Histogram> {
-            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(b.to_vec()))?;
-            registry.register(Box::new(h.clone()))?;
-            Ok(h)
+        let pod_counter = |name: &str, help: &str| {
+            registered(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), &["pod"])?,
+            )
         };
-        let decisions = IntCounterVec::new(
-            Opts::new("router_decisions_total", "Requests routed, by chosen pod."),
-            &["pod"],
-        )?;
-        registry.register(Box::new(decisions.clone()))?;
-        let upstream_failures = IntCounterVec::new(
-            Opts::new(
-                "router_upstream_failures_total",
-                "Attempts a pod refused (connection failed or 503) before any byte was sent.",
-            ),
-            &["pod"],
-        )?;
-        registry.register(Box::new(upstream_failures.clone()))?;
-        let retries = IntCounter::new(
-            "router_retries_total",
-            "Requests sent to another pod after the first choice refused them.",
-        )?;
-        registry.register(Box::new(retries.clone()))?;
-        let event_counts = GaugeVec::new(
-            Opts::new(
-                "router_kv_events",
-                "KV event ingestion counters over all pods (batches, events, decode_errors, \
-                 gaps, replays, replay_failures, resets, duplicates).",
-            ),
-            &["counter"],
-        )?;
-        registry.register(Box::new(event_counts.clone()))?;
-        let event_lag = Gauge::new(
-            "router_event_lag_seconds",
-            "Age of the last applied KV event batch when it was applied (its timestamp to then).",
-        )?;
-        registry.register(Box::new(event_lag.clone()))?;
+        const COUNTERS: &str = "(batches, events, decode_errors, gaps, replays, \
+                                replay_failures, resets, duplicates)";
         Ok(Self {
-            decisions,
+            decisions: pod_counter("router_decisions_total", "Requests routed, by chosen pod.")?,
             prefix_hit_blocks: histogram(
                 "router_prefix_hit_blocks",
                 "Leading prompt blocks the chosen pod holds, per decision.",
@@ -102,8 +76,17 @@ impl RouterMetrics {
                 "Time from request arrival to the pod choice (parsing, tokenizing, scoring).",
                 LATENCY_BUCKETS,
             )?,
-            retries,
-            upstream_failures,
+            retries: registered(
+                &registry,
+                IntCounter::new(
+                    "router_retries_total",
+                    "Requests sent to another pod after the first choice refused them.",
+                )?,
+            )?,
+            upstream_failures: pod_counter(
+                "router_upstream_failures_total",
+                "Attempts a pod refused (connection failed or 503) before any byte was sent.",
+            )?,
             pod_in_flight: pod_gauge("router_pod_in_flight", "Requests in flight, per pod.")?,
             pod_healthy: pod_gauge("router_pod_healthy", "1 when the pod's /health passes.")?,
             pod_queue: pod_gauge(
@@ -127,8 +110,28 @@ impl RouterMetrics {
                 "router_index_unresolved_blocks",
                 "Stored blocks whose parent or hash could not be resolved.",
             )?,
-            event_lag,
-            event_counts,
+            event_lag: registered(
+                &registry,
+                Gauge::new(
+                    "router_event_lag_seconds",
+                    "Age of the last applied KV event batch when it was applied (its timestamp to \
+                 then).",
+                )?,
+            )?,
+            event_counts: gauge_vec(
+                "router_kv_events",
+                &format!("KV event ingestion counters over all pods {COUNTERS}."),
+                &["counter"],
+            )?,
+            pod_event_lag: pod_gauge(
+                "router_pod_event_lag_seconds",
+                "Age of a pod's last applied KV event batch when it was applied.",
+            )?,
+            pod_event_counts: gauge_vec(
+                "router_pod_kv_events",
+                &format!("KV event ingestion counters per followed pod {COUNTERS}."),
+                &["pod", "counter"],
+            )?,
             registry,
         })
     }
@@ -188,27 +191,40 @@ impl RouterMetrics {
         self.index_engine_hashes
             .set(clamp(index.engine_hashes as u64));
         self.index_unresolved.set(clamp(index.unresolved_blocks));
-        self.event_lag
-            .set(events.last_lag_us.load(Ordering::Relaxed) as f64 / 1e6);
-        for (counter, v) in [
-            ("batches", &events.batches),
-            ("events", &events.events),
-            ("decode_errors", &events.decode_errors),
-            ("gaps", &events.gaps),
-            ("replays", &events.replays),
-            ("replay_failures", &events.replay_failures),
-            ("resets", &events.resets),
-            ("duplicates", &events.duplicates),
-        ] {
+        self.event_lag.set(lag_seconds(&events.totals));
+        for (counter, v) in events.totals.counters() {
             self.event_counts
                 .with_label_values(&[counter])
                 .set(v.load(Ordering::Relaxed) as f64);
+        }
+        // Removed pods' series go.
+        self.pod_event_lag.reset();
+        self.pod_event_counts.reset();
+        for (pod, stats) in events.per_pod() {
+            self.pod_event_lag
+                .with_label_values(&[&*pod])
+                .set(lag_seconds(&stats));
+            for (counter, v) in stats.counters() {
+                self.pod_event_counts
+                    .with_label_values(&[&*pod, counter])
+                    .set(v.load(Ordering::Relaxed) as f64);
+            }
         }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// `c`, registered with `registry`.
+fn registered<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> prometheus::Result<C> {
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn lag_seconds(s: &StreamStats) -> f64 {
+    s.last_lag_us.load(Ordering::Relaxed) as f64 / 1e6
 }
 
 #[cfg(test)]
@@ -231,8 +247,13 @@ mod tests {
             unresolved_blocks: 1,
         };
         let events = IngestStats::default();
-        events.gaps.store(1, Ordering::Relaxed);
-        events.last_lag_us.store(250_000, Ordering::Relaxed);
+        events.totals.gaps.store(1, Ordering::Relaxed);
+        events.totals.last_lag_us.store(250_000, Ordering::Relaxed);
+        let pod_a = events.pod(&"a".into());
+        pod_a.gaps.store(1, Ordering::Relaxed);
+        pod_a.batches.store(7, Ordering::Relaxed);
+        pod_a.last_lag_us.store(250_000, Ordering::Relaxed);
+        events.pod(&"b".into()).resets.store(2, Ordering::Relaxed);
         let page = m.render(&[], std::time::Duration::from_secs(2), stats, &events);
         for line in [
             "router_decisions_total{pod=\"a\"} 2",
@@ -246,8 +267,20 @@ mod tests {
             "router_index_pod_entries 12",
             "router_event_lag_seconds 0.25",
             "router_kv_events{counter=\"gaps\"} 1",
+            "router_pod_kv_events{counter=\"gaps\",pod=\"a\"} 1",
+            "router_pod_kv_events{counter=\"batches\",pod=\"a\"} 7",
+            "router_pod_kv_events{counter=\"gaps\",pod=\"b\"} 0",
+            "router_pod_kv_events{counter=\"resets\",pod=\"b\"} 2",
+            "router_pod_event_lag_seconds{pod=\"a\"} 0.25",
+            "router_pod_event_lag_seconds{pod=\"b\"} 0",
         ] {
             assert!(page.contains(line), "missing {line:?} in\n{page}");
         }
+        // A removed pod's series go at the next render.
+        events.remove_pod("b");
+        let page = m.render(&[], std::time::Duration::from_secs(2), stats, &events);
+        assert!(page.contains("router_pod_event_lag_seconds{pod=\"a\"}"));
+        assert!(!page.contains("router_pod_event_lag_seconds{pod=\"b\"}"));
+        assert!(!page.contains("router_pod_kv_events{counter=\"resets\",pod=\"b\"}"));
     }
 }

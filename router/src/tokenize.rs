@@ -2,6 +2,7 @@
 //! chat template (loaded from the same model path without its weights), the agent's request
 //! types, its chat rendering and its `add_special_tokens` defaults (on for completions, off
 //! for chat). A request the agent would reject yields no tokens; the pod then answers it.
+//! The request's `cache_salt` comes along: the engine keys the first block with it.
 
 use std::path::Path;
 
@@ -17,6 +18,14 @@ use serde_json::{Map, Value};
 pub enum Endpoint {
     Completions,
     ChatCompletions,
+}
+
+/// What the router keys a request's prompt by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptKey {
+    pub tokens: Vec<u32>,
+    /// The request's `cache_salt`, when non-empty (an empty one is no salt, as in the engine).
+    pub cache_salt: Option<String>,
 }
 
 pub struct PromptTokenizer {
@@ -36,9 +45,9 @@ impl PromptTokenizer {
         &self.pre.name
     }
 
-    /// The token ids the agent would prefill for `body` (the first prompt of a batch), or
-    /// `None` when the body is not a request the agent would accept.
-    pub fn prompt_tokens(&self, endpoint: Endpoint, body: &Map<String, Value>) -> Option<Vec<u32>> {
+    /// The token ids the agent would prefill for `body` (the first prompt of a batch) and its
+    /// cache salt, or `None` when the body is not a request the agent would accept.
+    pub fn prompt(&self, endpoint: Endpoint, body: &Map<String, Value>) -> Option<PromptKey> {
         let common: CommonFields = typed(body).ok()?;
         let mut ids = match endpoint {
             Endpoint::Completions => self.completion(body, &common)?,
@@ -50,7 +59,10 @@ impl PromptTokenizer {
                 ids.drain(..ids.len() - n as usize);
             }
         }
-        Some(ids)
+        Some(PromptKey {
+            tokens: ids,
+            cache_salt: common.cache_salt.map(|s| s.0).filter(|s| !s.is_empty()),
+        })
     }
 
     fn completion(&self, body: &Map<String, Value>, common: &CommonFields) -> Option<Vec<u32>> {
@@ -104,6 +116,39 @@ mod tests {
 
     fn obj(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
+    }
+
+    impl PromptTokenizer {
+        fn prompt_tokens(&self, endpoint: Endpoint, body: &Map<String, Value>) -> Option<Vec<u32>> {
+            self.prompt(endpoint, body).map(|p| p.tokens)
+        }
+    }
+
+    #[test]
+    fn cache_salt_comes_with_the_tokens() {
+        let Some(t) = model() else { return };
+        for endpoint in [Endpoint::Completions, Endpoint::ChatCompletions] {
+            let body = |salt: Value| {
+                obj(
+                    json!({"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}],
+                           "cache_salt": salt}),
+                )
+            };
+            let salted = t.prompt(endpoint, &body(json!("tenant-1"))).unwrap();
+            assert_eq!(salted.cache_salt.as_deref(), Some("tenant-1"));
+            assert_eq!(
+                t.prompt(endpoint, &body(json!(""))).unwrap().cache_salt,
+                None
+            );
+            assert_eq!(
+                t.prompt(endpoint, &body(Value::Null)).unwrap().cache_salt,
+                None
+            );
+            assert_eq!(
+                t.prompt(endpoint, &body(Value::Null)).unwrap().tokens,
+                salted.tokens
+            );
+        }
     }
 
     #[test]

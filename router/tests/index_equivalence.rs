@@ -4,7 +4,10 @@
 
 use std::collections::HashMap;
 
-use kvevents::{BlockRemoved, BlockStored, ExternalBlockHash, KvEvent};
+mod common;
+
+use common::{block_stored, engine_chain};
+use kvevents::{BlockRemoved, ExternalBlockHash, KvEvent};
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -13,16 +16,6 @@ use router::index::{IndexConfig, PrefixIndex, Tier, TierWeights};
 const BS: usize = 3;
 const PODS: [&str; 4] = ["p0", "p1", "p2", "p3"];
 const MEDIA: [Option<&str>; 4] = [None, Some("GPU"), Some("CPU"), Some("STORAGE")];
-
-fn engine_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
-    let mut h = parent.unwrap_or(7) ^ 0x1234_5678_9abc;
-    for &t in tokens {
-        h = (h ^ u64::from(t))
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .rotate_left(23);
-    }
-    h
-}
 
 /// Random hash form: vLLM's int, or a 32-byte digest ending in it.
 fn wire(rng: &mut ChaCha8Rng, h: u64) -> ExternalBlockHash {
@@ -120,16 +113,7 @@ fn run(seed: u64) {
         let model = naive.pods.entry(pod).or_default();
         let seq = seqs.choose(&mut rng).unwrap();
         let nblocks = seq.len() / BS;
-        let hashes: Vec<u64> = {
-            let mut parent = None;
-            seq.chunks_exact(BS)
-                .map(|b| {
-                    let h = engine_hash(parent, b);
-                    parent = Some(h);
-                    h
-                })
-                .collect()
-        };
+        let hashes = engine_chain(seq, BS);
         let medium = *MEDIA.choose(&mut rng).unwrap();
         let bit = tier_bit(medium);
         let event = match rng.random_range(0..100) {
@@ -149,20 +133,16 @@ fn run(seed: u64) {
                         e.1 |= bit;
                     }
                 }
-                KvEvent::BlockStored(BlockStored {
-                    block_hashes: hashes[from..to]
+                KvEvent::BlockStored(block_stored(
+                    hashes[from..to]
                         .iter()
                         .map(|&h| wire(&mut rng, h))
                         .collect(),
-                    parent_block_hash: parent.map(|p| wire(&mut rng, p)),
-                    token_ids: seq[from * BS..to * BS].to_vec(),
-                    block_size: BS as u32,
-                    lora_id: None,
-                    medium: medium.map(str::to_string),
-                    lora_name: None,
-                    extra_keys: None,
-                    group_idx: None,
-                })
+                    parent.map(|p| wire(&mut rng, p)),
+                    seq[from * BS..to * BS].to_vec(),
+                    BS,
+                    medium,
+                ))
             }
             // Offloaded copies: hashes only.
             50..=64 => {
@@ -178,17 +158,13 @@ fn run(seed: u64) {
                         e.1 |= bit;
                     }
                 }
-                KvEvent::BlockStored(BlockStored {
-                    block_hashes: picked.iter().map(|&h| wire(&mut rng, h)).collect(),
-                    parent_block_hash: None,
-                    token_ids: vec![],
-                    block_size: BS as u32,
-                    lora_id: None,
-                    medium: Some(medium.to_string()),
-                    lora_name: None,
-                    extra_keys: None,
-                    group_idx: None,
-                })
+                KvEvent::BlockStored(block_stored(
+                    picked.iter().map(|&h| wire(&mut rng, h)).collect(),
+                    None,
+                    vec![],
+                    BS,
+                    Some(medium),
+                ))
             }
             65..=96 => {
                 let picked: Vec<u64> = hashes
@@ -223,7 +199,7 @@ fn run(seed: u64) {
                 let mut longer = seq.clone();
                 longer.extend([9, 9, 9, 9, 9]);
                 for prompt in [seq, &longer] {
-                    let keys = ix.block_keys(prompt);
+                    let keys = ix.block_keys(prompt, None);
                     let got = ix.longest_prefix(&keys);
                     for p in PODS {
                         let (n, w) = naive.score(p, prompt, &weights);

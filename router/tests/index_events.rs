@@ -1,7 +1,10 @@
 //! The prefix index driven by KV events the way engines send them: chains, several pods, tiers,
 //! removal, clears, the memory caps, and events it cannot map.
 
-use kvevents::{BlockRemoved, BlockStored, ExternalBlockHash, ExtraKey, KvEvent};
+mod common;
+
+use common::{block_stored, engine_chain};
+use kvevents::{BlockRemoved, ExternalBlockHash, ExtraKey, KvEvent};
 use router::index::{IndexConfig, PodMatch, PrefixIndex, TierWeights};
 
 const BS: usize = 4;
@@ -14,58 +17,34 @@ fn index_with(f: impl FnOnce(&mut IndexConfig)) -> PrefixIndex {
     PrefixIndex::new(cfg).unwrap()
 }
 
-/// An engine's own hash for a block: any function of the chain differing from the router's.
-fn engine_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
-    let mut h = parent.unwrap_or(0x5eed) ^ 0xdead_beef;
-    for &t in tokens {
-        h = (h ^ u64::from(t))
-            .wrapping_mul(0x100_0000_01b3)
-            .rotate_left(17);
-    }
-    h
-}
-
-/// Engine hashes of the full blocks of `tokens`.
-fn engine_chain(tokens: &[u32]) -> Vec<u64> {
-    let mut parent = None;
-    tokens
-        .chunks_exact(BS)
-        .map(|b| {
-            let h = engine_hash(parent, b);
-            parent = Some(h);
-            h
-        })
-        .collect()
-}
-
 /// BlockStored for blocks `from..to` of `tokens` (engine hashes as ints).
 fn stored(tokens: &[u32], from: usize, to: usize, medium: Option<&str>) -> KvEvent {
-    let hashes = engine_chain(tokens);
-    KvEvent::BlockStored(BlockStored {
-        block_hashes: hashes[from..to]
+    let hashes = engine_chain(tokens, BS);
+    KvEvent::BlockStored(block_stored(
+        hashes[from..to]
             .iter()
             .map(|&h| ExternalBlockHash::Int(h))
             .collect(),
-        parent_block_hash: from
-            .checked_sub(1)
+        from.checked_sub(1)
             .map(|p| ExternalBlockHash::Int(hashes[p])),
-        token_ids: tokens[from * BS..to * BS].to_vec(),
-        block_size: BS as u32,
-        lora_id: None,
-        medium: medium.map(str::to_string),
-        lora_name: None,
-        extra_keys: None,
-        group_idx: None,
-    })
+        tokens[from * BS..to * BS].to_vec(),
+        BS,
+        medium,
+    ))
+}
+
+/// The engine hashes of some blocks of `tokens`.
+fn picked(tokens: &[u32], blocks: &[usize]) -> Vec<ExternalBlockHash> {
+    let hashes = engine_chain(tokens, BS);
+    blocks
+        .iter()
+        .map(|&i| ExternalBlockHash::Int(hashes[i]))
+        .collect()
 }
 
 fn removed(tokens: &[u32], blocks: &[usize], medium: Option<&str>) -> KvEvent {
-    let hashes = engine_chain(tokens);
     KvEvent::BlockRemoved(BlockRemoved {
-        block_hashes: blocks
-            .iter()
-            .map(|&i| ExternalBlockHash::Int(hashes[i]))
-            .collect(),
+        block_hashes: picked(tokens, blocks),
         medium: medium.map(str::to_string),
         group_idx: None,
     })
@@ -73,21 +52,13 @@ fn removed(tokens: &[u32], blocks: &[usize], medium: Option<&str>) -> KvEvent {
 
 /// Offloaded copies as vLLM's CPU offloading announces them: hashes only.
 fn offloaded(tokens: &[u32], blocks: &[usize], medium: &str) -> KvEvent {
-    let hashes = engine_chain(tokens);
-    KvEvent::BlockStored(BlockStored {
-        block_hashes: blocks
-            .iter()
-            .map(|&i| ExternalBlockHash::Int(hashes[i]))
-            .collect(),
-        parent_block_hash: None,
-        token_ids: vec![],
-        block_size: BS as u32,
-        lora_id: None,
-        medium: Some(medium.into()),
-        lora_name: None,
-        extra_keys: None,
-        group_idx: None,
-    })
+    KvEvent::BlockStored(block_stored(
+        picked(tokens, blocks),
+        None,
+        vec![],
+        BS,
+        Some(medium),
+    ))
 }
 
 fn toks(seed: u32, blocks: usize) -> Vec<u32> {
@@ -96,8 +67,17 @@ fn toks(seed: u32, blocks: usize) -> Vec<u32> {
 
 /// (pod, blocks, score) sorted by pod.
 fn scores(ix: &PrefixIndex, tokens: &[u32]) -> Vec<(String, usize, f64)> {
+    salted_scores(ix, tokens, None)
+}
+
+/// `scores` of a request with a `cache_salt`.
+fn salted_scores(
+    ix: &PrefixIndex,
+    tokens: &[u32],
+    salt: Option<&str>,
+) -> Vec<(String, usize, f64)> {
     let mut v: Vec<_> = ix
-        .longest_prefix(&ix.block_keys(tokens))
+        .longest_prefix(&ix.block_keys(tokens, salt))
         .into_iter()
         .map(|PodMatch { pod, blocks, score }| (pod.to_string(), blocks, score))
         .collect();
@@ -273,18 +253,49 @@ fn unknown_engine_hashes_and_bad_events_are_ignored() {
     assert!(scores(&ix, &t).is_empty());
 }
 
+/// `stored` for a request with a cache salt, as the agent (and vLLM) announce it: the salt is
+/// the first block's only extra key, later blocks have none.
+fn salted_stored(tokens: &[u32], from: usize, to: usize, salt: &str) -> KvEvent {
+    let KvEvent::BlockStored(mut e) = stored(tokens, from, to, None) else {
+        unreachable!()
+    };
+    let mut keys = vec![None; to - from];
+    if from == 0 {
+        keys[0] = Some(vec![ExtraKey::Str(salt.into())]);
+    }
+    e.extra_keys = Some(keys);
+    KvEvent::BlockStored(e)
+}
+
 #[test]
 fn extra_keys_make_distinct_blocks() {
     let ix = index_with(|_| {});
     let t = toks(10, 2);
-    let KvEvent::BlockStored(mut e) = stored(&t, 0, 2, None) else {
-        unreachable!()
-    };
-    e.extra_keys = Some(vec![Some(vec![ExtraKey::Str("salt".into())]), None]);
-    ix.apply("a", &KvEvent::BlockStored(e));
+    ix.apply("a", &salted_stored(&t, 0, 2, "salt"));
     // The salted first block is not the plain prompt's first block.
     assert!(scores(&ix, &t).is_empty());
     assert_eq!(ix.stats().keys, 2);
+}
+
+#[test]
+fn salted_requests_match_chains_stored_under_their_salt() {
+    let ix = index_with(|_| {});
+    let t = toks(15, 4);
+    // A salted chain stored in two steps (the continuation carries no extra keys), and the
+    // same tokens unsalted on another pod.
+    ix.apply("a", &salted_stored(&t, 0, 2, "tenant-1"));
+    ix.apply("a", &salted_stored(&t, 2, 3, "tenant-1"));
+    ix.apply("b", &stored(&t, 0, 4, None));
+    let a = vec![("a".to_string(), 3, 0.75)];
+    assert_eq!(salted_scores(&ix, &t, Some("tenant-1")), a);
+    assert_eq!(
+        scores(&ix, &t),
+        vec![("b".to_string(), 4, 1.0)],
+        "unsalted requests match only unsalted blocks"
+    );
+    assert!(salted_scores(&ix, &t, Some("tenant-2")).is_empty());
+    // An empty salt is no salt (as in the engine).
+    assert_eq!(salted_scores(&ix, &t, Some("")), scores(&ix, &t));
 }
 
 #[test]
@@ -347,7 +358,7 @@ fn concurrent_ingest_and_scoring() {
         let t = t.clone();
         s.spawn(move || {
             for _ in 0..200 {
-                for m in ix.longest_prefix(&ix.block_keys(&t)) {
+                for m in ix.longest_prefix(&ix.block_keys(&t, None)) {
                     assert!(m.score <= 1.0 && m.blocks <= 32);
                 }
             }

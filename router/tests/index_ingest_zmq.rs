@@ -6,11 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::block_stored;
 use kvevents::{
-    encode_batch, encode_seq, BlockStored, Encoding, EventBatch, ExternalBlockHash, KvEvent,
-    REPLAY_END_SEQ,
+    encode_batch, encode_seq, Encoding, EventBatch, ExternalBlockHash, KvEvent, REPLAY_END_SEQ,
 };
-use router::events::{EventIngest, IngestConfig, IngestStats, PodEndpoints};
+use router::events::{EventIngest, IngestConfig, IngestStats, PodEndpoints, StreamStats};
 use router::index::{IndexConfig, PrefixIndex};
 
 const BS: usize = 4;
@@ -54,17 +56,13 @@ fn store(chain: u32, from: usize, to: usize) -> EventBatch {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs_f64(),
-        events: vec![KvEvent::BlockStored(BlockStored {
-            block_hashes: (from..to).map(h).collect(),
-            parent_block_hash: from.checked_sub(1).map(h),
-            token_ids: t[from * BS..to * BS].to_vec(),
-            block_size: BS as u32,
-            lora_id: None,
-            medium: Some("GPU".into()),
-            lora_name: None,
-            extra_keys: None,
-            group_idx: None,
-        })],
+        events: vec![KvEvent::BlockStored(block_stored(
+            (from..to).map(h).collect(),
+            from.checked_sub(1).map(h),
+            t[from * BS..to * BS].to_vec(),
+            BS,
+            Some("GPU"),
+        ))],
         data_parallel_rank: None,
     }
 }
@@ -72,7 +70,7 @@ fn store(chain: u32, from: usize, to: usize) -> EventBatch {
 /// Leading blocks of `chain` that `pod` holds.
 fn held(index: &PrefixIndex, pod: &str, chain: u32) -> usize {
     index
-        .longest_prefix(&index.block_keys(&tokens(chain)))
+        .longest_prefix(&index.block_keys(&tokens(chain), None))
         .iter()
         .find(|m| &*m.pod == pod)
         .map_or(0, |m| m.blocks)
@@ -226,7 +224,59 @@ fn follow(
 }
 
 fn batches(stats: &IngestStats) -> u64 {
-    count(&stats.batches)
+    count(&stats.totals.batches)
+}
+
+/// `pod`'s own counters, if it has any.
+fn pod_stats(stats: &IngestStats, pod: &str) -> Option<Arc<StreamStats>> {
+    stats
+        .per_pod()
+        .into_iter()
+        .find(|(p, _)| &**p == pod)
+        .map(|(_, s)| s)
+}
+
+#[test]
+fn each_pod_has_its_own_counters_and_lag() {
+    let (index, ingest, ctx) = setup();
+    let stats = ingest.stats();
+    let pa = follow(&ingest, &ctx, "a", None);
+    let pb = follow(&ingest, &ctx, "b", None);
+    pa.send(0, &store(1, 0, 4), Encoding::Map);
+    // A gap on a only (no replay: a is cleared).
+    pa.send(3, &store(2, 0, 4), Encoding::Map);
+    let mut old = store(1, 0, 4);
+    old.ts -= 5.0;
+    pb.send(0, &old, Encoding::Map);
+    wait_until("three batches", || batches(&stats) == 3);
+    let (a, b) = (
+        pod_stats(&stats, "a").unwrap(),
+        pod_stats(&stats, "b").unwrap(),
+    );
+    let of = |s: &StreamStats| {
+        (
+            count(&s.batches),
+            count(&s.gaps),
+            count(&s.resets),
+            count(&s.replays),
+        )
+    };
+    assert_eq!(of(&a), (2, 1, 1, 0));
+    assert_eq!(of(&b), (1, 0, 0, 0));
+    assert_eq!(of(&stats.totals), (3, 1, 1, 0));
+    assert!(count(&a.last_lag_us) < 4_000_000);
+    assert!(
+        (5_000_000..20_000_000).contains(&count(&b.last_lag_us)),
+        "b's lag is its own batch's: {}",
+        count(&b.last_lag_us)
+    );
+    assert_eq!(held(&index, "b", 1), 4);
+    // A removed pod's counters go; the totals keep what it counted.
+    ingest.remove_pod("a");
+    assert!(pod_stats(&stats, "a").is_none());
+    assert_eq!(batches(&stats), 3);
+    let names: Vec<String> = stats.per_pod().iter().map(|(p, _)| p.to_string()).collect();
+    assert_eq!(names, ["b"]);
 }
 
 #[test]
@@ -250,9 +300,12 @@ fn live_batches_in_both_encodings_and_topic_filter() {
     wait_until("two batches", || batches(&stats) == 2);
     assert_eq!(held(&index, "a", 1), 4);
     assert_eq!(held(&index, "a", 2), 0);
-    assert_eq!(count(&stats.events), 2);
-    assert_eq!((count(&stats.gaps), count(&stats.resets)), (0, 0));
-    assert!(count(&stats.last_lag_us) < 10_000_000);
+    assert_eq!(count(&stats.totals.events), 2);
+    assert_eq!(
+        (count(&stats.totals.gaps), count(&stats.totals.resets)),
+        (0, 0)
+    );
+    assert!(count(&stats.totals.last_lag_us) < 10_000_000);
 }
 
 #[test]
@@ -275,15 +328,15 @@ fn gap_is_filled_by_replay_and_replayed_batches_are_not_applied_twice() {
     p.send(2, &all[2], Encoding::Map);
     p.send(3, &all[3], Encoding::Map);
     wait_until("replayed chain", || {
-        held(&index, "a", 1) == 4 && count(&stats.duplicates) == 1
+        held(&index, "a", 1) == 4 && count(&stats.totals.duplicates) == 1
     });
     assert_eq!(replay.requests(), vec![1]);
     assert_eq!(batches(&stats), 4);
     assert_eq!(
         (
-            count(&stats.gaps),
-            count(&stats.replays),
-            count(&stats.resets)
+            count(&stats.totals.gaps),
+            count(&stats.totals.replays),
+            count(&stats.totals.resets)
         ),
         (1, 1, 0)
     );
@@ -307,7 +360,10 @@ fn gap_without_replay_clears_the_pod() {
         "blocks from before the gap are dropped"
     );
     assert_eq!(held(&index, "a", 2), 4);
-    assert_eq!((count(&stats.gaps), count(&stats.resets)), (1, 1));
+    assert_eq!(
+        (count(&stats.totals.gaps), count(&stats.totals.resets)),
+        (1, 1)
+    );
 }
 
 #[test]
@@ -324,7 +380,10 @@ fn gap_the_replay_buffer_no_longer_covers_clears_the_pod() {
     p.send(4, &store(2, 2, 4), Encoding::Map);
     wait_until("recovery", || held(&index, "a", 2) == 4);
     assert_eq!(held(&index, "a", 1), 0);
-    assert_eq!((count(&stats.replays), count(&stats.resets)), (1, 1));
+    assert_eq!(
+        (count(&stats.totals.replays), count(&stats.totals.resets)),
+        (1, 1)
+    );
 }
 
 #[test]
@@ -337,10 +396,10 @@ fn mute_replay_times_out_and_clears_the_pod() {
     wait_until("first batch", || held(&index, "a", 1) == 4);
     p.send(2, &store(2, 0, 4), Encoding::Map);
     wait_until("give-up", || {
-        count(&stats.replay_failures) == 1 && held(&index, "a", 2) == 4
+        count(&stats.totals.replay_failures) == 1 && held(&index, "a", 2) == 4
     });
     assert_eq!(held(&index, "a", 1), 0);
-    assert_eq!(count(&stats.resets), 1);
+    assert_eq!(count(&stats.totals.resets), 1);
 }
 
 #[test]
@@ -354,11 +413,14 @@ fn seq_going_back_means_restart_and_clears_the_pod() {
     p.send(0, &store(2, 0, 4), Encoding::Array);
     wait_until("new stream", || held(&index, "a", 2) == 4);
     assert_eq!(held(&index, "a", 1), 0);
-    assert_eq!((count(&stats.resets), count(&stats.gaps)), (1, 0));
+    assert_eq!(
+        (count(&stats.totals.resets), count(&stats.totals.gaps)),
+        (1, 0)
+    );
     // The new stream continues normally.
     p.send(1, &store(3, 0, 4), Encoding::Map);
     wait_until("continuation", || held(&index, "a", 3) == 4);
-    assert_eq!(count(&stats.resets), 1);
+    assert_eq!(count(&stats.totals.resets), 1);
 }
 
 #[test]
@@ -377,7 +439,11 @@ fn joining_a_running_stream_replays_its_start() {
     });
     assert_eq!(replay.requests(), vec![0]);
     assert_eq!(
-        (batches(&stats), count(&stats.resets), count(&stats.gaps)),
+        (
+            batches(&stats),
+            count(&stats.totals.resets),
+            count(&stats.totals.gaps)
+        ),
         (3, 0, 0)
     );
 }
@@ -397,10 +463,10 @@ fn malformed_messages_are_counted_and_ingestion_goes_on() {
     p.send_raw(1, b"\xc1 not msgpack");
     p.send(2, &store(2, 0, 4), Encoding::Map);
     wait_until("batch after garbage", || held(&index, "a", 2) == 4);
-    assert_eq!(count(&stats.decode_errors), 3);
+    assert_eq!(count(&stats.totals.decode_errors), 3);
     // The undecodable batch's changes are unknown: the pod was cleared.
     assert_eq!(held(&index, "a", 1), 0);
-    assert_eq!(count(&stats.gaps), 0);
+    assert_eq!(count(&stats.totals.gaps), 0);
 }
 
 #[test]
@@ -462,9 +528,9 @@ fn centralized_mode_tells_pods_apart_by_topic_and_replays() {
     assert_eq!(replay.requests(), vec![2]);
     assert_eq!(
         (
-            count(&stats.gaps),
-            count(&stats.replays),
-            count(&stats.resets)
+            count(&stats.totals.gaps),
+            count(&stats.totals.replays),
+            count(&stats.totals.resets)
         ),
         (1, 1, 0)
     );

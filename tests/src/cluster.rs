@@ -334,6 +334,57 @@ impl RouterProc {
     pub async fn metrics(&self) -> Metrics {
         metrics_of(&self.client, self.url("/metrics")).await
     }
+
+    /// [`RouterProc::post_ok`], also returning the prompt blocks the router matched on the
+    /// chosen pod (the increase of `router_prefix_hit_blocks_sum`; requests go one at a time).
+    pub async fn post_matched(&self, path: &str, body: &Value) -> (String, f64) {
+        let before = self.metrics().await.value("router_prefix_hit_blocks_sum");
+        let pod = self.post_ok(path, body).await;
+        let after = self.metrics().await.value("router_prefix_hit_blocks_sum");
+        (pod, after - before)
+    }
+
+    /// Polls `/metrics` until `ok` holds; panics with the router log after 15 s.
+    pub async fn wait_for(&self, what: &str, ok: impl Fn(&Metrics) -> bool) -> Metrics {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let m = self.metrics().await;
+            if ok(&m) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\nrouter log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Agents `a` and `b` started with `flags`, and a router in front of both.
+pub async fn pods_behind_router(flags: &[&str]) -> (Pod, Pod, RouterProc) {
+    let (a, b) = tokio::join!(Pod::start(flags), Pod::start(flags));
+    let router = RouterProc::start(&pod_flags([a.spec("a", None), b.spec("b", None)])).await;
+    (a, b, router)
+}
+
+/// A completion that keeps a pod busy for a long time (2000 tokens, EOS ignored).
+pub fn long_completion() -> Value {
+    json!({
+        "model": SERVED_MODEL,
+        "prompt": "Write a very long story about a lighthouse keeper.",
+        "max_tokens": 2000,
+        "ignore_eos": true,
+    })
+}
+
+/// `--pod SPEC` for each spec, for [`RouterProc::start`].
+pub fn pod_flags(specs: impl IntoIterator<Item = String>) -> Vec<String> {
+    specs
+        .into_iter()
+        .flat_map(|spec| ["--pod".to_string(), spec])
+        .collect()
 }
 
 /// A TCP relay from a local port to a target port, whose connections can be cut and the port

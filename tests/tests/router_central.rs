@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::cluster::{reserve_ports, Pod, RouterProc};
+use e2e::cluster::{pod_flags, reserve_ports, Pod, RouterProc};
 use e2e::{LONG_TEXT, SERVED_MODEL};
 use serde_json::json;
 
@@ -35,15 +35,12 @@ async fn centralized_subscriber_routes_by_topic() {
             p.http, p.replay
         )
     };
-    let router = RouterProc::start(&[
-        "--events-bind".into(),
+    let mut args = vec![
+        "--events-bind".to_string(),
         format!("tcp://127.0.0.1:{sub_port}"),
-        "--pod".into(),
-        pod_arg(&a),
-        "--pod".into(),
-        pod_arg(&b),
-    ])
-    .await;
+    ];
+    args.extend(pod_flags([pod_arg(&a), pod_arg(&b)]));
+    let router = RouterProc::start(&args).await;
 
     let mut homes = Vec::new();
     for group in 0..4 {
@@ -53,9 +50,9 @@ async fn centralized_subscriber_routes_by_topic() {
         let mut last_hits = 0.0;
         for i in 1..4 {
             loop {
-                let before = router.metrics().await.value("router_prefix_hit_blocks_sum");
-                let pod = router.post_ok("/v1/completions", &request(group, i)).await;
-                let hits = router.metrics().await.value("router_prefix_hit_blocks_sum") - before;
+                let (pod, hits) = router
+                    .post_matched("/v1/completions", &request(group, i))
+                    .await;
                 if hits > 0.0 {
                     assert_eq!(pod, first, "group {group} request {i} left its pod");
                     last_hits = hits;

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::cluster::{Pod, RouterProc};
+use e2e::cluster::{long_completion, pods_behind_router};
 use e2e::sse::{Event, SseStream};
 use e2e::SERVED_MODEL;
 use serde_json::json;
@@ -14,23 +14,11 @@ const REQUESTS: usize = 16;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_pod_does_not_fail_requests() {
-    let (mut a, b) = tokio::join!(Pod::start(&[]), Pod::start(&[]));
-    let router = RouterProc::start(&[
-        "--pod".into(),
-        a.spec("a", None),
-        "--pod".into(),
-        b.spec("b", None),
-    ])
-    .await;
+    let (mut a, b, router) = pods_behind_router(&[]).await;
 
     // A dropped stream through the router frees the pod.
-    let long = json!({
-        "model": SERVED_MODEL,
-        "prompt": "Write a very long story about a lighthouse keeper.",
-        "max_tokens": 2000,
-        "ignore_eos": true,
-        "stream": true,
-    });
+    let mut long = long_completion();
+    long["stream"] = json!(true);
     let resp = router
         .client()
         .post(router.url("/v1/completions"))

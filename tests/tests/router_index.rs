@@ -29,7 +29,7 @@ fn brute_force(hasher: &BlockHasher, cached: &HashSet<u64>, tokens: &[u32]) -> u
 }
 
 fn indexed(index: &PrefixIndex, tokens: &[u32]) -> (usize, f64) {
-    let keys = index.block_keys(tokens);
+    let keys = index.block_keys(tokens, None);
     index
         .longest_prefix(&keys)
         .into_iter()

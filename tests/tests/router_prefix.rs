@@ -6,10 +6,14 @@
 //! The agents' KV caches hold about half of the groups' prefixes each: prefix-aware routing
 //! splits the groups between the pods and keeps hitting; round-robin sends every group to both
 //! pods, which then evict each other's prefixes (and miss once per pod per group anyway).
+//!
+//! Also: requests with a `cache_salt` match only blocks stored under the same salt (the agent
+//! keys the first block with it, and so does the router), and the router reports each pod's
+//! event stream on its own.
 
 use std::collections::HashMap;
 
-use e2e::cluster::{counter_delta, Pod, RouterProc};
+use e2e::cluster::{counter_delta, pod_flags, Pod, RouterProc};
 use e2e::{Metrics, LONG_TEXT, SERVED_MODEL};
 use serde_json::{json, Value};
 
@@ -39,6 +43,59 @@ fn chat(phase: &str, group: usize, i: usize) -> Value {
         "temperature": 0.0,
         "ignore_eos": true,
     })
+}
+
+/// Salted requests share cached prefixes with their own salt only.
+async fn salted_requests_match_their_salt_only(router: &RouterProc) {
+    let salted = |salt: &str, i: usize| {
+        let mut body = chat("salt", 0, i);
+        body["cache_salt"] = json!(salt);
+        body
+    };
+    let batches = |m: &Metrics, pod: &str| {
+        m.get(
+            "router_pod_kv_events",
+            &[("pod", pod), ("counter", "batches")],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = router.metrics().await;
+    let (first, hit) = router
+        .post_matched("/v1/chat/completions", &salted("tenant-1", 0))
+        .await;
+    assert_eq!(hit, 0.0, "a new salted prefix matched");
+    // Until the router has the first request's blocks (its pod's next event batch).
+    router
+        .wait_for("the salted blocks' events", |m| {
+            batches(m, &first) > batches(&before, &first)
+        })
+        .await;
+    let (second, hit) = router
+        .post_matched("/v1/chat/completions", &salted("tenant-1", 1))
+        .await;
+    assert_eq!(second, first, "same salt and prefix went to another pod");
+    assert!(hit > 0.0, "same salt matched no block");
+    let (_, hit) = router
+        .post_matched("/v1/chat/completions", &salted("tenant-2", 2))
+        .await;
+    assert_eq!(hit, 0.0, "another salt matched the tenant-1 blocks");
+    let (_, hit) = router
+        .post_matched("/v1/chat/completions", &chat("salt", 0, 3))
+        .await;
+    assert_eq!(hit, 0.0, "an unsalted request matched salted blocks");
+    // Each pod's event stream is reported on its own.
+    let m = router.metrics().await;
+    for pod in ["a", "b"] {
+        assert!(
+            batches(&m, pod) > 0.0,
+            "no event batches counted for pod {pod}"
+        );
+        assert!(
+            m.get("router_pod_event_lag_seconds", &[("pod", pod)])
+                .is_some(),
+            "no event lag for pod {pod}"
+        );
+    }
 }
 
 /// The workload: first requests of groups in concurrent pairs (as concurrent arrivals do, so
@@ -107,12 +164,9 @@ async fn prefix_aware_routing_beats_round_robin() {
         "512",
     ];
     let (a, b) = tokio::join!(Pod::start(&flags), Pod::start(&flags));
-    let pods = [a.spec("a", None), b.spec("b", None)];
     let router_args = |policy: &str| -> Vec<String> {
         let mut v = vec!["--policy".to_string(), policy.to_string()];
-        for p in &pods {
-            v.extend(["--pod".to_string(), p.clone()]);
-        }
+        v.extend(pod_flags([a.spec("a", None), b.spec("b", None)]));
         v
     };
     let aware = RouterProc::start(&router_args("prefix-aware")).await;
@@ -127,6 +181,7 @@ async fn prefix_aware_routing_beats_round_robin() {
     let on_a = served.values().filter(|p| p[0] == "a").count();
     let m = aware.metrics().await;
     let hit_blocks = m.value("router_prefix_hit_blocks_sum");
+    salted_requests_match_their_salt_only(&aware).await;
     drop(aware);
 
     let rr = RouterProc::start(&router_args("round-robin")).await;

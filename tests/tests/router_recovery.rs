@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::cluster::{Pod, Relay, RouterProc};
+use e2e::cluster::{pod_flags, Pod, Relay, RouterProc};
 use e2e::{Metrics, LONG_TEXT, SERVED_MODEL};
 use serde_json::{json, Value};
 
@@ -19,27 +19,6 @@ fn prompt(tag: &str) -> String {
     format!("[{tag}] {}", &LONG_TEXT[..800])
 }
 
-fn hit_blocks(m: &Metrics) -> f64 {
-    m.value("router_prefix_hit_blocks_sum")
-}
-
-/// Polls the router's metrics until `ok` holds (panics with the router log after 15 s).
-async fn wait_for(router: &RouterProc, what: &str, ok: impl Fn(&Metrics) -> bool) -> Metrics {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let m = router.metrics().await;
-        if ok(&m) {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\nrouter log:\n{}",
-            router.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn index_entries(m: &Metrics) -> f64 {
     m.value("router_index_pod_entries")
 }
@@ -48,51 +27,49 @@ fn index_entries(m: &Metrics) -> f64 {
 async fn restart_and_lost_events_are_recovered() {
     let (mut a, mut b) = tokio::join!(Pod::start(&[]), Pod::start(&[]));
     let (mut relay_a, relay_b) = tokio::join!(Relay::start(a.events), Relay::start(b.events));
-    let router = RouterProc::start(&[
-        "--pod".into(),
+    let router = RouterProc::start(&pod_flags([
         a.spec("a", Some(relay_a.port)),
-        "--pod".into(),
         b.spec("b", Some(relay_b.port)),
-    ])
+    ]))
     .await;
 
     // --- Restart: the pod that holds P is restarted; P no longer matches anywhere.
     let p = prompt("restart");
     let holder = router.post_ok("/v1/completions", &completion(&p)).await;
-    let m = wait_for(&router, "P's blocks in the index", |m| {
-        index_entries(m) >= 9.0
-    })
-    .await;
-    let again = router.post_ok("/v1/completions", &completion(&p)).await;
+    router
+        .wait_for("P's blocks in the index", |m| index_entries(m) >= 9.0)
+        .await;
+    let (again, matched) = router
+        .post_matched("/v1/completions", &completion(&p))
+        .await;
     assert_eq!(
         again, holder,
         "the second P request should follow its prefix"
     );
-    let m2 = router.metrics().await;
-    let matched = hit_blocks(&m2) - hit_blocks(&m);
     assert!(matched >= 9.0, "P matched only {matched} blocks");
     let restarted = if holder == "a" { &mut a } else { &mut b };
     restarted.restart().await;
-    wait_for(&router, "the restarted pod's entries to go", |m| {
-        index_entries(m) == 0.0
-    })
-    .await;
-    let before = router.metrics().await;
-    router.post_ok("/v1/completions", &completion(&p)).await;
-    let after = router.metrics().await;
+    router
+        .wait_for("the restarted pod's entries to go", |m| {
+            index_entries(m) == 0.0
+        })
+        .await;
+    let (_, matched) = router
+        .post_matched("/v1/completions", &completion(&p))
+        .await;
     assert_eq!(
-        hit_blocks(&after) - hit_blocks(&before),
-        0.0,
+        matched, 0.0,
         "P still matched the restarted pod's old blocks"
     );
 
     // --- Lost events: pod a's event connection is cut while it stores Q.
-    let wait_connected = wait_for(&router, "events flowing again", |m| {
-        m.get("router_kv_events", &[("counter", "batches")])
-            .unwrap_or(0.0)
-            > 0.0
-    })
-    .await;
+    let wait_connected = router
+        .wait_for("events flowing again", |m| {
+            m.get("router_kv_events", &[("counter", "batches")])
+                .unwrap_or(0.0)
+                > 0.0
+        })
+        .await;
     let replays_before = wait_connected
         .get("router_kv_events", &[("counter", "replays")])
         .unwrap_or(0.0);
@@ -128,10 +105,9 @@ async fn restart_and_lost_events_are_recovered() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let before = router.metrics().await;
-    let pod = router.post_ok("/v1/completions", &completion(&q)).await;
-    let after = router.metrics().await;
-    let matched = hit_blocks(&after) - hit_blocks(&before);
+    let (pod, matched) = router
+        .post_matched("/v1/completions", &completion(&q))
+        .await;
     println!("after the replay: Q went to {pod} matching {matched} blocks");
     assert_eq!(
         pod, "a",

@@ -155,7 +155,7 @@ fn main() {
         let doc = rng.random_range(0..docs);
         let mut tokens = doc_tokens(doc);
         let t = Instant::now();
-        let keys = index.block_keys(&tokens);
+        let keys = index.block_keys(&tokens, None);
         hash_t.push(t.elapsed());
 
         let t = Instant::now();
@@ -168,21 +168,21 @@ fn main() {
         }
 
         tokens[PROMPT_TOKENS / 2] ^= 1;
-        let keys = index.block_keys(&tokens);
+        let keys = index.block_keys(&tokens, None);
         let t = Instant::now();
         let m = index.longest_prefix(&keys);
         half_t.push(t.elapsed());
         assert!(m.iter().all(|m| m.blocks == DOC_BLOCKS / 2));
 
         tokens[0] ^= 1;
-        let keys = index.block_keys(&tokens);
+        let keys = index.block_keys(&tokens, None);
         let t = Instant::now();
         let m = index.longest_prefix(&keys);
         miss_t.push(t.elapsed());
         assert!(m.is_empty());
     }
     // One hot prompt (a shared system prompt) asked again and again: its blocks stay cached.
-    let hot = index.block_keys(&doc_tokens(0));
+    let hot = index.block_keys(&doc_tokens(0), None);
     let mut hot_t = Vec::with_capacity(queries);
     for _ in 0..queries {
         let t = Instant::now();

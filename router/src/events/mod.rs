@@ -8,6 +8,9 @@
 //! Each pod's stream tracks seqs (see `stream`): a gap is filled from the pod's replay socket
 //! or else the pod is cleared, a seq going back (engine restart) clears the pod, and an
 //! undecodable batch clears the pod. Nothing a publisher sends can stop ingestion.
+//!
+//! Counters (`IngestStats`) are kept per pod and in total, as plain atomics: a stream looks its
+//! pod's counters up once when it starts, never per event.
 
 mod stream;
 
@@ -16,7 +19,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -52,9 +55,9 @@ impl Default for IngestConfig {
     }
 }
 
-/// Counters over all pods, for the router's metrics.
+/// One event stream's counters; also their sums over all pods (`IngestStats::totals`).
 #[derive(Debug, Default)]
-pub struct IngestStats {
+pub struct StreamStats {
     /// Batches applied to the index.
     pub batches: AtomicU64,
     pub events: AtomicU64,
@@ -64,12 +67,70 @@ pub struct IngestStats {
     /// Replays that answered (filled a gap or a stream's start).
     pub replays: AtomicU64,
     pub replay_failures: AtomicU64,
-    /// Pods cleared because their state became unknown (restart, unfillable gap, bad batch).
+    /// Pod cleared because its state became unknown (restart, unfillable gap, bad batch).
     pub resets: AtomicU64,
     /// Live batches dropped because a replay had already applied them.
     pub duplicates: AtomicU64,
     /// Age of the last applied batch when applied (now - batch.ts), microseconds.
     pub last_lag_us: AtomicU64,
+}
+
+impl StreamStats {
+    /// The counters (all but the lag) by their metric label.
+    pub fn counters(&self) -> [(&'static str, &AtomicU64); 8] {
+        [
+            ("batches", &self.batches),
+            ("events", &self.events),
+            ("decode_errors", &self.decode_errors),
+            ("gaps", &self.gaps),
+            ("replays", &self.replays),
+            ("replay_failures", &self.replay_failures),
+            ("resets", &self.resets),
+            ("duplicates", &self.duplicates),
+        ]
+    }
+}
+
+/// Ingestion counters for the router's metrics: totals over all pods, and each followed pod's
+/// own. A stream takes its pod's counters once, when it starts, so counting an event touches
+/// only atomics.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    /// Sums over all pods (pods since removed included), plus malformed messages of the
+    /// centralized socket, which name no pod.
+    pub totals: StreamStats,
+    pods: RwLock<HashMap<Arc<str>, Arc<StreamStats>>>,
+}
+
+impl IngestStats {
+    /// `pod`'s counters, created on first use; a pod's streams share them until it is removed.
+    pub(crate) fn pod(&self, pod: &Arc<str>) -> Arc<StreamStats> {
+        if let Some(s) = self
+            .pods
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(pod)
+        {
+            return s.clone();
+        }
+        let mut pods = self.pods.write().unwrap_or_else(PoisonError::into_inner);
+        pods.entry(pod.clone()).or_default().clone()
+    }
+
+    pub(crate) fn remove_pod(&self, pod: &str) {
+        self.pods
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(pod);
+    }
+
+    /// Each pod's counters, by pod name.
+    pub fn per_pod(&self) -> Vec<(Arc<str>, Arc<StreamStats>)> {
+        let pods = self.pods.read().unwrap_or_else(PoisonError::into_inner);
+        let mut v: Vec<_> = pods.iter().map(|(p, s)| (p.clone(), s.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
 }
 
 /// Where a pod's events come from. `events: None` means the pod publishes to the centralized
@@ -293,12 +354,12 @@ impl EventIngest {
                 sock.connect(endpoint).map_err(Self::zmq_err(endpoint))?;
                 let ctx = self.ctx.clone();
                 let poll = self.cfg.poll_interval;
-                let mut stream = PodStream::new(name.clone(), endpoints.replay.clone());
+                let mut stream = PodStream::new(&ctx, name.clone(), endpoints.replay.clone());
                 Some(Worker::spawn(format!("kv-sub-{pod}"), move |stop| {
                     receive_loop(&sock, &stop, poll, |frames| match live_frames(&frames) {
                         Some((_, seq, payload)) => stream.on_live(&ctx, seq, payload),
                         None => {
-                            ctx.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                            stream.on_malformed(&ctx);
                             let topic = topic_of(&frames);
                             let frames = frames.len();
                             tracing::warn!(%topic, frames, "malformed KV event message");
@@ -341,13 +402,13 @@ impl EventIngest {
             (Some(sub), _) => {
                 // Joined before the index forgets the pod, so no batch of it lands afterwards.
                 drop(sub);
-                self.ctx.index.remove_pod(pod);
+                self.ctx.forget_pod(pod);
             }
             // The pod's worker drops it in order with its queued batches.
             (None, Some(central)) => central
                 .shards
                 .send(pod, CentralMsg::Forget { pod: pod.into() }),
-            (None, None) => self.ctx.index.remove_pod(pod),
+            (None, None) => self.ctx.forget_pod(pod),
         }
     }
 
@@ -397,7 +458,11 @@ impl EventIngest {
                         },
                     ),
                     None => {
-                        ctx.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                        // No pod to count it for: the topic named none.
+                        ctx.stats
+                            .totals
+                            .decode_errors
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(frames = frames.len(), "malformed KV event message");
                     }
                 }
@@ -442,7 +507,7 @@ fn central_worker(ctx: &Ctx, rx: mpsc::Receiver<CentralMsg>) {
         match msg {
             CentralMsg::Batch { pod, seq, payload } => streams
                 .entry(pod.clone())
-                .or_insert_with(|| PodStream::new(pod.clone(), replays.get(&pod).cloned()))
+                .or_insert_with(|| PodStream::new(ctx, pod.clone(), replays.get(&pod).cloned()))
                 .on_live(ctx, seq, &payload),
             CentralMsg::Register { pod, replay } => {
                 if let Some(s) = streams.get_mut(&pod) {
@@ -456,7 +521,7 @@ fn central_worker(ctx: &Ctx, rx: mpsc::Receiver<CentralMsg>) {
             CentralMsg::Forget { pod } => {
                 streams.remove(&pod);
                 replays.remove(&pod);
-                ctx.index.remove_pod(&pod);
+                ctx.forget_pod(&pod);
             }
         }
     }

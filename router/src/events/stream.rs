@@ -1,13 +1,13 @@
 //! One pod's ordered event stream: seq tracking, gap recovery through the pod's replay socket,
 //! restart detection, and application of each batch to the index, in seq order.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kvevents::{decode_batch, encode_seq, ReplayReply};
 
-use super::IngestStats;
+use super::{IngestStats, StreamStats};
 use crate::index::PrefixIndex;
 
 /// What a stream needs besides its own state; shared by all streams of an ingest.
@@ -16,6 +16,14 @@ pub(crate) struct Ctx {
     pub stats: Arc<IngestStats>,
     pub zmq: zmq::Context,
     pub replay_timeout: Duration,
+}
+
+impl Ctx {
+    /// Drops everything known of `pod`: its index state and its counters.
+    pub fn forget_pod(&self, pod: &str) {
+        self.index.remove_pod(pod);
+        self.stats.remove_pod(pod);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +38,8 @@ enum ReplayError {
 
 pub(crate) struct PodStream {
     pod: Arc<str>,
+    /// The pod's own counters (the totals are counted too).
+    stats: Arc<StreamStats>,
     replay: Option<String>,
     /// Seq of the last batch applied (or given up on).
     last: Option<u64>,
@@ -38,8 +48,9 @@ pub(crate) struct PodStream {
 }
 
 impl PodStream {
-    pub fn new(pod: Arc<str>, replay: Option<String>) -> Self {
+    pub fn new(ctx: &Ctx, pod: Arc<str>, replay: Option<String>) -> Self {
         Self {
+            stats: ctx.stats.pod(&pod),
             pod,
             replay,
             last: None,
@@ -51,11 +62,23 @@ impl PodStream {
         self.replay = replay;
     }
 
+    /// Adds `n` to one counter, the pod's and the totals.
+    fn count(&self, ctx: &Ctx, counter: fn(&StreamStats) -> &AtomicU64, n: u64) {
+        for stats in [&ctx.stats.totals, &*self.stats] {
+            counter(stats).fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a message of this pod's socket that is not a live batch.
+    pub fn on_malformed(&self, ctx: &Ctx) {
+        self.count(ctx, |s| &s.decode_errors, 1);
+    }
+
     /// Handles one live batch.
     pub fn on_live(&mut self, ctx: &Ctx, seq: u64, payload: &[u8]) {
         if let Some((lo, hi)) = self.replayed {
             if (lo..=hi).contains(&seq) {
-                ctx.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                self.count(ctx, |s| &s.duplicates, 1);
                 return;
             }
             if seq > hi {
@@ -70,7 +93,7 @@ impl PodStream {
             None => self.apply(ctx, seq, payload),
             Some(last) if seq == last + 1 => self.apply(ctx, seq, payload),
             Some(last) if seq > last + 1 => {
-                ctx.stats.gaps.fetch_add(1, Ordering::Relaxed);
+                self.count(ctx, |s| &s.gaps, 1);
                 tracing::warn!(pod = %self.pod, last, seq, "KV event seq gap");
                 self.recover(ctx, last + 1, seq, payload);
             }
@@ -92,7 +115,7 @@ impl PodStream {
             Some(endpoint) => match replay(ctx, endpoint, start) {
                 Ok(batches) => Some(batches),
                 Err(e) => {
-                    ctx.stats.replay_failures.fetch_add(1, Ordering::Relaxed);
+                    self.count(ctx, |s| &s.replay_failures, 1);
                     let pod = &self.pod;
                     tracing::warn!(%pod, endpoint, start, error = %e, "KV event replay failed");
                     None
@@ -106,7 +129,7 @@ impl PodStream {
             self.apply(ctx, live, payload);
             return;
         };
-        ctx.stats.replays.fetch_add(1, Ordering::Relaxed);
+        self.count(ctx, |s| &s.replays, 1);
         let mut newest = None;
         for (seq, batch) in &batches {
             if self.last.is_some_and(|l| *seq <= l) {
@@ -138,7 +161,7 @@ impl PodStream {
     }
 
     fn reset(&self, ctx: &Ctx) {
-        ctx.stats.resets.fetch_add(1, Ordering::Relaxed);
+        self.count(ctx, |s| &s.resets, 1);
         ctx.index.clear_pod(&self.pod);
     }
 
@@ -147,19 +170,19 @@ impl PodStream {
         match decode_batch(payload) {
             Ok(batch) => {
                 ctx.index.apply_batch(&self.pod, &batch);
-                ctx.stats.batches.fetch_add(1, Ordering::Relaxed);
-                ctx.stats
-                    .events
-                    .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+                self.count(ctx, |s| &s.batches, 1);
+                self.count(ctx, |s| &s.events, batch.events.len() as u64);
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0.0, |d| d.as_secs_f64());
                 let lag_us = ((now - batch.ts) * 1e6).max(0.0) as u64;
-                ctx.stats.last_lag_us.store(lag_us, Ordering::Relaxed);
+                for stats in [&ctx.stats.totals, &*self.stats] {
+                    stats.last_lag_us.store(lag_us, Ordering::Relaxed);
+                }
             }
             Err(e) => {
                 // The batch's changes are lost: what the pod holds is no longer known.
-                ctx.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                self.count(ctx, |s| &s.decode_errors, 1);
                 let pod = &self.pod;
                 tracing::warn!(%pod, seq, error = %e, "undecodable KV event batch: clearing pod");
                 self.reset(ctx);

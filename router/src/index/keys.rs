@@ -10,8 +10,12 @@
 //!   the event carries extra keys for it (LoRA name, cache salt, multimodal hashes), an array of
 //!   them: text strings, integers (major type 0 or 1) and byte strings.
 //!
-//! Only full blocks get a key. Prompts tokenized by the router carry no extra keys, so blocks of
-//! salted or LoRA requests never match plain prompts (conservative: no false hits).
+//! Only full blocks get a key. A request's `cache_salt` keys its first block only, as the
+//! engine's hash does: `extra` = `["<salt>"]` for block 0 and `null` after it (an empty salt is
+//! no salt), exactly what the engine's BlockStored `extra_keys` say for such a chain, so salted
+//! requests match blocks stored under the same salt and nothing else. LoRA and multimodal
+//! extra keys are not derived from requests: such blocks never match (conservative: no false
+//! hits).
 
 use kvevents::ExtraKey;
 
@@ -117,13 +121,24 @@ pub fn chain_key(parent: u64, tokens: &[u32], extra: Option<&[ExtraKey]>) -> u64
     h.0
 }
 
-/// Keys of the full blocks of `tokens`, chained from `root`.
-pub fn block_keys(root: u64, block_size: usize, tokens: &[u32]) -> Vec<u64> {
+/// Keys of the full blocks of `tokens`, chained from `root`; a non-empty `cache_salt` is the
+/// first block's extra key.
+pub fn block_keys(
+    root: u64,
+    block_size: usize,
+    tokens: &[u32],
+    cache_salt: Option<&str>,
+) -> Vec<u64> {
+    let salt = cache_salt
+        .filter(|s| !s.is_empty())
+        .map(|s| [ExtraKey::Str(s.to_string())]);
     let mut parent = root;
     tokens
         .chunks_exact(block_size)
-        .map(|block| {
-            parent = chain_key(parent, block, None);
+        .enumerate()
+        .map(|(i, block)| {
+            let extra = salt.as_ref().filter(|_| i == 0).map(|s| &s[..]);
+            parent = chain_key(parent, block, extra);
             parent
         })
         .collect()
@@ -189,18 +204,33 @@ mod tests {
     fn block_keys_chain_full_blocks_only() {
         let root = root_key("m");
         let tokens: Vec<u32> = (0..40).collect();
-        let keys = block_keys(root, 16, &tokens);
+        let keys = block_keys(root, 16, &tokens, None);
         assert_eq!(keys.len(), 2);
         assert_eq!(keys[0], chain_key(root, &tokens[..16], None));
         assert_eq!(keys[1], chain_key(keys[0], &tokens[16..32], None));
         // Same tokens under another model or after another prefix give other keys.
-        assert_ne!(block_keys(root_key("n"), 16, &tokens)[0], keys[0]);
+        assert_ne!(block_keys(root_key("n"), 16, &tokens, None)[0], keys[0]);
         assert_ne!(chain_key(keys[1], &tokens[..16], None), keys[0]);
-        assert!(block_keys(root, 16, &tokens[..15]).is_empty());
+        assert!(block_keys(root, 16, &tokens[..15], None).is_empty());
         // Extra keys make a different block.
         assert_ne!(
             chain_key(root, &tokens[..16], Some(&[ExtraKey::Str("salt".into())])),
             keys[0]
+        );
+    }
+
+    #[test]
+    fn salt_keys_the_first_block_only() {
+        let root = root_key("m");
+        let tokens: Vec<u32> = (0..40).collect();
+        let salt = [ExtraKey::Str("s".into())];
+        let salted = block_keys(root, 16, &tokens, Some("s"));
+        let first = chain_key(root, &tokens[..16], Some(&salt));
+        assert_eq!(salted, [first, chain_key(first, &tokens[16..32], None)]);
+        // An empty salt is no salt, as in the engine.
+        assert_eq!(
+            block_keys(root, 16, &tokens, Some("")),
+            block_keys(root, 16, &tokens, None)
         );
     }
 }

@@ -238,9 +238,10 @@ impl PrefixIndex {
         })
     }
 
-    /// The router keys of the full blocks of a prompt.
-    pub fn block_keys(&self, tokens: &[u32]) -> Vec<u64> {
-        block_keys(self.root, self.block_size, tokens)
+    /// The router keys of the full blocks of a prompt; `cache_salt` is the request's (its
+    /// first block is keyed with it, as the engine does).
+    pub fn block_keys(&self, tokens: &[u32], cache_salt: Option<&str>) -> Vec<u64> {
+        block_keys(self.root, self.block_size, tokens, cache_salt)
     }
 
     pub fn block_size(&self) -> usize {

@@ -20,7 +20,7 @@ use crate::index::PrefixIndex;
 use crate::metrics::RouterMetrics;
 use crate::pods::PodSet;
 use crate::scoring::{PodView, Scheduler};
-use crate::tokenize::{Endpoint, PromptTokenizer};
+use crate::tokenize::{Endpoint, PromptKey, PromptTokenizer};
 
 pub use forward::{Attempt, POD_HEADER};
 
@@ -65,12 +65,12 @@ pub struct Decision {
 impl RouterState {
     /// Ranks the pods for a prompt (`None`: score by load only). Healthy pods come first,
     /// in the picker's order; unhealthy ones follow as a last resort.
-    pub fn decide(&self, tokens: Option<&[u32]>, arrived: Instant) -> Decision {
+    pub fn decide(&self, prompt: Option<&PromptKey>, arrived: Instant) -> Decision {
         let pods = self.pods.list();
-        let matches = match tokens {
-            Some(t) if self.scheduler.profile().uses_prefix() => {
-                self.index.longest_prefix(&self.index.block_keys(t))
-            }
+        let matches = match prompt {
+            Some(p) if self.scheduler.profile().uses_prefix() => self
+                .index
+                .longest_prefix(&self.index.block_keys(&p.tokens, p.cache_salt.as_deref())),
             _ => Vec::new(),
         };
         let now = Instant::now();
@@ -103,26 +103,33 @@ impl RouterState {
 }
 
 async fn completions(State(s): State<AppState>, req: Request) -> Response {
-    generate(s, Endpoint::Completions, req).await
+    route(s, Some(Endpoint::Completions), req).await
 }
 
 async fn chat_completions(State(s): State<AppState>, req: Request) -> Response {
-    generate(s, Endpoint::ChatCompletions, req).await
+    route(s, Some(Endpoint::ChatCompletions), req).await
 }
 
-async fn generate(s: AppState, endpoint: Endpoint, req: Request) -> Response {
+/// Requests the router does not score (`/v1/models`, `/tokenize`, `/version`, …): to the pod
+/// the profile ranks best without a prompt.
+async fn passthrough(State(s): State<AppState>, req: Request) -> Response {
+    route(s, None, req).await
+}
+
+/// Reads the body, decides (by the prompt of a generation `endpoint` when the profile scores
+/// prefixes, else by load only) and forwards.
+async fn route(s: AppState, endpoint: Option<Endpoint>, req: Request) -> Response {
     let arrived = Instant::now();
     let (parts, body) = req.into_parts();
     let body = match read_body(body, s.max_body_bytes).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let tokens = if s.scheduler.profile().uses_prefix() {
-        prompt_tokens(&s.tokenizer, endpoint, &body).await
-    } else {
-        None
+    let prompt = match endpoint {
+        Some(e) if s.scheduler.profile().uses_prefix() => prompt_key(&s.tokenizer, e, &body).await,
+        _ => None,
     };
-    let decision = s.decide(tokens.as_deref(), arrived);
+    let decision = s.decide(prompt.as_ref(), arrived);
     let attempt = Attempt {
         method: parts.method,
         path_and_query: path_and_query(&parts.uri),
@@ -132,14 +139,14 @@ async fn generate(s: AppState, endpoint: Endpoint, req: Request) -> Response {
     forward::send(&s, &decision, attempt).await
 }
 
-async fn prompt_tokens(
+async fn prompt_key(
     tokenizer: &Arc<PromptTokenizer>,
     endpoint: Endpoint,
     body: &Bytes,
-) -> Option<Vec<u32>> {
+) -> Option<PromptKey> {
     let parse = move |bytes: &[u8], t: &PromptTokenizer| {
         let obj: Map<String, Value> = serde_json::from_slice(bytes).ok()?;
-        t.prompt_tokens(endpoint, &obj)
+        t.prompt(endpoint, &obj)
     };
     if body.len() <= INLINE_TOKENIZE_BYTES {
         return parse(body, tokenizer);
@@ -149,25 +156,6 @@ async fn prompt_tokens(
         .await
         .ok()
         .flatten()
-}
-
-/// Requests the router does not score (`/v1/models`, `/tokenize`, `/version`, …): to the pod
-/// the profile ranks best without a prompt.
-async fn passthrough(State(s): State<AppState>, req: Request) -> Response {
-    let arrived = Instant::now();
-    let (parts, body) = req.into_parts();
-    let body = match read_body(body, s.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let decision = s.decide(None, arrived);
-    let attempt = Attempt {
-        method: parts.method,
-        path_and_query: path_and_query(&parts.uri),
-        headers: parts.headers,
-        body,
-    };
-    forward::send(&s, &decision, attempt).await
 }
 
 /// 200 while at least one pod passes its health probe, else 503 (as a pod's `/health`).
