@@ -7,9 +7,11 @@
 //! with an empty cache, which the monitor reports so that the pod's index entries are dropped
 //! even before its new event stream says so.
 //!
-//! Requests the router sent that the pod's last scrape does not show yet (in flight minus the
-//! pod's running and waiting) are added to its queue, so that a burst arriving within one
-//! scrape period spreads out instead of piling onto the pod that looked idle.
+//! The router's own requests in flight to a pod are added to the pod's scraped waiting count.
+//! The router's count is exact and current, the scrape up to one period old: subtracting what
+//! the scrape shows running would hide a new request behind one that already finished, so a
+//! burst would pile onto the pod that looked idle. Our requests the pod reports as waiting count
+//! twice, which shifts every pod the same way.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -120,7 +122,7 @@ fn parse_value(s: &str) -> Option<f64> {
 /// Load of one pod as scorers use it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoadView {
-    /// Waiting requests: the pod's gauge plus the router's requests it does not show yet.
+    /// Waiting requests: the pod's gauge plus the router's requests in flight to it.
     pub queue: f64,
     pub running: f64,
     pub kv_usage: f64,
@@ -179,10 +181,8 @@ impl PodLoad {
         if now.saturating_duration_since(o.at) > stale_after {
             return None;
         }
-        let shown = o.sample.running + o.sample.waiting;
-        let unseen = (self.in_flight() as f64 - shown).max(0.0);
         Some(LoadView {
-            queue: o.sample.waiting + unseen,
+            queue: o.sample.waiting + self.in_flight() as f64,
             running: o.sample.running,
             kv_usage: o.sample.kv_usage,
         })
@@ -346,7 +346,7 @@ vllm:prefix_cache_hits_total{engine="0"} 100
     }
 
     #[test]
-    fn views_go_stale_and_count_requests_the_pod_does_not_show() {
+    fn views_go_stale_and_count_the_routers_requests_in_flight() {
         let load = Arc::new(PodLoad::new());
         let t0 = Instant::now();
         let stale = Duration::from_secs(2);
@@ -358,11 +358,11 @@ vllm:prefix_cache_hits_total{engine="0"} 100
             prompt_tokens: Some(100.0),
         };
         assert!(!load.record(sample, t0));
-        // Three running or waiting on the pod: up to three of ours are accounted for.
+        // One waiting on the pod plus five of ours in flight.
         let ours: Vec<InFlight> = (0..5).map(|_| load.dispatch()).collect();
         assert_eq!(load.in_flight(), 5);
         let v = load.view(t0 + Duration::from_secs(1), stale).unwrap();
-        assert_eq!((v.queue, v.running, v.kv_usage), (3.0, 2.0, 0.5));
+        assert_eq!((v.queue, v.running, v.kv_usage), (6.0, 2.0, 0.5));
         assert_eq!(load.view(t0 + Duration::from_millis(2001), stale), None);
         drop(ours);
         assert_eq!(load.in_flight(), 0);

@@ -103,6 +103,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         stale_after: args.stale_after(),
         max_body_bytes: args.max_body_bytes,
         events: ingest.stats(),
+        choosing: Default::default(),
     });
     let addr = format!("{}:{}", args.host, args.port);
     // No Nagle delay on the client side: streamed chunks are small and latency is the point.

@@ -174,7 +174,7 @@ async fn prefix_aware_routing_beats_round_robin() {
     for (g, pods) in &served {
         assert!(
             pods.iter().all(|p| p == &pods[0]),
-            "group {g} was not kept on one pod: {pods:?}\nrouter log:\n{}",
+            "group {g} was not kept on one pod: {pods:?} (all groups: {served:?})\nrouter log:\n{}",
             aware.log()
         );
     }

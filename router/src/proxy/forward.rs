@@ -40,11 +40,12 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-pub async fn send(s: &RouterState, decision: &Decision, attempt: Attempt) -> Response {
+pub async fn send(s: &RouterState, mut decision: Decision, attempt: Attempt) -> Response {
     if decision.order.is_empty() {
         return unavailable("No pods are available to serve the request.").into_response();
     }
     let mut last_failure = String::new();
+    let mut first = decision.first_in_flight.take();
     for (i, pod) in decision.order.iter().enumerate() {
         if i > 0 {
             s.metrics.retry();
@@ -57,7 +58,10 @@ pub async fn send(s: &RouterState, decision: &Decision, attempt: Attempt) -> Res
         if has_body(&attempt.method) {
             req = req.body(attempt.body.clone());
         }
-        let in_flight = pod.load.dispatch();
+        let in_flight = match first.take() {
+            Some(counted) if i == 0 => counted,
+            _ => pod.load.dispatch(),
+        };
         let last = i + 1 == decision.order.len();
         match req.send().await {
             Ok(resp) if resp.status() == StatusCode::SERVICE_UNAVAILABLE && !last => {

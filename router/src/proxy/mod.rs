@@ -40,6 +40,9 @@ pub struct RouterState {
     pub stale_after: Duration,
     pub max_body_bytes: usize,
     pub events: Arc<IngestStats>,
+    /// Serializes ranking with counting the chosen pod's new request in flight, so requests
+    /// arriving together see each other's choice instead of all picking the same pod.
+    pub choosing: std::sync::Mutex<()>,
 }
 
 type AppState = Arc<RouterState>;
@@ -60,6 +63,8 @@ pub struct Decision {
     /// Leading prompt blocks each pod in `order` holds.
     pub prefix_blocks: Vec<usize>,
     pub latency: Duration,
+    /// The request already counted in flight on `order[0]`, taken when it was chosen.
+    pub first_in_flight: Option<crate::load::InFlight>,
 }
 
 impl RouterState {
@@ -73,6 +78,11 @@ impl RouterState {
                 .longest_prefix(&self.index.block_keys(&p.tokens, p.cache_salt.as_deref())),
             _ => Vec::new(),
         };
+        // Poisoning only means another decision panicked; the guarded data is nothing.
+        let _choosing = self
+            .choosing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = Instant::now();
         let (healthy, sick): (Vec<_>, Vec<_>) = pods.iter().partition(|p| p.load.is_healthy());
         let mut order = Vec::with_capacity(pods.len());
@@ -94,10 +104,12 @@ impl RouterState {
                 prefix_blocks.push(views[i].prefix_blocks);
             }
         }
+        let first_in_flight = order.first().map(|p| p.load.dispatch());
         Decision {
             order,
             prefix_blocks,
             latency: arrived.elapsed(),
+            first_in_flight,
         }
     }
 }
@@ -136,7 +148,7 @@ async fn route(s: AppState, endpoint: Option<Endpoint>, req: Request) -> Respons
         headers: parts.headers,
         body,
     };
-    forward::send(&s, &decision, attempt).await
+    forward::send(&s, decision, attempt).await
 }
 
 async fn prompt_key(
