@@ -20,8 +20,11 @@ use rayon::prelude::*;
 pub const BLOCK: usize = 32;
 /// Weight rows per unit of work; Q4_1 weights are interleaved in units of this many rows.
 const UNIT_ROWS: usize = 8;
-/// Activation rows computed together against one weight unit.
-const ACT_TILE: usize = 4;
+/// Activation rows computed together against one weight unit, at most: Q4_1 takes 4 (its
+/// per-row block sums fill the other registers), Q8_0 all 8.
+const ACT_TILE: usize = 8;
+/// The Q4_1 kernel's activation tile.
+const Q4_1_TILE: usize = 4;
 /// Activation values per parallel quantization task.
 const PAR_QUANTIZE_MIN: usize = 1 << 16;
 
@@ -214,20 +217,30 @@ impl QuantMatrix {
     fn unit_rows(&self, unit: usize, acts: &QuantRows, first: usize, out: &mut [&mut [f32]]) {
         let row0 = unit * UNIT_ROWS;
         let valid = UNIT_ROWS.min(self.rows - row0);
+        let tile = match self.packed {
+            Packed::Q4_1(_) => Q4_1_TILE,
+            Packed::Q8_0 { .. } => ACT_TILE,
+        };
         let mut a0 = 0;
         while a0 < out.len() {
-            let count = ACT_TILE.min(out.len() - a0);
+            let count = tile.min(out.len() - a0);
             let mut res = [[0f32; UNIT_ROWS]; ACT_TILE];
             self.unit_tile(unit, acts, a0, count, &mut res);
             for (a, r) in res.iter().take(count).enumerate() {
-                out[a0 + a][row0 - first..row0 - first + valid].copy_from_slice(&r[..valid]);
+                let dst = &mut out[a0 + a][row0 - first..row0 - first + valid];
+                // A whole unit as a fixed-size copy: a variable-length one is a libc call,
+                // which for these 32 bytes cost more than the copy (perf).
+                match <&mut [f32; UNIT_ROWS]>::try_from(&mut *dst) {
+                    Ok(whole) => *whole = *r,
+                    Err(_) => dst.copy_from_slice(&r[..valid]),
+                }
             }
             a0 += count;
         }
     }
 
     /// Results of weight rows `8·unit ..` (the valid ones) against activation rows
-    /// `a0 .. a0 + count` (`count <= ACT_TILE`): `res[a][j]`.
+    /// `a0 .. a0 + count` (`count` at most the format's tile): `res[a][j]`.
     fn unit_tile(
         &self,
         unit: usize,
@@ -270,6 +283,10 @@ impl QuantMatrix {
                         // SAFETY: as above.
                         unsafe {
                             match count {
+                                8 => avx2::q8_0_row::<8>(wq, wd, acts, a0, j, res),
+                                7 => avx2::q8_0_row::<7>(wq, wd, acts, a0, j, res),
+                                6 => avx2::q8_0_row::<6>(wq, wd, acts, a0, j, res),
+                                5 => avx2::q8_0_row::<5>(wq, wd, acts, a0, j, res),
                                 4 => avx2::q8_0_row::<4>(wq, wd, acts, a0, j, res),
                                 3 => avx2::q8_0_row::<3>(wq, wd, acts, a0, j, res),
                                 2 => avx2::q8_0_row::<2>(wq, wd, acts, a0, j, res),
@@ -328,7 +345,7 @@ pub fn matmul_many(
     if m == 0 {
         return Ok(());
     }
-    let acts = quantize_rows(x, k);
+    let acts = quantize_rows(x, k, mats.iter().all(|w| w.simd));
     // Tasks are runs of whole units of one matrix, a few per thread so uneven ones balance out.
     let units: usize = mats.iter().map(|w| w.rows.div_ceil(UNIT_ROWS)).sum();
     let tasks = (rayon::current_num_threads() * 4).clamp(1, units.max(1));
@@ -369,9 +386,10 @@ fn has_avx2_fma() -> bool {
     }
 }
 
-/// Quantizes each `k`-wide row of `x` as candle's `quantize_row_q8_1` does, rows in parallel.
-/// Q8_0 (`quantize_row_q8_0`) is the same without the block sums, which its kernels ignore.
-fn quantize_rows(x: &[f32], k: usize) -> QuantRows {
+/// Quantizes each `k`-wide row of `x` as candle's `quantize_row_q8_1` does, rows in parallel
+/// (AVX2 where `simd`, same results). Q8_0 (`quantize_row_q8_0`) is the same without the block
+/// sums, which its kernels ignore.
+fn quantize_rows(x: &[f32], k: usize, simd: bool) -> QuantRows {
     let nb = k / BLOCK;
     let total = x.len() / BLOCK;
     let mut q = QuantRows {
@@ -392,21 +410,34 @@ fn quantize_rows(x: &[f32], k: usize) -> QuantRows {
         .with_min_len(min_rows)
         .for_each(|(((x, qs), d), s)| {
             for (b, (xs, qs)) in x.chunks_exact(BLOCK).zip(qs.iter_mut()).enumerate() {
-                let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
-                let scale = amax / 127.0;
-                let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+                let (scale, sum) = quantize_block(xs, qs, simd);
                 let scale16 = f16::from_f32(scale);
                 d[b] = scale16.to_f32();
-                let mut sum = 0i32;
-                for (q, &v) in qs.iter_mut().zip(xs) {
-                    *q = (v * inv).round() as i8;
-                    sum += *q as i32;
-                }
                 // f16 × f16 as candle computes it (through f32, rounded back to f16).
                 s[b] = (f16::from_f32(sum as f32) * scale16).to_f32();
             }
         });
     q
+}
+
+/// One block of candle's Q8 quantization: `qs[i] = round(xs[i] / scale)` with
+/// `scale = max|xs| / 127`; returns `scale` (before f16 rounding) and `Σ qs`.
+fn quantize_block(xs: &[f32], qs: &mut [i8; BLOCK], simd: bool) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is set only where AVX2 and FMA were detected.
+        return unsafe { avx2::quantize_block(xs, qs) };
+    }
+    let _ = simd;
+    let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qs.iter_mut().zip(xs) {
+        *q = (v * inv).round() as i8;
+        sum += *q as i32;
+    }
+    (scale, sum)
 }
 
 /// Row `j` of a Q4_1 unit against activation row starting at block `row`, in candle's
@@ -451,6 +482,22 @@ mod avx2 {
         ]))
     }
 
+    /// Pointers to block `0` of activation rows `a0 .. a0 + A`: quants, scales, sums.
+    #[inline(always)]
+    fn act_rows<const A: usize>(
+        acts: &QuantRows,
+        a0: usize,
+    ) -> ([*const [i8; BLOCK]; A], [*const f32; A], [*const f32; A]) {
+        let nb = acts.blocks;
+        assert!((a0 + A) * nb <= acts.qs.len());
+        let at = |a: usize| (a0 + a) * nb;
+        (
+            std::array::from_fn(|a| acts.qs[at(a)..].as_ptr()),
+            std::array::from_fn(|a| acts.d[at(a)..].as_ptr()),
+            std::array::from_fn(|a| acts.s[at(a)..].as_ptr()),
+        )
+    }
+
     /// 8 Q4_1 rows × `A` activation rows. Per block, lane `j` of `isum` gathers row `j`'s
     /// products 4 elements at a time (u8 × i8 pairs in i16: at most 8 · 2 · 15 · 127 = 30480,
     /// no overflow), giving candle's exact integer block sum; the f32 update then repeats
@@ -462,7 +509,8 @@ mod avx2 {
         a0: usize,
         res: &mut [[f32; UNIT_ROWS]; ACT_TILE],
     ) {
-        let nb = acts.blocks;
+        let (ys, yd, ysum) = act_rows::<A>(acts, a0);
+        assert_eq!(w.len(), acts.blocks);
         let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); A];
@@ -472,8 +520,9 @@ mod avx2 {
                 let p = _mm256_load_si256(blk.qs.as_ptr().add(32 * t) as *const __m256i);
                 let lo = _mm256_and_si256(p, mask);
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(p), mask);
-                for (a, s) in isum.iter_mut().enumerate() {
-                    let y = &acts.qs[(a0 + a) * nb + b];
+                for (s, y) in isum.iter_mut().zip(ys) {
+                    // SAFETY: `b` < blocks per row, checked by `act_rows`.
+                    let y = &*y.add(b);
                     let s_lo = _mm256_maddubs_epi16(lo, broadcast4(y, 4 * t));
                     let s_hi = _mm256_maddubs_epi16(hi, broadcast4(y, 16 + 4 * t));
                     *s = _mm256_add_epi16(*s, _mm256_add_epi16(s_lo, s_hi));
@@ -481,12 +530,13 @@ mod avx2 {
             }
             let dx = _mm256_load_ps(blk.d.as_ptr());
             let mx = _mm256_load_ps(blk.m.as_ptr());
-            for (a, (acc, s)) in acc.iter_mut().zip(isum).enumerate() {
-                let i = (a0 + a) * nb + b;
-                let sumi = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
-                let scaled = _mm256_mul_ps(_mm256_mul_ps(sumi, dx), _mm256_set1_ps(acts.d[i]));
-                let min = _mm256_mul_ps(mx, _mm256_set1_ps(acts.s[i]));
-                *acc = _mm256_add_ps(*acc, _mm256_add_ps(scaled, min));
+            for a in 0..A {
+                let sumi = _mm256_cvtepi32_ps(_mm256_madd_epi16(isum[a], ones));
+                let dy = _mm256_broadcast_ss(&*yd[a].add(b));
+                let sy = _mm256_broadcast_ss(&*ysum[a].add(b));
+                let scaled = _mm256_mul_ps(_mm256_mul_ps(sumi, dx), dy);
+                let min = _mm256_mul_ps(mx, sy);
+                acc[a] = _mm256_add_ps(acc[a], _mm256_add_ps(scaled, min));
             }
         }
         for (r, acc) in res.iter_mut().zip(acc) {
@@ -495,7 +545,7 @@ mod avx2 {
     }
 
     /// One Q8_0 weight row × `A` activation rows into `res[a][j]`, each exactly candle's
-    /// `avx::vec_dot_q8_0_q8_0`.
+    /// `avx::vec_dot_q8_0_q8_0` (its scalar `dx·dy` is the same f32 product lane-wise).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn q8_0_row<const A: usize>(
         wq: &[[i8; BLOCK]],
@@ -505,23 +555,86 @@ mod avx2 {
         j: usize,
         res: &mut [[f32; UNIT_ROWS]; ACT_TILE],
     ) {
-        let nb = acts.blocks;
+        let (ys, yd, _) = act_rows::<A>(acts, a0);
+        assert!(wq.len() == acts.blocks && wd.len() == acts.blocks);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); A];
-        for (b, (x, &dx)) in wq.iter().zip(wd).enumerate() {
+        for (b, (x, dx)) in wq.iter().zip(wd).enumerate() {
             let bx = _mm256_loadu_si256(x.as_ptr() as *const __m256i);
             let ax = _mm256_sign_epi8(bx, bx);
-            for (a, acc) in acc.iter_mut().enumerate() {
-                let i = (a0 + a) * nb + b;
-                let by = _mm256_loadu_si256(acts.qs[i].as_ptr() as *const __m256i);
+            let dx = opaque(_mm256_broadcast_ss(dx));
+            for a in 0..A {
+                // SAFETY: `b` < blocks per row, checked by `act_rows`.
+                let by = _mm256_loadu_si256(ys[a].add(b) as *const __m256i);
                 let sy = _mm256_sign_epi8(by, bx);
                 let q = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy)));
-                *acc = _mm256_fmadd_ps(_mm256_set1_ps(dx * acts.d[i]), q, *acc);
+                let d = _mm256_mul_ps(dx, _mm256_broadcast_ss(&*yd[a].add(b)));
+                acc[a] = _mm256_fmadd_ps(d, q, acc[a]);
             }
         }
         for (r, acc) in res.iter_mut().zip(acc) {
             r[j] = hsum_float_8(acc);
         }
+    }
+
+    /// `v`, hidden from the optimizer: else it turns a product of two broadcasts into a
+    /// scalar product and a broadcast, two vector-pipe operations instead of one.
+    #[inline(always)]
+    unsafe fn opaque(mut v: __m256) -> __m256 {
+        std::arch::asm!("/* {0} */", inout(ymm_reg) v, options(pure, nomem, nostack, preserves_flags));
+        v
+    }
+
+    /// [`super::quantize_block`]: the same max, division and products, and the same
+    /// round-half-away-from-zero (truncate, then step away where the dropped part is >= 0.5,
+    /// both exact in f32), so the same quants.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_block(xs: &[f32], qs: &mut [i8; BLOCK]) -> (f32, i32) {
+        assert_eq!(xs.len(), BLOCK);
+        let p = xs.as_ptr();
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let m = _mm256_max_ps(
+            _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
+            _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)),
+        );
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let scale = amax / 127.0;
+        let inv = _mm256_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+        let (half, one, sign) = (
+            _mm256_set1_ps(0.5),
+            _mm256_set1_ps(1.0),
+            _mm256_set1_ps(-0.0),
+        );
+        let mut q = [_mm256_setzero_si256(); 4];
+        for (q, v) in q.iter_mut().zip(v) {
+            let t = _mm256_mul_ps(v, inv);
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(t);
+            let away = _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_and_ps(_mm256_sub_ps(t, r), abs), half);
+            let step = _mm256_and_ps(away, _mm256_or_ps(_mm256_and_ps(t, sign), one));
+            *q = _mm256_cvttps_epi32(_mm256_add_ps(r, step));
+        }
+        // Saturating packs (as `as i8` saturates) interleave the four vectors' halves;
+        // the permutation puts the 4-byte groups back in element order.
+        let packed = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let ordered =
+            _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, ordered);
+        let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        (scale, _mm_cvtsi128_si32(s))
     }
 
     /// candle's `hsum_float_8`, same order.
@@ -649,6 +762,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The AVX2 block quantizer gives the scalar one's (candle's) quants, scale and sum, ties
+    /// included: with `max = 127` the scale is 1 and every `x.5` must round away from zero.
+    #[test]
+    fn simd_quantization_equals_scalar() {
+        let mut ties = [0f32; BLOCK];
+        ties[0] = 127.0;
+        for (i, v) in ties.iter_mut().enumerate().skip(1) {
+            let mag = (i as f32 - 1.0) * 4.0 + 0.5;
+            *v = if i % 2 == 0 { mag } else { -mag };
+        }
+        ties[5] = 0.499_999_97;
+        ties[6] = -0.499_999_97;
+        ties[7] = -0.0;
+        let mut blocks = vec![ties, [0.0; BLOCK], [-3.0; BLOCK]];
+        blocks.extend(random(64 * BLOCK, 8).chunks(BLOCK).map(|c| {
+            let mut b = [0f32; BLOCK];
+            b.copy_from_slice(c);
+            b
+        }));
+        for xs in &blocks {
+            let (mut scalar, mut simd) = ([0i8; BLOCK], [0i8; BLOCK]);
+            let a = quantize_block(xs, &mut scalar, false);
+            let b = quantize_block(xs, &mut simd, has_avx2_fma());
+            assert_eq!(
+                (a.0.to_bits(), a.1, scalar),
+                (b.0.to_bits(), b.1, simd),
+                "{xs:?}"
+            );
+        }
+        let mut q = [0i8; BLOCK];
+        quantize_block(&ties, &mut q, false);
+        assert_eq!(&q[..9], &[127, -1, 5, -9, 13, 0, 0, 0, 29]);
     }
 
     /// Row `r` of a 16-row call equals a 1-row call on row `r` alone, on 1 thread or 3.

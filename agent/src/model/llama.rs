@@ -11,13 +11,14 @@
 //! Threads: the kernels run on the rayon pool. candle's CPU backend has a second, spinning
 //! pool of its own that it uses for quantized matmuls and for elementwise ops on 64Ki+ values;
 //! sharing the cores with it halved throughput, so none of those ops run here (the residual
-//! adds and the SwiGLU product are plain loops, same arithmetic as candle's).
+//! adds and the SwiGLU product are plain loops on the rayon pool, same arithmetic as candle's).
 
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Device, Module, Storage, Tensor};
 use kernels::{
     BlockFormat, CpuKvCache, CpuPagedAttention, KvLayout, PagedAttention, QuantMatrix, SeqAttn,
 };
+use rayon::prelude::*;
 
 use super::{ModelConfig, ModelError};
 
@@ -419,9 +420,19 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError>
     Ok(f(&cpu.as_slice::<f32>()?[start..end]))
 }
 
-/// `f` applied elementwise to two contiguous f32 tensors of one shape, on this thread (see the
-/// module doc for why not candle's elementwise ops).
-fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> Result<Tensor, ModelError> {
+/// Fewest elements per parallel task of [`zip_map`]: the residual adds of a decode step (even
+/// of 16 rows) stay on one thread, where waking the pool costs more than they do; the SwiGLU
+/// `exp`s of a 16-row batch split over the cores.
+const ZIP_CHUNK: usize = 1 << 13;
+
+/// `f` applied elementwise to two contiguous f32 tensors of one shape, on the rayon pool in runs
+/// of at least [`ZIP_CHUNK`] (see the module doc for why not candle's elementwise ops). Each
+/// element is computed on its own, so the split does not change any result.
+fn zip_map(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Result<Tensor, ModelError> {
     if a.shape() != b.shape() {
         return Err(ModelError::Candle(candle_core::Error::Msg(format!(
             "elementwise op on shapes {:?} and {:?}",
@@ -431,8 +442,9 @@ fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> Result<Tensor
     }
     let out = with_f32(a, |a| {
         with_f32(b, |b| {
-            a.iter()
+            a.par_iter()
                 .zip(b)
+                .with_min_len(ZIP_CHUNK)
                 .map(|(&x, &y)| f(x, y))
                 .collect::<Vec<f32>>()
         })
