@@ -23,11 +23,11 @@ pub(super) fn load(path: &Path) -> Result<LoadedModel, ModelError> {
     load_from(BufReader::new(file), path)
 }
 
-/// Loads a GGUF from any reader; `path` names it in errors and gives the served name.
-pub(super) fn load_from<R: Read + Seek>(
-    mut reader: R,
+/// Checks the GGUF magic and reads the header (metadata and tensor infos, no tensor data).
+pub(super) fn read_content<R: Read + Seek>(
+    reader: &mut R,
     path: &Path,
-) -> Result<LoadedModel, ModelError> {
+) -> Result<gguf_file::Content, ModelError> {
     let io = |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
@@ -42,7 +42,15 @@ pub(super) fn load_from<R: Read + Seek>(
         Err(e) => return Err(io(e)),
     }
     reader.seek(SeekFrom::Start(0)).map_err(io)?;
-    let ct = gguf_file::Content::read(&mut reader).map_err(|e| malformed(path, e.to_string()))?;
+    gguf_file::Content::read(reader).map_err(|e| malformed(path, e.to_string()))
+}
+
+/// Loads a GGUF from any reader; `path` names it in errors and gives the served name.
+pub(super) fn load_from<R: Read + Seek>(
+    mut reader: R,
+    path: &Path,
+) -> Result<LoadedModel, ModelError> {
+    let ct = read_content(&mut reader, path)?;
     let meta = Meta { ct: &ct, path };
 
     let arch = check_architecture(meta.string("general.architecture")?)?;

@@ -3,12 +3,10 @@
 //! that must produce the agent's exact prompt tokens without running the model (the router).
 
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::BufReader;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file;
-
-use super::{gguf, hf, malformed, served_name, ChatTemplate, ModelError, Tokenizer};
+use super::{gguf, hf, served_name, ChatTemplate, ModelError, Tokenizer};
 
 /// What [`load_preprocessor`] reads from a model path.
 pub struct Preprocessor {
@@ -32,22 +30,11 @@ pub fn load_preprocessor(path: &Path) -> Result<Preprocessor, ModelError> {
             name: served_name(path, false),
         });
     }
-    let io = |source| ModelError::Io {
+    let file = File::open(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let mut reader = BufReader::new(File::open(path).map_err(io)?);
-    let mut magic = [0u8; 4];
-    match reader.read_exact(&mut magic) {
-        Ok(()) if &magic == b"GGUF" => {}
-        Ok(()) => return Err(ModelError::NotGguf(path.to_path_buf())),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(ModelError::NotGguf(path.to_path_buf()))
-        }
-        Err(e) => return Err(io(e)),
-    }
-    reader.seek(SeekFrom::Start(0)).map_err(io)?;
-    let ct = gguf_file::Content::read(&mut reader).map_err(|e| malformed(path, e.to_string()))?;
+    })?;
+    let ct = gguf::read_content(&mut BufReader::new(file), path)?;
     let (tokenizer, chat_template) = gguf::tokenizer_and_template(&ct, path)?;
     Ok(Preprocessor {
         tokenizer,
