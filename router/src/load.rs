@@ -5,7 +5,9 @@
 //!
 //! A counter that goes backwards (`vllm:prompt_tokens_total`) means the pod's engine restarted
 //! with an empty cache, which the monitor reports so that the pod's index entries are dropped
-//! even before its new event stream says so.
+//! even before its new event stream says so. So does a pod that refused connections (nothing
+//! listened on its port) and answers again: a new server process, whose counters may not show
+//! it when the last scrape of the old one predates the traffic it served.
 //!
 //! The router's own requests in flight to a pod are added to the pod's scraped waiting count.
 //! The router's count is exact and current, the scrape up to one period old: subtracting what
@@ -136,6 +138,8 @@ struct Observed {
 /// What the router knows of one pod's load and health.
 pub struct PodLoad {
     observed: Mutex<Option<Observed>>,
+    /// The pod refused a connection since the last scrape.
+    refused: AtomicBool,
     in_flight: AtomicUsize,
     dispatched: AtomicU64,
     healthy: AtomicBool,
@@ -153,22 +157,31 @@ impl PodLoad {
     pub fn new() -> Self {
         Self {
             observed: Mutex::new(None),
+            refused: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             dispatched: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
         }
     }
 
-    /// Stores a scrape taken at `at`; true when its prompt-token counter is below the previous
-    /// scrape's (the engine restarted).
+    /// Notes that the pod refused a connection (its server was not running).
+    pub fn refused(&self) {
+        self.refused.store(true, Ordering::Relaxed);
+    }
+
+    /// Stores a scrape taken at `at`; true when the engine restarted: its prompt-token counter
+    /// is below the previous scrape's, or it refused a connection since a previous scrape.
     pub fn record(&self, sample: LoadSample, at: Instant) -> bool {
         let mut o = self.observed.lock().unwrap_or_else(PoisonError::into_inner);
+        let was_down = self.refused.swap(false, Ordering::Relaxed);
         let restarted = match (
-            o.as_ref().and_then(|o| o.sample.prompt_tokens),
+            o.as_ref().map(|o| o.sample.prompt_tokens),
             sample.prompt_tokens,
         ) {
-            (Some(before), Some(now)) => now < before,
-            _ => false,
+            // Before any scrape there is nothing to have restarted.
+            (None, _) => false,
+            (Some(Some(before)), Some(now)) if now < before => true,
+            _ => was_down,
         };
         *o = Some(Observed { sample, at });
         restarted
@@ -261,12 +274,13 @@ pub async fn monitor(
     for round in 0u64.. {
         tick.tick().await;
         if round % u64::from(cfg.health_every.max(1)) == 0 {
-            let ok = client
-                .get(&health_url)
-                .timeout(cfg.timeout)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
+            let ok = match client.get(&health_url).timeout(cfg.timeout).send().await {
+                Ok(r) => r.status().is_success(),
+                Err(e) => {
+                    note_refused(&load, &e);
+                    false
+                }
+            };
             if ok != load.is_healthy() {
                 tracing::info!(pod = %base_url, healthy = ok, "pod health changed");
             }
@@ -275,7 +289,11 @@ pub async fn monitor(
         let started = Instant::now();
         let page = match client.get(&metrics_url).timeout(cfg.timeout).send().await {
             Ok(r) if r.status().is_success() => r.text().await.ok(),
-            _ => None,
+            Ok(_) => None,
+            Err(e) => {
+                note_refused(&load, &e);
+                None
+            }
         };
         match page.as_deref().map(parse_metrics) {
             Some(Ok(sample)) => {
@@ -287,6 +305,21 @@ pub async fn monitor(
             Some(Err(e)) => tracing::debug!(pod = %base_url, "unusable /metrics: {e}"),
             None => tracing::debug!(pod = %base_url, "/metrics scrape failed"),
         }
+    }
+}
+
+/// Marks `load` refused when `e` is a refused connection (as opposed to a timeout, which a
+/// running but slow or unreachable server also gives).
+fn note_refused(load: &PodLoad, e: &reqwest::Error) {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                load.refused();
+                return;
+            }
+        }
+        source = err.source();
     }
 }
 
@@ -376,7 +409,92 @@ vllm:prefix_cache_hits_total{engine="0"} 100
         };
         assert!(load.record(reset, t0 + Duration::from_millis(100)));
         assert!(!load.record(sample, t0 + Duration::from_millis(150)));
+        // So is a refused connection followed by an answer, whatever the counter says.
+        load.refused();
+        assert!(load.record(sample, t0 + Duration::from_millis(200)));
+        assert!(!load.record(sample, t0 + Duration::from_millis(250)));
         drop(b);
         assert_eq!((load.in_flight(), load.dispatched()), (0, 6));
+    }
+
+    /// Serves `page` as `/metrics` (and anything else) on `listener`, one connection at a time.
+    async fn serve(listener: tokio::net::TcpListener, page: &'static str) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                page.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(page.as_bytes()).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_went_down_and_answers_again_restarted() {
+        // The same counter before and after: only the refused connections tell.
+        const PAGE: &str = "vllm:num_requests_waiting 0\nvllm:num_requests_running 0\n\
+                            vllm:kv_cache_usage_perc 0\nvllm:prompt_tokens_total 0\n";
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, PAGE));
+        let restarts = Arc::new(AtomicUsize::new(0));
+        let load = Arc::new(PodLoad::new());
+        let counted = restarts.clone();
+        let cfg = MonitorConfig {
+            scrape_interval: Duration::from_millis(10),
+            ..MonitorConfig::default()
+        };
+        let monitor = tokio::spawn(monitor(
+            reqwest::Client::new(),
+            format!("http://{addr}"),
+            load.clone(),
+            cfg,
+            move || {
+                counted.fetch_add(1, Ordering::Relaxed);
+            },
+        ));
+        let wait = |what: &'static str, ok: Box<dyn Fn() -> bool>| async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !ok() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let l = load.clone();
+        wait(
+            "a scrape",
+            Box::new(move || l.view(Instant::now(), cfg.timeout).is_some()),
+        )
+        .await;
+        assert_eq!(restarts.load(Ordering::Relaxed), 0);
+        // Down: the port refuses connections.
+        server.abort();
+        let _ = server.await;
+        let l = load.clone();
+        wait(
+            "a refusal",
+            Box::new(move || l.refused.load(Ordering::Relaxed)),
+        )
+        .await;
+        // Up again on the same port.
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let server = tokio::spawn(serve(listener, PAGE));
+        let r = restarts.clone();
+        wait(
+            "the restart",
+            Box::new(move || r.load(Ordering::Relaxed) == 1),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            restarts.load(Ordering::Relaxed),
+            1,
+            "one restart, reported once"
+        );
+        monitor.abort();
+        server.abort();
     }
 }

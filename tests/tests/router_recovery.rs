@@ -23,6 +23,15 @@ fn index_entries(m: &Metrics) -> f64 {
     m.value("router_index_pod_entries")
 }
 
+/// One of `pod`'s event stream counters (0 before its stream counted anything).
+fn pod_events(m: &Metrics, pod: &str, counter: &str) -> f64 {
+    m.get(
+        "router_pod_kv_events",
+        &[("pod", pod), ("counter", counter)],
+    )
+    .unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_and_lost_events_are_recovered() {
     let (mut a, mut b) = tokio::join!(Pod::start(&[]), Pod::start(&[]));
@@ -47,11 +56,14 @@ async fn restart_and_lost_events_are_recovered() {
         "the second P request should follow its prefix"
     );
     assert!(matched >= 9.0, "P matched only {matched} blocks");
+    let resets_before = pod_events(&router.metrics().await, &holder, "resets");
     let restarted = if holder == "a" { &mut a } else { &mut b };
     restarted.restart().await;
+    // The holder's stream has started over (a reset counted once it has) and only the holder
+    // had entries.
     router
-        .wait_for("the restarted pod's entries to go", |m| {
-            index_entries(m) == 0.0
+        .wait_for("the restarted pod's stream to start over", |m| {
+            pod_events(m, &holder, "resets") > resets_before && index_entries(m) == 0.0
         })
         .await;
     let (_, matched) = router
@@ -63,23 +75,15 @@ async fn restart_and_lost_events_are_recovered() {
     );
 
     // --- Lost events: pod a's event connection is cut while it stores Q.
-    let wait_connected = router
-        .wait_for("events flowing again", |m| {
-            m.get("router_kv_events", &[("counter", "batches")])
-                .unwrap_or(0.0)
-                > 0.0
-        })
-        .await;
-    let replays_before = wait_connected
-        .get("router_kv_events", &[("counter", "replays")])
-        .unwrap_or(0.0);
+    let replays_before = pod_events(&router.metrics().await, "a", "replays");
     relay_a.cut();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let q = prompt("lost");
     let direct = a.post("/v1/completions", &completion(&q)).await;
     assert_eq!(direct.status, 200, "{}", direct.body);
     relay_a.restore().await;
-    // New traffic on a shows the router a seq gap, which it fills from a's replay socket.
+    // New traffic on a shows the router a seq gap (or, after a restart, a new stream's start),
+    // which it fills from a's replay socket.
     let mut n = 0;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -91,11 +95,7 @@ async fn restart_and_lost_events_are_recovered() {
             .await;
         assert_eq!(r.status, 200);
         n += 1;
-        let m = router.metrics().await;
-        let replays = m
-            .get("router_kv_events", &[("counter", "replays")])
-            .unwrap_or(0.0);
-        if replays > replays_before {
+        if pod_events(&router.metrics().await, "a", "replays") > replays_before {
             break;
         }
         assert!(

@@ -7,7 +7,9 @@
 //!
 //! Each pod's stream tracks seqs (see `stream`): a gap is filled from the pod's replay socket
 //! or else the pod is cleared, a seq going back (engine restart) clears the pod, and an
-//! undecodable batch clears the pod. Nothing a publisher sends can stop ingestion.
+//! undecodable batch clears the pod. Nothing a publisher sends can stop ingestion. A restart
+//! seen elsewhere (the load monitor, [`EventIngest::pod_restarted`]) is handed to the pod's
+//! stream, in order with its batches, so the stream starts over on the new publisher's seqs.
 //!
 //! Counters (`IngestStats`) are kept per pod and in total, as plain atomics: a stream looks its
 //! pod's counters up once when it starts, never per event.
@@ -196,6 +198,9 @@ enum CentralMsg {
     Forget {
         pod: Arc<str>,
     },
+    Restarted {
+        pod: Arc<str>,
+    },
 }
 
 /// The centralized workers' queues; a pod always goes to the same one.
@@ -230,10 +235,17 @@ impl Drop for Central {
     }
 }
 
+/// A pod-discovery subscriber thread and its restart flag.
+struct Subscriber {
+    worker: Worker,
+    /// Set by [`EventIngest::pod_restarted`]; the thread takes it when it next wakes.
+    restarted: Arc<AtomicBool>,
+}
+
 struct PodEntry {
     endpoints: PodEndpoints,
     /// Pod-discovery subscriber; None for a pod of the centralized socket.
-    subscriber: Option<Worker>,
+    subscriber: Option<Subscriber>,
 }
 
 pub struct EventIngest {
@@ -266,14 +278,16 @@ fn pod_from_topic(topic: &[u8]) -> Option<&str> {
     (!pod.is_empty()).then_some(pod)
 }
 
-/// Receives until stopped, handing each message to `on_message`.
+/// Receives until stopped, handing each message to `on_message` as `Some`; `None` each time
+/// the loop wakes (at least every `poll`), before the messages that woke it.
 fn receive_loop(
     sock: &zmq::Socket,
     stop: &AtomicBool,
     poll: Duration,
-    mut on_message: impl FnMut(Vec<Vec<u8>>),
+    mut on_message: impl FnMut(Option<Vec<Vec<u8>>>),
 ) {
     while !stop.load(Ordering::Relaxed) {
+        on_message(None);
         match sock.poll(zmq::POLLIN, poll_ms(poll)) {
             Ok(0) => continue,
             Ok(_) => {}
@@ -284,7 +298,7 @@ fn receive_loop(
         }
         loop {
             match sock.recv_multipart(zmq::DONTWAIT) {
-                Ok(frames) => on_message(frames),
+                Ok(frames) => on_message(Some(frames)),
                 Err(zmq::Error::EAGAIN) => break,
                 Err(e) => {
                     tracing::error!(error = %e, "KV event socket receive failed");
@@ -355,17 +369,28 @@ impl EventIngest {
                 let ctx = self.ctx.clone();
                 let poll = self.cfg.poll_interval;
                 let mut stream = PodStream::new(&ctx, name.clone(), endpoints.replay.clone());
-                Some(Worker::spawn(format!("kv-sub-{pod}"), move |stop| {
-                    receive_loop(&sock, &stop, poll, |frames| match live_frames(&frames) {
-                        Some((_, seq, payload)) => stream.on_live(&ctx, seq, payload),
-                        None => {
-                            stream.on_malformed(&ctx);
-                            let topic = topic_of(&frames);
-                            let frames = frames.len();
-                            tracing::warn!(%topic, frames, "malformed KV event message");
+                let restarted = Arc::new(AtomicBool::new(false));
+                let flag = restarted.clone();
+                let worker = Worker::spawn(format!("kv-sub-{pod}"), move |stop| {
+                    receive_loop(&sock, &stop, poll, |frames| {
+                        let Some(frames) = frames else {
+                            if flag.swap(false, Ordering::Relaxed) {
+                                stream.on_restart(&ctx);
+                            }
+                            return;
+                        };
+                        match live_frames(&frames) {
+                            Some((_, seq, payload)) => stream.on_live(&ctx, seq, payload),
+                            None => {
+                                stream.on_malformed(&ctx);
+                                let topic = topic_of(&frames);
+                                let frames = frames.len();
+                                tracing::warn!(%topic, frames, "malformed KV event message");
+                            }
                         }
                     })
-                }))
+                });
+                Some(Subscriber { worker, restarted })
             }
             None => {
                 if let Some(central) = lock(&self.central).as_ref() {
@@ -396,12 +421,29 @@ impl EventIngest {
         self.forget(&mut pods, pod);
     }
 
+    /// The pod's engine restarted (its load monitor saw it): its stream clears the pod and
+    /// starts over from the new publisher's first batch, in order with the batches it is
+    /// applying.
+    pub fn pod_restarted(&self, pod: &str) {
+        let pods = lock(&self.pods);
+        let Some(entry) = pods.get(pod) else {
+            return;
+        };
+        match (&entry.subscriber, lock(&self.central).as_ref()) {
+            (Some(sub), _) => sub.restarted.store(true, Ordering::Relaxed),
+            (None, Some(central)) => central
+                .shards
+                .send(pod, CentralMsg::Restarted { pod: pod.into() }),
+            (None, None) => self.ctx.index.clear_pod(pod),
+        }
+    }
+
     fn forget(&self, pods: &mut HashMap<String, PodEntry>, pod: &str) {
         let subscriber = pods.remove(pod).and_then(|e| e.subscriber);
         match (subscriber, lock(&self.central).as_ref()) {
             (Some(sub), _) => {
                 // Joined before the index forgets the pod, so no batch of it lands afterwards.
-                drop(sub);
+                drop(sub.worker);
                 self.ctx.forget_pod(pod);
             }
             // The pod's worker drops it in order with its queued batches.
@@ -448,6 +490,9 @@ impl EventIngest {
         let poll = self.cfg.poll_interval;
         let receiver = Worker::spawn("kv-central-sub".into(), move |stop| {
             receive_loop(&sock, &stop, poll, |frames| {
+                let Some(frames) = frames else {
+                    return;
+                };
                 match live_frames(&frames).and_then(|(t, s, p)| Some((pod_from_topic(t)?, s, p))) {
                     Some((pod, seq, payload)) => to_workers.send(
                         pod,
@@ -518,6 +563,11 @@ fn central_worker(ctx: &Ctx, rx: mpsc::Receiver<CentralMsg>) {
                     None => replays.remove(&pod),
                 };
             }
+            CentralMsg::Restarted { pod } => match streams.get_mut(&pod) {
+                Some(s) => s.on_restart(ctx),
+                // No batch of it yet: there is no seq to forget, only index state.
+                None => ctx.index.clear_pod(&pod),
+            },
             CentralMsg::Forget { pod } => {
                 streams.remove(&pod);
                 replays.remove(&pod);

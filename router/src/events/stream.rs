@@ -1,5 +1,5 @@
 //! One pod's ordered event stream: seq tracking, gap recovery through the pod's replay socket,
-//! restart detection, and application of each batch to the index, in seq order.
+//! restart handling, and application of each batch to the index, in seq order.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -101,8 +101,49 @@ impl PodStream {
                 // Seq went back: a new publisher process (engine restart) with a fresh cache.
                 tracing::warn!(pod = %self.pod, last, seq, "KV event seq went back: clearing pod");
                 self.reset(ctx);
+                self.last = None;
                 self.replayed = None;
-                self.apply(ctx, seq, payload);
+                // As a new stream: its batches before `seq` (sent before we reconnected) are
+                // fetched from the replay socket.
+                self.on_live(ctx, seq, payload);
+            }
+        }
+    }
+
+    /// The pod's engine restarted, as its load monitor saw (before or after the new
+    /// publisher's first batches came, and even when their seqs happen to follow the old
+    /// ones'): the pod is cleared and the stream starts over from what the new publisher has
+    /// sent, which its replay socket holds (the old publisher's buffer died with it).
+    pub fn on_restart(&mut self, ctx: &Ctx) {
+        tracing::warn!(pod = %self.pod, "pod restarted: clearing it, its stream starts over");
+        ctx.index.clear_pod(&self.pod);
+        self.last = None;
+        self.replayed = None;
+        if let Some(batches) = self.fetch(ctx, 0) {
+            for (seq, batch) in &batches {
+                self.accept_in_order(ctx, *seq, batch);
+            }
+            // Those may also be queued on the live socket.
+            self.replayed = batches.last().map(|(newest, _)| (0, *newest));
+        }
+        // Counted last: once it shows, the stream has started over.
+        self.count(ctx, |s| &s.resets, 1);
+    }
+
+    /// The replay socket's batches from `start` on (counted as a replay), or None (counted as
+    /// a failure) when there is no socket or it did not answer.
+    fn fetch(&self, ctx: &Ctx, start: u64) -> Option<Vec<(u64, Vec<u8>)>> {
+        let endpoint = self.replay.as_deref()?;
+        match replay(ctx, endpoint, start) {
+            Ok(batches) => {
+                self.count(ctx, |s| &s.replays, 1);
+                Some(batches)
+            }
+            Err(e) => {
+                self.count(ctx, |s| &s.replay_failures, 1);
+                let pod = &self.pod;
+                tracing::warn!(%pod, endpoint, start, error = %e, "KV event replay failed");
+                None
             }
         }
     }
@@ -110,26 +151,13 @@ impl PodStream {
     /// Fills `start..live` from the replay socket, then applies the live batch. Whatever cannot
     /// be filled leaves the pod's state unknown, so the pod is cleared.
     fn recover(&mut self, ctx: &Ctx, start: u64, live: u64, payload: &[u8]) {
-        let replayed = match &self.replay {
-            None => None,
-            Some(endpoint) => match replay(ctx, endpoint, start) {
-                Ok(batches) => Some(batches),
-                Err(e) => {
-                    self.count(ctx, |s| &s.replay_failures, 1);
-                    let pod = &self.pod;
-                    tracing::warn!(%pod, endpoint, start, error = %e, "KV event replay failed");
-                    None
-                }
-            },
-        };
-        let Some(batches) = replayed else {
+        let Some(batches) = self.fetch(ctx, start) else {
             if self.last.is_some() {
                 self.reset(ctx);
             }
             self.apply(ctx, live, payload);
             return;
         };
-        self.count(ctx, |s| &s.replays, 1);
         let mut newest = None;
         for (seq, batch) in &batches {
             if self.last.is_some_and(|l| *seq <= l) {

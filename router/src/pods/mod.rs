@@ -27,7 +27,7 @@ pub trait PodHooks: Send + Sync {
 
 /// The KV event side of the pods: the ingest follows each pod's events (its own PUB, or the
 /// centralized socket when the spec has no events endpoint) and forgets its index state when
-/// it leaves; a restart clears the pod in the index.
+/// it leaves; a restart clears the pod in the index and starts its event stream over.
 pub struct IndexHooks {
     pub ingest: Arc<EventIngest>,
     pub index: Arc<PrefixIndex>,
@@ -49,7 +49,11 @@ impl PodHooks for IndexHooks {
     }
 
     fn restarted(&self, name: &str) {
+        // Cleared here at once, so routing stops matching the old blocks even while the stream
+        // thread is busy (a replay may wait on a dead socket); the stream then clears again in
+        // order with its batches and refetches what the new engine already published.
         self.index.clear_pod(name);
+        self.ingest.pod_restarted(name);
     }
 }
 
