@@ -47,7 +47,7 @@ enum Command {
             default_value = "Write a long story about a lighthouse keeper and the sea."
         )]
         prompt: String,
-        /// Shared-prefix workload: request k's prompt is group (k * 7 mod G)'s long prefix
+        /// Shared-prefix workload: request k's prompt is a pseudo-random group's long prefix
         /// (LONG_TEXT, about 200 tokens, headed by the group number) followed by `--prompt`
         /// and k. 0: every request sends `--prompt` alone.
         #[arg(long, default_value_t = 0)]
@@ -164,6 +164,15 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Request `k`'s group in the shared-prefix workload: a fixed pseudo-random sequence (SplitMix64
+/// of k), so groups neither cycle in step with a round-robin over the pods nor come in order.
+fn group_of(k: usize, groups: usize) -> usize {
+    let mut z = (k as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    ((z ^ (z >> 31)) % groups as u64) as usize
+}
+
 async fn serve_load(
     url: String,
     concurrency: usize,
@@ -184,7 +193,7 @@ async fn serve_load(
     let body = Arc::new(move |k: usize| {
         let prompt = match prefix_groups {
             0 => prompt.clone(),
-            g => format!("[document {}] {LONG_TEXT}\n{prompt} ({k})", (k * 7) % g),
+            g => format!("[document {}] {LONG_TEXT}\n{prompt} ({k})", group_of(k, g)),
         };
         json!({
             "model": model,
