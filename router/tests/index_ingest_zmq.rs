@@ -84,18 +84,35 @@ struct TestPub {
     sock: zmq::Socket,
     endpoint: String,
     topic: String,
+    /// Bound like the agent's publisher, or connected to a centralized subscriber.
+    bound: bool,
+}
+
+/// Binds `sock` to `endpoint` and returns the bound endpoint, retrying while a closed socket of
+/// a previous process still holds the port (ZMQ closes sockets asynchronously).
+fn bind_retrying(sock: &zmq::Socket, endpoint: &str) -> String {
+    let start = Instant::now();
+    loop {
+        match sock.bind(endpoint) {
+            Ok(()) => return sock.get_last_endpoint().unwrap().unwrap(),
+            Err(zmq::Error::EADDRINUSE) if start.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("bind {endpoint}: {e}"),
+        }
+    }
 }
 
 impl TestPub {
     /// An XPUB that binds, like the agent's publisher.
     fn bind(ctx: &zmq::Context, topic: &str) -> Self {
         let sock = ctx.socket(zmq::XPUB).unwrap();
-        sock.bind("tcp://127.0.0.1:*").unwrap();
-        let endpoint = sock.get_last_endpoint().unwrap().unwrap();
+        let endpoint = bind_retrying(&sock, "tcp://127.0.0.1:*");
         Self {
             sock,
             endpoint,
             topic: topic.into(),
+            bound: true,
         }
     }
 
@@ -107,6 +124,7 @@ impl TestPub {
             sock,
             endpoint: endpoint.into(),
             topic: topic.into(),
+            bound: false,
         }
     }
 
@@ -145,9 +163,12 @@ struct TestReplay {
 
 impl TestReplay {
     fn start(ctx: &zmq::Context, answer: bool) -> Self {
+        Self::start_at(ctx, "tcp://127.0.0.1:*", answer)
+    }
+
+    fn start_at(ctx: &zmq::Context, endpoint: &str, answer: bool) -> Self {
         let sock = ctx.socket(zmq::ROUTER).unwrap();
-        sock.bind("tcp://127.0.0.1:*").unwrap();
-        let endpoint = sock.get_last_endpoint().unwrap().unwrap();
+        let endpoint = bind_retrying(&sock, endpoint);
         let buffer: Buffer = Arc::default();
         let requests: Arc<Mutex<Vec<u64>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
@@ -200,6 +221,45 @@ impl Drop for TestReplay {
             t.join().unwrap();
         }
     }
+}
+
+/// An engine restart: the old process's publisher and replay socket go away and the new
+/// process's come back on the same endpoints, seqs from 0. It publishes `missed` (seqs 0..)
+/// before any subscriber can be connected (before it binds or connects), so only its replay
+/// socket has them; returns once the router's subscription reached the new publisher.
+fn restart(
+    ctx: &zmq::Context,
+    publisher: TestPub,
+    replay: TestReplay,
+    missed: &[EventBatch],
+) -> (TestPub, TestReplay) {
+    let replay_endpoint = replay.endpoint.clone();
+    drop(replay);
+    let replay = TestReplay::start_at(ctx, &replay_endpoint, true);
+    let TestPub {
+        sock,
+        endpoint,
+        topic,
+        bound,
+    } = publisher;
+    drop(sock);
+    let publisher = TestPub {
+        sock: ctx.socket(zmq::XPUB).unwrap(),
+        endpoint,
+        topic,
+        bound,
+    };
+    for (seq, batch) in missed.iter().enumerate() {
+        replay.keep(seq as u64, batch);
+        publisher.send(seq as u64, batch, Encoding::Map);
+    }
+    if bound {
+        bind_retrying(&publisher.sock, &publisher.endpoint);
+    } else {
+        publisher.sock.connect(&publisher.endpoint).unwrap();
+    }
+    publisher.wait_subscribed();
+    (publisher, replay)
 }
 
 /// A pod-discovery subscriber on a fresh publisher, subscription confirmed.
@@ -537,4 +597,122 @@ fn centralized_mode_tells_pods_apart_by_topic_and_replays() {
     // Removing a centralized pod drops its state once its worker gets there.
     ingest.remove_pod("10.0.0.2:8000");
     wait_until("forgotten", || held(&index, "10.0.0.2:8000", 2) == 0);
+}
+
+/// `pod`'s old process (on `publisher` and `replay`) stored chain 1; its new process stored
+/// chains 2 and 3 before the router noticed. After `pod_restarted` the pod holds exactly the
+/// new process's blocks, fetched from its replay socket, and its live batches follow on.
+fn check_pod_restarted(
+    index: &PrefixIndex,
+    ingest: &EventIngest,
+    ctx: &zmq::Context,
+    pod: &str,
+    publisher: TestPub,
+    replay: TestReplay,
+) {
+    let stats = ingest.stats();
+    publisher.send(0, &store(1, 0, 2), Encoding::Map);
+    publisher.send(1, &store(1, 2, 4), Encoding::Map);
+    wait_until("old process's chain", || held(index, pod, 1) == 4);
+    let (publisher, replay) = restart(
+        ctx,
+        publisher,
+        replay,
+        &[store(2, 0, 2), store(2, 2, 4), store(3, 0, 4)],
+    );
+    // Nothing of the new process reached the router: it still believes the old state.
+    assert_eq!((held(index, pod, 1), batches(&stats)), (4, 2));
+    ingest.pod_restarted(pod);
+    let s = pod_stats(&stats, pod).unwrap();
+    // Counted once the stream has started over.
+    wait_until("restart handled", || count(&s.resets) == 1);
+    assert_eq!(
+        [1, 2, 3].map(|chain| held(index, pod, chain)),
+        [0, 4, 4],
+        "only the new process's blocks"
+    );
+    let idx = index.stats();
+    assert_eq!((idx.engine_hashes, idx.pod_entries), (8, 8));
+    assert_eq!(replay.requests(), vec![0]);
+    assert_eq!((count(&s.batches), count(&s.replays)), (5, 1));
+    // The next live batch follows the replayed ones: no gap, no second replay.
+    replay.keep(3, &store(4, 0, 4));
+    publisher.send(3, &store(4, 0, 4), Encoding::Map);
+    wait_until("live batch after the restart", || held(index, pod, 4) == 4);
+    let of = |s: &StreamStats| {
+        (
+            count(&s.batches),
+            count(&s.gaps),
+            count(&s.replays),
+            count(&s.resets),
+            count(&s.duplicates),
+        )
+    };
+    assert_eq!(of(&s), (6, 0, 1, 1, 0));
+    assert_eq!(replay.requests(), vec![0]);
+}
+
+#[test]
+fn pod_restarted_starts_over_from_the_new_process_replay() {
+    let (index, ingest, ctx) = setup();
+    let replay = TestReplay::start(&ctx, true);
+    let p = follow(&ingest, &ctx, "a", Some(&replay));
+    check_pod_restarted(&index, &ingest, &ctx, "a", p, replay);
+}
+
+#[test]
+fn pod_restarted_in_centralized_mode_starts_over_too() {
+    let (index, ingest, ctx) = setup();
+    let pod = "10.0.0.1:8000";
+    let replay = TestReplay::start(&ctx, true);
+    ingest
+        .add_pod(
+            pod,
+            PodEndpoints {
+                events: None,
+                replay: Some(replay.endpoint.clone()),
+            },
+        )
+        .unwrap();
+    let endpoint = ingest.bind("tcp://127.0.0.1:*").unwrap();
+    let p = TestPub::connect(&ctx, &endpoint, &format!("kv@{pod}@m"));
+    p.wait_subscribed();
+    check_pod_restarted(&index, &ingest, &ctx, pod, p, replay);
+}
+
+#[test]
+fn seq_going_back_fetches_the_new_process_start_from_replay() {
+    let (index, ingest, ctx) = setup();
+    let stats = ingest.stats();
+    let replay = TestReplay::start(&ctx, true);
+    let p = follow(&ingest, &ctx, "a", Some(&replay));
+    for i in 0..4 {
+        p.send(i as u64, &store(1, i, i + 1), Encoding::Map);
+    }
+    wait_until("old process's chain", || held(&index, "a", 1) == 4);
+    // The new process's seqs 0 and 1 went out before the router reconnected; seq 2 is the first
+    // it sees, behind the old process's last (3).
+    let (p, replay) = restart(&ctx, p, replay, &[store(2, 0, 2), store(2, 2, 4)]);
+    replay.keep(2, &store(3, 0, 4));
+    p.send(2, &store(3, 0, 4), Encoding::Map);
+    wait_until("new process's state", || held(&index, "a", 3) == 4);
+    assert_eq!([1, 2, 3].map(|chain| held(&index, "a", chain)), [0, 4, 4]);
+    let idx = index.stats();
+    assert_eq!((idx.engine_hashes, idx.pod_entries), (8, 8));
+    assert_eq!(replay.requests(), vec![0]);
+    let s = pod_stats(&stats, "a").unwrap();
+    let of = |s: &StreamStats| {
+        (
+            count(&s.batches),
+            count(&s.gaps),
+            count(&s.replays),
+            count(&s.resets),
+        )
+    };
+    assert_eq!(of(&s), (7, 0, 1, 1));
+    // The new stream goes on live, without another replay.
+    p.send(3, &store(4, 0, 4), Encoding::Map);
+    wait_until("live batch after the restart", || held(&index, "a", 4) == 4);
+    assert_eq!(of(&s), (8, 0, 1, 1));
+    assert_eq!(replay.requests(), vec![0]);
 }
