@@ -4,8 +4,6 @@
 //! `kv@HOST:PORT@MODEL`. Repeated requests of a group then land on the pod that holds the
 //! group's prefix, with the router matching its blocks.
 
-use std::time::{Duration, Instant};
-
 use e2e::cluster::{pod_flags, reserve_ports, Pod, RouterProc};
 use e2e::{LONG_TEXT, SERVED_MODEL};
 use serde_json::json;
@@ -42,41 +40,60 @@ async fn centralized_subscriber_routes_by_topic() {
     args.extend(pod_flags([pod_arg(&a), pod_arg(&b)]));
     let router = RouterProc::start(&args).await;
 
-    let mut homes = Vec::new();
-    for group in 0..4 {
-        let first = router.post_ok("/v1/completions", &request(group, 0)).await;
-        // The group's blocks reach the router through the central socket.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut last_hits = 0.0;
-        for i in 1..4 {
-            loop {
-                let (pod, hits) = router
-                    .post_matched("/v1/completions", &request(group, i))
-                    .await;
-                if hits > 0.0 {
-                    assert_eq!(pod, first, "group {group} request {i} left its pod");
-                    last_hits = hits;
-                    break;
-                }
-                // Events may not have arrived yet for the first follow-up; never for long.
-                assert!(
-                    Instant::now() < deadline,
-                    "the router never matched group {group}'s blocks:\n{}",
-                    router.log()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        assert!(
-            last_hits >= 3.0,
-            "group {group}: only {last_hits} blocks matched"
-        );
-        homes.push(first);
-    }
+    // PUB/SUB drops what is published before a subscription has propagated: reset both
+    // caches (each reset is a batch) until the router has received a batch from each pod.
     let names = [
         format!("127.0.0.1:{}", a.http),
         format!("127.0.0.1:{}", b.http),
     ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        for p in [&a, &b] {
+            assert_eq!(p.post("/reset_prefix_cache", &json!({})).await.status, 200);
+        }
+        let m = router.metrics().await;
+        let seen = |pod: &str| {
+            m.get(
+                "router_pod_kv_events",
+                &[("pod", pod), ("counter", "batches")],
+            )
+            .unwrap_or(0.0)
+                > 0.0
+        };
+        if names.iter().all(|n| seen(n)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no events from the pods reached the bound socket:\n{}",
+            router.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let mut homes = Vec::new();
+    for group in 0..4 {
+        let before = router.metrics().await.value("router_index_pod_entries");
+        let first = router.post_ok("/v1/completions", &request(group, 0)).await;
+        // The group's blocks reach the router through the central socket. Until they have, a
+        // follow-up would be routed by load alone and put the prefix on both pods.
+        router
+            .wait_for("the group's blocks in the index", |m| {
+                m.value("router_index_pod_entries") >= before + 3.0
+            })
+            .await;
+        for i in 1..4 {
+            let (pod, hits) = router
+                .post_matched("/v1/completions", &request(group, i))
+                .await;
+            assert_eq!(pod, first, "group {group} request {i} left its pod");
+            assert!(
+                hits >= 3.0,
+                "group {group} request {i}: only {hits} blocks matched"
+            );
+        }
+        homes.push(first);
+    }
     assert!(
         homes.iter().all(|h| names.contains(h)),
         "unexpected pod names {homes:?}"
