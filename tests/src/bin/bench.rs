@@ -152,9 +152,9 @@ async fn one_request(
 }
 
 /// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     if sorted.is_empty() {
-        return Duration::ZERO;
+        return T::default();
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
@@ -357,13 +357,11 @@ async fn router_overhead(
         ms(percentile(&r, 50.0)),
         ms(percentile(&r, 90.0))
     );
-    let q =
-        |p: f64| diff[((p / 100.0 * diff.len() as f64).ceil() as usize).clamp(1, diff.len()) - 1];
     println!(
         "router - direct, per pair: p25 {:.3} / p50 {:.3} / p75 {:.3} ms",
-        q(25.0) * 1e3,
-        q(50.0) * 1e3,
-        q(75.0) * 1e3
+        percentile(&diff, 25.0) * 1e3,
+        percentile(&diff, 50.0) * 1e3,
+        percentile(&diff, 75.0) * 1e3
     );
     Ok(())
 }
