@@ -13,22 +13,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::{agent_bin, model_path, workspace_root, Metrics, Reply, SERVED_MODEL};
+use crate::{agent_bin, file_from_env, model_path, workspace_root, Metrics, Reply, SERVED_MODEL};
 
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The router binary: `$ROUTER_BIN`, else `<workspace>/target/release/router`.
 pub fn router_bin() -> PathBuf {
-    let path = std::env::var_os("ROUTER_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/release/router"));
-    assert!(
-        path.is_file(),
-        "router binary not found at {}: build it with `cargo build --release -p router`, or \
-         point ROUTER_BIN at it",
-        path.display()
-    );
-    path
+    file_from_env(
+        "ROUTER_BIN",
+        workspace_root().join("target/release/router"),
+        "router binary",
+        "build it with `cargo build --release -p router`",
+    )
 }
 
 /// `n` distinct loopback ports nobody listens on now (all held open at once while choosing).

@@ -37,31 +37,35 @@ pub fn workspace_root() -> PathBuf {
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
-/// The agent binary: `$AGENT_BIN`, else `<workspace>/target/release/agent`.
-pub fn agent_bin() -> PathBuf {
-    let path = std::env::var_os("AGENT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/release/agent"));
+/// `$env` if set, else `default`; panics with `what` not found and `hint` if it is no file.
+pub fn file_from_env(env: &str, default: PathBuf, what: &str, hint: &str) -> PathBuf {
+    let path = std::env::var_os(env).map(PathBuf::from).unwrap_or(default);
     assert!(
         path.is_file(),
-        "agent binary not found at {}: build it with `cargo build --release -p agent` \
-         (or run scripts/install.sh), or point AGENT_BIN at it",
+        "{what} not found at {}: {hint}, or point {env} at it",
         path.display()
     );
     path
 }
 
+/// The agent binary: `$AGENT_BIN`, else `<workspace>/target/release/agent`.
+pub fn agent_bin() -> PathBuf {
+    file_from_env(
+        "AGENT_BIN",
+        workspace_root().join("target/release/agent"),
+        "agent binary",
+        "build it with `cargo build --release -p agent` (or run scripts/install.sh)",
+    )
+}
+
 /// The model file: `$MODEL_PATH`, else `<workspace>/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
 pub fn model_path() -> PathBuf {
-    let path = std::env::var_os("MODEL_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("models").join(MODEL_FILE));
-    assert!(
-        path.is_file(),
-        "model not found at {}: run scripts/install.sh to fetch it, or point MODEL_PATH at a GGUF",
-        path.display()
-    );
-    path
+    file_from_env(
+        "MODEL_PATH",
+        workspace_root().join("models").join(MODEL_FILE),
+        "model",
+        "run scripts/install.sh to fetch it",
+    )
 }
 
 /// A port nobody listens on right now (the agent binds it a moment later; a lost race is
