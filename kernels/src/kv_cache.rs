@@ -1,4 +1,10 @@
 //! The device memory of the paged KV cache (CPU backend): one K and one V array per layer.
+//!
+//! Within a layer's array, block `b` holds one region per KV head, `block_size × head_dim`
+//! floats each, at [`KvLayout::head_region`]. A V region is token-major (`[token][dim]`), a K
+//! region dim-major (`[dim][token]`): the attention kernel then reads both as contiguous runs
+//! and computes the scores of 8 positions per vector with no horizontal sums. A whole block
+//! stays contiguous, so it moves between tiers as one piece.
 
 /// Geometry of the paged KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +34,22 @@ impl KvLayout {
     /// Elements of one token's K (or V) row: `num_kv_heads * head_dim`.
     pub fn token_stride(&self) -> usize {
         self.num_kv_heads * self.head_dim
+    }
+
+    /// Start of `kv_head`'s region of `block` in a layer's K or V array.
+    pub fn head_region(&self, block: usize, kv_head: usize) -> usize {
+        (block * self.num_kv_heads + kv_head) * self.block_size * self.head_dim
+    }
+
+    /// Where element `dim` of `kv_head` for cache slot `slot` (`block * block_size + offset`)
+    /// lives: `(k_index, v_index)`.
+    pub fn slot_index(&self, slot: usize, kv_head: usize, dim: usize) -> (usize, usize) {
+        let (block, offset) = (slot / self.block_size, slot % self.block_size);
+        let region = self.head_region(block, kv_head);
+        (
+            region + dim * self.block_size + offset,
+            region + offset * self.head_dim + dim,
+        )
     }
 }
 

@@ -1,14 +1,16 @@
 //! Attention and KV-cache kernels.
 //!
-//! The paged KV cache stores, per layer, K and V as `[num_blocks, block_size, num_kv_heads,
-//! head_dim]` f32 arrays. A sequence's tokens live in the blocks of its block table: token `p`
-//! of the sequence is at slot `block_table[p / block_size] * block_size + p % block_size`.
+//! The paged KV cache stores, per layer, K and V as f32 arrays of `num_blocks` blocks, each
+//! block one region per KV head (K dim-major, V token-major: see [`KvLayout::head_region`]).
+//! A sequence's tokens live in the blocks of its block table: token `p` of the sequence is at
+//! slot `block_table[p / block_size] * block_size + p % block_size`.
 //!
 //! [`PagedAttention`] is the interface a backend implements; [`CpuPagedAttention`] is the
 //! multi-threaded CPU implementation (also the oracle for future GPU backends).
 //!
 //! [`QuantMatrix`] multiplies f32 activations by GGUF block-quantized weights on the CPU, with
-//! weight reuse across the rows of a batch and results bit-identical to candle's `QMatMul`.
+//! weight reuse across the rows of a batch, results independent of the batch and equal to
+//! candle's `QMatMul` up to float rounding.
 
 pub mod attention;
 pub mod kv_cache;

@@ -1,17 +1,20 @@
 //! CPU matmul of f32 activations by GGUF block-quantized weights (Q4_1, Q8_0): `y = x · Wᵀ`.
 //!
 //! Each call quantizes the activation rows as candle does (Q8_1 for Q4_1 weights, Q8_0 for
-//! Q8_0 weights), then walks the weights in units of 8 rows: a unit's blocks are read from
-//! memory once and reused by every activation row (4 at a time from L1), so a 16-row step costs
-//! far less than 16 one-row steps. Units are split over rayon (the pool the attention kernel
-//! uses); [`matmul_many`] runs several matrices on one input in one quantization and one pass.
+//! Q8_0 weights), then walks the weights in units of 8 rows, interleaved at load so that one
+//! vector holds 4 elements of each of the 8 rows: a unit's blocks are read from memory once and
+//! reused by every activation row (4 at a time from L1), and each block's 8 row sums land in
+//! the 8 lanes of one vector, so the per-block float update is one vector step for 8 rows.
+//! A 16-row step therefore costs far less than 16 one-row steps. Units are split over rayon
+//! (the pool the attention kernel uses); [`matmul_many`] runs several matrices on one input in
+//! one quantization and one pass.
 //!
-//! Every output is computed by one fixed sequence of operations, whatever the batch and the
-//! thread count, and that sequence is candle 0.11.1's: Q4_1 follows `vec_dot_q4_1_q8_1`
-//! (candle's scalar code, exact integer block sums then `sumf += sumi·dx·dy + mx·sy`), Q8_0
-//! follows `avx::vec_dot_q8_0_q8_0` (8 f32 lanes, FMA, `hsum_float_8`) with AVX2+FMA and the
-//! scalar `vec_dot_unopt` without. So results are bit-identical to candle's `QMatMul::forward`
-//! and independent of which rows share a call.
+//! Every output is computed by one fixed sequence of operations, whatever the batch, the thread
+//! count and the instruction set: exact integer block sums, then per block
+//! `acc = fma(sumi, dx·dy, acc)` (Q4_1 also `acc = fma(mx, sy, acc)`, its minimum term). So a
+//! row's result does not depend on which rows share a call, and the AVX2 and scalar kernels
+//! agree bit for bit. Against candle's `QMatMul` (same quantization, the same integer sums,
+//! unfused float updates in another order) results differ only by float rounding.
 
 use half::f16;
 use rayon::prelude::*;
@@ -20,11 +23,9 @@ use rayon::prelude::*;
 pub const BLOCK: usize = 32;
 /// Weight rows per unit of work; Q4_1 weights are interleaved in units of this many rows.
 const UNIT_ROWS: usize = 8;
-/// Activation rows computed together against one weight unit, at most: Q4_1 takes 4 (its
-/// per-row block sums fill the other registers), Q8_0 all 8.
-const ACT_TILE: usize = 8;
-/// The Q4_1 kernel's activation tile.
-const Q4_1_TILE: usize = 4;
+/// Activation rows computed together against one weight unit, at most: their block sums and
+/// accumulators fill the vector registers.
+const ACT_TILE: usize = 4;
 /// Activation values per parallel quantization task.
 const PAR_QUANTIZE_MIN: usize = 1 << 16;
 
@@ -93,11 +94,26 @@ impl Q41x8 {
     }
 }
 
+/// One block of 8 weight rows of Q8_0, interleaved like [`Q41x8`]: `qs[32t + 4j + e]` is
+/// element `4t + e` of row `j`.
+#[derive(Clone)]
+#[repr(C, align(32))]
+struct Q80x8 {
+    qs: [i8; 256],
+    d: [f32; UNIT_ROWS],
+}
+
+impl Q80x8 {
+    /// Element `i` (0..32) of row `j` of this block.
+    fn quant(&self, j: usize, i: usize) -> i8 {
+        self.qs[32 * (i / 4) + 4 * j + i % 4]
+    }
+}
+
+/// Weights as `[units][blocks per row]`; rows past `rows` in the last unit are zero.
 enum Packed {
-    /// `[units][blocks per row]`; rows past `rows` in the last unit are zero.
     Q4_1(Vec<Q41x8>),
-    /// `[rows][blocks per row]` quants and f32 scales.
-    Q8_0 { qs: Vec<[i8; BLOCK]>, d: Vec<f32> },
+    Q8_0(Vec<Q80x8>),
 }
 
 /// A `[rows, cols]` weight matrix in one of the [`BlockFormat`]s, ready for [`Self::matmul`].
@@ -148,39 +164,52 @@ impl QuantMatrix {
             });
         }
         let block = |row: usize, b: usize| &data[(row * nb + b) * bb..(row * nb + b + 1) * bb];
-        let packed = match format {
-            BlockFormat::Q4_1 => {
-                let units = rows.div_ceil(UNIT_ROWS);
-                let mut packed = Vec::with_capacity(units * nb);
-                for u in 0..units {
-                    for b in 0..nb {
-                        let mut p = Q41x8 {
-                            qs: [0; 128],
-                            d: [0.0; UNIT_ROWS],
-                            m: [0.0; UNIT_ROWS],
-                        };
-                        for j in 0..UNIT_ROWS.min(rows - u * UNIT_ROWS) {
-                            let src = block(u * UNIT_ROWS + j, b);
-                            p.d[j] = f16_at(src, 0).to_f32();
-                            p.m[j] = f16_at(src, 2).to_f32();
-                            for t in 0..4 {
-                                p.qs[32 * t + 4 * j..32 * t + 4 * j + 4]
-                                    .copy_from_slice(&src[4 + 4 * t..8 + 4 * t]);
-                            }
-                        }
-                        packed.push(p);
+        // Calls `fill(packed index, block bytes, row in unit)` for each valid row of each unit's
+        // blocks; the packed index of unit `u`'s block `b` is `u * nb + b`.
+        let pack = |fill: &mut dyn FnMut(usize, &[u8], usize)| {
+            for u in 0..rows.div_ceil(UNIT_ROWS) {
+                for b in 0..nb {
+                    for j in 0..UNIT_ROWS.min(rows - u * UNIT_ROWS) {
+                        fill(u * nb + b, block(u * UNIT_ROWS + j, b), j);
                     }
                 }
+            }
+        };
+        let units = rows.div_ceil(UNIT_ROWS) * nb;
+        let packed = match format {
+            BlockFormat::Q4_1 => {
+                let empty = Q41x8 {
+                    qs: [0; 128],
+                    d: [0.0; UNIT_ROWS],
+                    m: [0.0; UNIT_ROWS],
+                };
+                let mut packed = vec![empty; units];
+                pack(&mut |i, src, j| {
+                    let p = &mut packed[i];
+                    p.d[j] = f16_at(src, 0).to_f32();
+                    p.m[j] = f16_at(src, 2).to_f32();
+                    for t in 0..4 {
+                        p.qs[32 * t + 4 * j..][..4].copy_from_slice(&src[4 + 4 * t..][..4]);
+                    }
+                });
                 Packed::Q4_1(packed)
             }
             BlockFormat::Q8_0 => {
-                let (mut qs, mut d) =
-                    (Vec::with_capacity(rows * nb), Vec::with_capacity(rows * nb));
-                for src in data.chunks_exact(bb) {
-                    d.push(f16_at(src, 0).to_f32());
-                    qs.push(std::array::from_fn(|i| src[2 + i] as i8));
-                }
-                Packed::Q8_0 { qs, d }
+                let empty = Q80x8 {
+                    qs: [0; 256],
+                    d: [0.0; UNIT_ROWS],
+                };
+                let mut packed = vec![empty; units];
+                pack(&mut |i, src, j| {
+                    let p = &mut packed[i];
+                    p.d[j] = f16_at(src, 0).to_f32();
+                    for t in 0..8 {
+                        for e in 0..4 {
+                            p.qs[32 * t + 4 * j + e] = src[2 + 4 * t + e] as i8;
+                        }
+                    }
+                });
+                Packed::Q8_0(packed)
             }
         };
         Ok(Self {
@@ -202,7 +231,7 @@ impl QuantMatrix {
     pub fn format(&self) -> BlockFormat {
         match self.packed {
             Packed::Q4_1(_) => BlockFormat::Q4_1,
-            Packed::Q8_0 { .. } => BlockFormat::Q8_0,
+            Packed::Q8_0(_) => BlockFormat::Q8_0,
         }
     }
 
@@ -217,13 +246,9 @@ impl QuantMatrix {
     fn unit_rows(&self, unit: usize, acts: &QuantRows, first: usize, out: &mut [&mut [f32]]) {
         let row0 = unit * UNIT_ROWS;
         let valid = UNIT_ROWS.min(self.rows - row0);
-        let tile = match self.packed {
-            Packed::Q4_1(_) => Q4_1_TILE,
-            Packed::Q8_0 { .. } => ACT_TILE,
-        };
         let mut a0 = 0;
         while a0 < out.len() {
-            let count = tile.min(out.len() - a0);
+            let count = ACT_TILE.min(out.len() - a0);
             let mut res = [[0f32; UNIT_ROWS]; ACT_TILE];
             self.unit_tile(unit, acts, a0, count, &mut res);
             for (a, r) in res.iter().take(count).enumerate() {
@@ -273,30 +298,25 @@ impl QuantMatrix {
                     }
                 }
             }
-            Packed::Q8_0 { qs, d } => {
-                let valid = UNIT_ROWS.min(self.rows - unit * UNIT_ROWS);
-                for j in 0..valid {
-                    let row = (unit * UNIT_ROWS + j) * nb;
-                    let (wq, wd) = (&qs[row..row + nb], &d[row..row + nb]);
-                    #[cfg(target_arch = "x86_64")]
-                    if self.simd {
-                        // SAFETY: as above.
-                        unsafe {
-                            match count {
-                                8 => avx2::q8_0_row::<8>(wq, wd, acts, a0, j, res),
-                                7 => avx2::q8_0_row::<7>(wq, wd, acts, a0, j, res),
-                                6 => avx2::q8_0_row::<6>(wq, wd, acts, a0, j, res),
-                                5 => avx2::q8_0_row::<5>(wq, wd, acts, a0, j, res),
-                                4 => avx2::q8_0_row::<4>(wq, wd, acts, a0, j, res),
-                                3 => avx2::q8_0_row::<3>(wq, wd, acts, a0, j, res),
-                                2 => avx2::q8_0_row::<2>(wq, wd, acts, a0, j, res),
-                                _ => avx2::q8_0_row::<1>(wq, wd, acts, a0, j, res),
-                            }
+            Packed::Q8_0(packed) => {
+                let w = &packed[unit * nb..(unit + 1) * nb];
+                #[cfg(target_arch = "x86_64")]
+                if self.simd {
+                    // SAFETY: as above.
+                    unsafe {
+                        match count {
+                            4 => avx2::q8_0_unit::<4>(w, acts, a0, res),
+                            3 => avx2::q8_0_unit::<3>(w, acts, a0, res),
+                            2 => avx2::q8_0_unit::<2>(w, acts, a0, res),
+                            _ => avx2::q8_0_unit::<1>(w, acts, a0, res),
                         }
-                        continue;
                     }
-                    for (a, r) in res.iter_mut().take(count).enumerate() {
-                        r[j] = scalar_q8_0(wq, wd, acts, (a0 + a) * nb);
+                    return;
+                }
+                for (a, r) in res.iter_mut().take(count).enumerate() {
+                    let row = (a0 + a) * nb;
+                    for (j, out) in r.iter_mut().enumerate() {
+                        *out = scalar_q8_0(w, j, acts, row);
                     }
                 }
             }
@@ -440,36 +460,40 @@ fn quantize_block(xs: &[f32], qs: &mut [i8; BLOCK], simd: bool) -> (f32, i32) {
     (scale, sum)
 }
 
-/// Row `j` of a Q4_1 unit against activation row starting at block `row`, in candle's
-/// `vec_dot_q4_1_q8_1` order.
+/// Row `j` of a Q4_1 unit against the activation row starting at block `row`, in the
+/// kernels' order (see the module doc).
 fn scalar_q4_1(w: &[Q41x8], j: usize, acts: &QuantRows, row: usize) -> f32 {
-    let mut sumf = 0f32;
+    let mut acc = 0f32;
     for (b, blk) in w.iter().enumerate() {
         let y = &acts.qs[row + b];
         let sumi: i32 = (0..BLOCK)
             .map(|i| blk.nibble(j, i) as i32 * y[i] as i32)
             .sum();
-        sumf += sumi as f32 * blk.d[j] * acts.d[row + b] + blk.m[j] * acts.s[row + b];
+        acc = (sumi as f32).mul_add(blk.d[j] * acts.d[row + b], acc);
+        acc = blk.m[j].mul_add(acts.s[row + b], acc);
     }
-    sumf
+    acc
 }
 
-/// One Q8_0 weight row against an activation row, in candle's `vec_dot_unopt` order.
-fn scalar_q8_0(wq: &[[i8; BLOCK]], wd: &[f32], acts: &QuantRows, row: usize) -> f32 {
-    let mut sumf = 0f32;
-    for (b, (x, &dx)) in wq.iter().zip(wd).enumerate() {
+/// Row `j` of a Q8_0 unit against the activation row starting at block `row`, in the
+/// kernels' order.
+fn scalar_q8_0(w: &[Q80x8], j: usize, acts: &QuantRows, row: usize) -> f32 {
+    let mut acc = 0f32;
+    for (b, blk) in w.iter().enumerate() {
         let y = &acts.qs[row + b];
-        let sumi: i32 = x.iter().zip(y).map(|(&a, &b)| a as i32 * b as i32).sum();
-        sumf += sumi as f32 * dx * acts.d[row + b];
+        let sumi: i32 = (0..BLOCK)
+            .map(|i| blk.quant(j, i) as i32 * y[i] as i32)
+            .sum();
+        acc = (sumi as f32).mul_add(blk.d[j] * acts.d[row + b], acc);
     }
-    sumf
+    acc
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Q41x8, QuantRows, ACT_TILE, BLOCK, UNIT_ROWS};
+    use super::{Q41x8, Q80x8, QuantRows, ACT_TILE, BLOCK, UNIT_ROWS};
 
     /// Bytes `at..at + 4` of an activation block, in every 32-bit lane.
     #[inline(always)]
@@ -500,8 +524,7 @@ mod avx2 {
 
     /// 8 Q4_1 rows × `A` activation rows. Per block, lane `j` of `isum` gathers row `j`'s
     /// products 4 elements at a time (u8 × i8 pairs in i16: at most 8 · 2 · 15 · 127 = 30480,
-    /// no overflow), giving candle's exact integer block sum; the f32 update then repeats
-    /// candle's `sumf += sumi·dx·dy + mx·sy` lane-wise, without FMA.
+    /// no overflow), giving the exact integer block sum; the float update is lane-wise.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn q4_1_unit<const A: usize>(
         w: &[Q41x8],
@@ -532,11 +555,9 @@ mod avx2 {
             let mx = _mm256_load_ps(blk.m.as_ptr());
             for a in 0..A {
                 let sumi = _mm256_cvtepi32_ps(_mm256_madd_epi16(isum[a], ones));
-                let dy = _mm256_broadcast_ss(&*yd[a].add(b));
-                let sy = _mm256_broadcast_ss(&*ysum[a].add(b));
-                let scaled = _mm256_mul_ps(_mm256_mul_ps(sumi, dx), dy);
-                let min = _mm256_mul_ps(mx, sy);
-                acc[a] = _mm256_add_ps(acc[a], _mm256_add_ps(scaled, min));
+                let d = _mm256_mul_ps(dx, _mm256_broadcast_ss(&*yd[a].add(b)));
+                acc[a] = _mm256_fmadd_ps(sumi, d, acc[a]);
+                acc[a] = _mm256_fmadd_ps(mx, _mm256_broadcast_ss(&*ysum[a].add(b)), acc[a]);
             }
         }
         for (r, acc) in res.iter_mut().zip(acc) {
@@ -544,45 +565,41 @@ mod avx2 {
         }
     }
 
-    /// One Q8_0 weight row × `A` activation rows into `res[a][j]`, each exactly candle's
-    /// `avx::vec_dot_q8_0_q8_0` (its scalar `dx·dy` is the same f32 product lane-wise).
+    /// 8 Q8_0 rows × `A` activation rows. `maddubs` needs an unsigned operand, so each
+    /// product is taken as `|w| · (y · sign w)` (exact; pairs stay within i16: at most
+    /// 2 · 128 · 127); lane `j` of `isum` gathers row `j`'s exact integer block sum.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn q8_0_row<const A: usize>(
-        wq: &[[i8; BLOCK]],
-        wd: &[f32],
+    pub(super) unsafe fn q8_0_unit<const A: usize>(
+        w: &[Q80x8],
         acts: &QuantRows,
         a0: usize,
-        j: usize,
         res: &mut [[f32; UNIT_ROWS]; ACT_TILE],
     ) {
         let (ys, yd, _) = act_rows::<A>(acts, a0);
-        assert!(wq.len() == acts.blocks && wd.len() == acts.blocks);
+        assert_eq!(w.len(), acts.blocks);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); A];
-        for (b, (x, dx)) in wq.iter().zip(wd).enumerate() {
-            let bx = _mm256_loadu_si256(x.as_ptr() as *const __m256i);
-            let ax = _mm256_sign_epi8(bx, bx);
-            let dx = opaque(_mm256_broadcast_ss(dx));
+        for (b, blk) in w.iter().enumerate() {
+            let mut isum = [_mm256_setzero_si256(); A];
+            for t in 0..8 {
+                let wv = _mm256_load_si256(blk.qs.as_ptr().add(32 * t) as *const __m256i);
+                let abs = _mm256_sign_epi8(wv, wv);
+                for (s, y) in isum.iter_mut().zip(ys) {
+                    // SAFETY: `b` < blocks per row, checked by `act_rows`.
+                    let y = _mm256_sign_epi8(broadcast4(&*y.add(b), 4 * t), wv);
+                    let pairs = _mm256_maddubs_epi16(abs, y);
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            let dx = _mm256_load_ps(blk.d.as_ptr());
             for a in 0..A {
-                // SAFETY: `b` < blocks per row, checked by `act_rows`.
-                let by = _mm256_loadu_si256(ys[a].add(b) as *const __m256i);
-                let sy = _mm256_sign_epi8(by, bx);
-                let q = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, _mm256_maddubs_epi16(ax, sy)));
                 let d = _mm256_mul_ps(dx, _mm256_broadcast_ss(&*yd[a].add(b)));
-                acc[a] = _mm256_fmadd_ps(d, q, acc[a]);
+                acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[a]), d, acc[a]);
             }
         }
         for (r, acc) in res.iter_mut().zip(acc) {
-            r[j] = hsum_float_8(acc);
+            _mm256_storeu_ps(r.as_mut_ptr(), acc);
         }
-    }
-
-    /// `v`, hidden from the optimizer: else it turns a product of two broadcasts into a
-    /// scalar product and a broadcast, two vector-pipe operations instead of one.
-    #[inline(always)]
-    unsafe fn opaque(mut v: __m256) -> __m256 {
-        std::arch::asm!("/* {0} */", inout(ymm_reg) v, options(pure, nomem, nostack, preserves_flags));
-        v
     }
 
     /// [`super::quantize_block`]: the same max, division and products, and the same
@@ -636,22 +653,11 @@ mod avx2 {
         let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
         (scale, _mm_cvtsi128_si32(s))
     }
-
-    /// candle's `hsum_float_8`, same order.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum_float_8(x: __m256) -> f32 {
-        let res = _mm256_extractf128_ps::<1>(x);
-        let res = _mm_add_ps(res, _mm256_castps256_ps128(x));
-        let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
-        let res = _mm_add_ss(res, _mm_movehdup_ps(res));
-        _mm_cvtss_f32(res)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
     use rand::{Rng, SeedableRng};
@@ -690,14 +696,14 @@ mod tests {
         v.iter().map(|x| x.to_bits()).collect()
     }
 
-    /// Bit-identical to candle's `QMatMul::forward` (the quantized, not dequantized, variant),
-    /// for decode-like and prefill-like row counts, and row counts that are not a multiple of
-    /// the 4-row activation tile nor weight rows of the 8-row unit. (k is kept off multiples
-    /// of 256, where candle on AVX-512-VNNI/AVX-VNNI machines takes a repacked Q8_0 path of
-    /// different rounding, and at an even number of blocks, which candle debug-asserts for
-    /// Q4_1.)
+    /// Matches candle's `QMatMul::forward` (the quantized, not dequantized, variant: same
+    /// activation quantization and integer block sums) up to float rounding of the per-block
+    /// updates, for decode-like and prefill-like row counts, and row counts that are not a
+    /// multiple of the activation tile nor weight rows of the 8-row unit. (k is kept off
+    /// multiples of 256, where candle on VNNI machines repacks Q8_0 with other rounding, and at
+    /// an even number of blocks, which candle debug-asserts for Q4_1.)
     #[test]
-    fn bit_identical_to_candle_qmatmul() {
+    fn matches_candle_qmatmul() {
         for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
             for (n, k, m) in [
                 (64, 576, 1),
@@ -716,51 +722,28 @@ mod tests {
                     .to_vec1::<f32>()
                     .unwrap();
                 let ours = ours(&w, &x);
-                assert!(ours.iter().all(|v| v.is_finite()));
-                assert_eq!(bits(&ours), bits(&theirs), "{format:?} n={n} k={k} m={m}");
+                let scale = theirs.iter().fold(1f32, |a, v| a.max(v.abs()));
+                for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * scale,
+                        "{format:?} n={n} k={k} m={m} [{i}]: {a} vs candle {b}"
+                    );
+                }
             }
         }
     }
 
-    /// The scalar kernels (machines without AVX2) follow candle's scalar `vec_dot_unopt`; for
-    /// Q4_1 that is also what the AVX2 kernel computes, so both agree bit for bit.
+    /// The scalar kernels (machines without AVX2) compute what the AVX2 ones do, bit for bit.
     #[test]
-    fn scalar_kernels_match_candle_scalar_order() {
+    fn scalar_kernels_equal_simd_kernels() {
         let (n, k, m) = (21, 128, 6);
         let x = random(m * k, 5);
         for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
-            let (q, mut w) = weights(format, n, k, 11);
+            let (_, mut w) = weights(format, n, k, 11);
             let simd = ours(&w, &x);
             w.simd = false;
             let scalar = ours(&w, &x);
-            match format {
-                BlockFormat::Q4_1 => assert_eq!(bits(&scalar), bits(&simd)),
-                BlockFormat::Q8_0 => {
-                    let wb: Vec<BlockQ8_0> = {
-                        let mut b = vec![BlockQ8_0::zeros(); n * k / BLOCK];
-                        BlockQ8_0::from_float(
-                            &q.dequantize(&Device::Cpu)
-                                .unwrap()
-                                .flatten_all()
-                                .unwrap()
-                                .to_vec1()
-                                .unwrap(),
-                            &mut b,
-                        );
-                        b
-                    };
-                    for r in 0..m {
-                        let mut xb = vec![BlockQ8_0::zeros(); k / BLOCK];
-                        BlockQ8_0::from_float(&x[r * k..(r + 1) * k], &mut xb);
-                        for j in 0..n {
-                            let rows = k / BLOCK;
-                            let expected =
-                                BlockQ8_0::vec_dot_unopt(k, &wb[j * rows..(j + 1) * rows], &xb);
-                            assert_eq!(scalar[r * n + j].to_bits(), expected.to_bits());
-                        }
-                    }
-                }
-            }
+            assert_eq!(bits(&scalar), bits(&simd), "{format:?}");
         }
     }
 

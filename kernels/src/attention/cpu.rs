@@ -39,14 +39,29 @@ impl PagedAttention for CpuPagedAttention {
         debug_assert_eq!(k_cache.len(), layout.layer_len());
         debug_assert_eq!(v_cache.len(), layout.layer_len());
         // A few KiB per token: a plain copy loop is far cheaper than spreading it over threads.
+        let (hd, bs) = (layout.head_dim, layout.block_size);
         for ((&slot, k_row), v_row) in slots
             .iter()
             .zip(k.chunks_exact(stride))
             .zip(v.chunks_exact(stride))
         {
-            let dst = slot * stride..(slot + 1) * stride;
-            k_cache[dst.clone()].copy_from_slice(k_row);
-            v_cache[dst].copy_from_slice(v_row);
+            let (block, offset) = (slot / bs, slot % bs);
+            for (h, (k_head, v_head)) in k_row
+                .chunks_exact(hd)
+                .zip(v_row.chunks_exact(hd))
+                .enumerate()
+            {
+                let region = layout.head_region(block, h);
+                v_cache[region + offset * hd..][..hd].copy_from_slice(v_head);
+                // K is dim-major: this token's dims lie `block_size` apart.
+                for (dst, &x) in k_cache[region + offset..]
+                    .iter_mut()
+                    .step_by(bs)
+                    .zip(k_head)
+                {
+                    *dst = x;
+                }
+            }
         }
     }
 
@@ -163,9 +178,9 @@ struct CacheView<'a> {
 }
 
 impl CacheView<'_> {
-    /// Calls `f(first, base, count)` for each block holding the first `len` positions of a
-    /// sequence: positions `first .. first + count`, whose `kv_head` rows start at
-    /// `base + t * token_stride` in the K/V arrays. The block table is read once per block.
+    /// Calls `f(first, region, count)` for each block holding the first `len` positions of a
+    /// sequence: positions `first .. first + count`, whose `kv_head` data is the region starting
+    /// at `region` in the K/V arrays (see [`KvLayout::head_region`]).
     #[inline(always)]
     fn for_each_block(
         &self,
@@ -174,20 +189,19 @@ impl CacheView<'_> {
         kv_head: usize,
         mut f: impl FnMut(usize, usize, usize),
     ) {
-        let (block_size, stride) = (self.layout.block_size, self.layout.token_stride());
-        let head_offset = kv_head * self.layout.head_dim;
+        let block_size = self.layout.block_size;
         for (b, &block) in block_table[..len.div_ceil(block_size)].iter().enumerate() {
             let first = b * block_size;
-            let base = block as usize * block_size * stride + head_offset;
-            f(first, base, block_size.min(len - first));
+            let region = self.layout.head_region(block as usize, kv_head);
+            f(first, region, block_size.min(len - first));
         }
     }
 
     /// Attention of the query heads in `q` (`[group, head_dim]`, all reading `kv_head`) over the
     /// first `len` cached positions of a sequence, written to `out` (same shape as `q`).
     /// `scores` is scratch space reused across calls. `HD` is the head dimension when it is known
-    /// at compile time (vector loops then unroll fully and the output accumulators stay in
-    /// registers), 0 otherwise.
+    /// at compile time (vector loops then unroll fully and the accumulators stay in registers),
+    /// 0 otherwise.
     fn attend_group<const HD: usize>(
         &self,
         block_table: &[u32],
@@ -198,32 +212,60 @@ impl CacheView<'_> {
         out: &mut [f32],
     ) {
         let head_dim = if HD == 0 { self.layout.head_dim } else { HD };
-        let stride = self.layout.token_stride();
+        let bs = self.layout.block_size;
         let group = q.len() / head_dim;
-        // Scores are `[group, padded_len]`: each head's row is contiguous and a whole number of
-        // vectors; the padding holds -inf, whose softmax weight is exactly 0.
-        let padded_len = len.next_multiple_of(LANES);
+        // Scores are `[group, padded_len]`: each head's row is a whole number of vectors and,
+        // where blocks are, of blocks, so score tiles are written whole; the padding ends up
+        // -inf, whose softmax weight is exactly 0.
+        let padded_len = if bs.is_multiple_of(LANES) {
+            len.next_multiple_of(bs)
+        } else {
+            len.next_multiple_of(LANES)
+        };
         scores.clear();
-        scores.resize(group * padded_len, f32::NEG_INFINITY);
+        scores.resize(group * padded_len, 0.0);
 
-        self.for_each_block(block_table, len, kv_head, |first, base, count| {
-            for t in 0..count {
-                let key = &self.k[base + t * stride..][..head_dim];
-                for (q_head, head_scores) in q
-                    .chunks_exact(head_dim)
-                    .zip(scores.chunks_exact_mut(padded_len))
-                {
-                    head_scores[first + t] = dot(&q_head[..head_dim], key) * self.scale;
+        let scale = self.scale;
+        self.for_each_block(block_table, len, kv_head, |first, region, count| {
+            let k = &self.k[region..][..bs * head_dim];
+            for (q_head, head_scores) in q
+                .chunks_exact(head_dim)
+                .zip(scores.chunks_exact_mut(padded_len))
+            {
+                let q_head = &q_head[..head_dim];
+                let dst = &mut head_scores[first..];
+                // Tiles may read past `count` within the block (stale slots): those lanes are
+                // overwritten with -inf below.
+                if bs.is_multiple_of(2 * LANES) {
+                    for t0 in (0..count).step_by(2 * LANES) {
+                        let tile = qk_tile::<2>(k, bs, t0, q_head, scale);
+                        store(&mut dst[t0..], &tile);
+                    }
+                } else if bs.is_multiple_of(LANES) {
+                    for t0 in (0..count).step_by(LANES) {
+                        let tile = qk_tile::<1>(k, bs, t0, q_head, scale);
+                        store(&mut dst[t0..], &tile);
+                    }
+                } else {
+                    for (t, s) in dst[..count].iter_mut().enumerate() {
+                        let dot: f32 = q_head
+                            .iter()
+                            .enumerate()
+                            .map(|(d, &x)| x * k[d * bs + t])
+                            .sum();
+                        *s = dot * scale;
+                    }
                 }
             }
         });
 
         for head_scores in scores.chunks_exact_mut(padded_len) {
+            head_scores[len..].fill(f32::NEG_INFINITY);
             softmax_in_place(head_scores.as_chunks_mut::<LANES>().0);
         }
 
         out.fill(0.0);
-        self.for_each_block(block_table, len, kv_head, |first, base, count| {
+        self.for_each_block(block_table, len, kv_head, |first, region, count| {
             for (out_head, head_scores) in out
                 .chunks_exact_mut(head_dim)
                 .zip(scores.chunks_exact(padded_len))
@@ -232,12 +274,12 @@ impl CacheView<'_> {
                 // Up to ACC_VECTORS vectors of the head at a time, in a local array the
                 // compiler keeps in registers when `HD` is known.
                 for (piece, out_piece) in out_head[..head_dim].chunks_mut(ACC_LEN).enumerate() {
-                    let offset = base + piece * ACC_LEN;
+                    let offset = region + piece * ACC_LEN;
                     let mut acc = [f32x8::ZERO; ACC_VECTORS];
                     let mut tail_acc = [0.0f32; LANES];
                     for (t, &w) in weights.iter().enumerate() {
                         let (vectors, tail) =
-                            self.v[offset + t * stride..][..out_piece.len()].as_chunks::<LANES>();
+                            self.v[offset + t * head_dim..][..out_piece.len()].as_chunks::<LANES>();
                         let w_splat = f32x8::splat(w);
                         for (a, v) in acc.iter_mut().zip(vectors) {
                             *a = f32x8::new(*v).mul_add(w_splat, *a);
@@ -264,19 +306,35 @@ const LANES: usize = 8;
 /// Output vectors accumulated at once per head (32 vectors: 256 floats).
 const ACC_VECTORS: usize = 32;
 const ACC_LEN: usize = ACC_VECTORS * LANES;
+/// Partial sums per score vector in [`qk_tile`]: consecutive FMAs go to different
+/// accumulators, so they do not wait on each other's latency.
+const QK_PARTIALS: usize = 4;
 
-/// Dot product, two vector accumulators wide so consecutive FMAs do not wait on each other.
+/// Scaled scores `q · k[t] · scale` of positions `t0 .. t0 + N·8` of one block's dim-major K
+/// region `k` (`[head_dim][block_size]`, `t0 + N·8 <= block_size`): one broadcast of each
+/// query dim times a vector of 8 positions, so no horizontal sums.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let ((a_vectors, a_tail), (b_vectors, b_tail)) =
-        (a.as_chunks::<LANES>(), b.as_chunks::<LANES>());
-    let mut acc = [f32x8::ZERO; 2];
-    for (i, (x, y)) in a_vectors.iter().zip(b_vectors).enumerate() {
-        acc[i % 2] = f32x8::new(*x).mul_add(f32x8::new(*y), acc[i % 2]);
+fn qk_tile<const N: usize>(k: &[f32], bs: usize, t0: usize, q: &[f32], scale: f32) -> [f32x8; N] {
+    let mut acc = [[f32x8::ZERO; N]; QK_PARTIALS];
+    for (d, &x) in q.iter().enumerate() {
+        let x = f32x8::splat(x);
+        let (row, _) = k[d * bs + t0..][..N * LANES].as_chunks::<LANES>();
+        let acc = &mut acc[d % QK_PARTIALS];
+        for (a, v) in acc.iter_mut().zip(row) {
+            *a = f32x8::new(*v).mul_add(x, *a);
+        }
     }
-    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
-    (acc[0] + acc[1]).reduce_add() + tail
+    std::array::from_fn(|n| {
+        ((acc[0][n] + acc[1][n]) + (acc[2][n] + acc[3][n])) * f32x8::splat(scale)
+    })
+}
+
+/// Writes the vectors of `tile` to the start of `dst`.
+#[inline(always)]
+fn store<const N: usize>(dst: &mut [f32], tile: &[f32x8; N]) {
+    for (d, v) in dst.as_chunks_mut::<LANES>().0.iter_mut().zip(tile) {
+        *d = v.to_array();
+    }
 }
 
 /// Numerically stable softmax over whole vectors: exponentials of `x - max`, so none overflows.
@@ -558,20 +616,30 @@ mod tests {
         let (k, v) = (random_vec(&mut rng, stride), random_vec(&mut rng, stride));
         attn.write_kv(&layout, &mut k_cache, &mut v_cache, &[8], &k, &v);
 
-        for (slot, (k_row, v_row)) in k_cache
-            .chunks_exact(stride)
-            .zip(v_cache.chunks_exact(stride))
-            .enumerate()
-        {
-            if slot == 8 {
-                assert_eq!((k_row, v_row), (&k[..], &v[..]));
-            } else {
-                assert!(
-                    k_row.iter().chain(v_row).all(|&x| x == 0.0),
-                    "slot {slot} was written"
-                );
+        for slot in 0..layout.num_blocks * layout.block_size {
+            for h in 0..layout.num_kv_heads {
+                for d in 0..layout.head_dim {
+                    let (ki, vi) = layout.slot_index(slot, h, d);
+                    let i = h * layout.head_dim + d;
+                    let want = if slot == 8 { (k[i], v[i]) } else { (0.0, 0.0) };
+                    assert_eq!(
+                        (k_cache[ki], v_cache[vi]),
+                        want,
+                        "slot {slot} head {h} dim {d}"
+                    );
+                }
             }
         }
+        // Every element was checked once: the indices cover the arrays.
+        let mut seen = vec![0u8; layout.layer_len()];
+        for slot in 0..layout.num_blocks * layout.block_size {
+            for h in 0..layout.num_kv_heads {
+                for d in 0..layout.head_dim {
+                    seen[layout.slot_index(slot, h, d).0] += 1;
+                }
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1));
 
         // With a single attended position the softmax weight is 1: the output is that V row.
         let num_heads = 4;
