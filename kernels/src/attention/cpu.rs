@@ -180,17 +180,27 @@ struct CacheView<'a> {
 impl CacheView<'_> {
     /// Calls `f(first, region, count)` for each block holding the first `len` positions of a
     /// sequence: positions `first .. first + count`, whose `kv_head` data is the region starting
-    /// at `region` in the K/V arrays (see [`KvLayout::head_region`]).
+    /// at `region` in the K/V arrays (see [`KvLayout::head_region`]). The next block's region of
+    /// `data` (the array `f` reads) is prefetched meanwhile: a region is a page or so, and
+    /// hardware prefetchers stop at pages, so each block would otherwise start with a stall.
     #[inline(always)]
     fn for_each_block(
         &self,
+        data: &[f32],
         block_table: &[u32],
         len: usize,
         kv_head: usize,
         mut f: impl FnMut(usize, usize, usize),
     ) {
-        let block_size = self.layout.block_size;
-        for (b, &block) in block_table[..len.div_ceil(block_size)].iter().enumerate() {
+        let (block_size, region_len) = (
+            self.layout.block_size,
+            self.layout.block_size * self.layout.head_dim,
+        );
+        let blocks = &block_table[..len.div_ceil(block_size)];
+        for (b, &block) in blocks.iter().enumerate() {
+            if let Some(&next) = blocks.get(b + 1) {
+                prefetch(&data[self.layout.head_region(next as usize, kv_head)..][..region_len]);
+            }
             let first = b * block_size;
             let region = self.layout.head_region(block as usize, kv_head);
             f(first, region, block_size.min(len - first));
@@ -226,7 +236,7 @@ impl CacheView<'_> {
         scores.resize(group * padded_len, 0.0);
 
         let scale = self.scale;
-        self.for_each_block(block_table, len, kv_head, |first, region, count| {
+        self.for_each_block(self.k, block_table, len, kv_head, |first, region, count| {
             let k = &self.k[region..][..bs * head_dim];
             for (q_head, head_scores) in q
                 .chunks_exact(head_dim)
@@ -265,7 +275,7 @@ impl CacheView<'_> {
         }
 
         out.fill(0.0);
-        self.for_each_block(block_table, len, kv_head, |first, region, count| {
+        self.for_each_block(self.v, block_table, len, kv_head, |first, region, count| {
             for (out_head, head_scores) in out
                 .chunks_exact_mut(head_dim)
                 .zip(scores.chunks_exact(padded_len))
@@ -299,6 +309,22 @@ impl CacheView<'_> {
             }
         });
     }
+}
+
+/// Starts loading `data` into the cache, one request per 64-byte line.
+#[inline(always)]
+fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(16) {
+        // SAFETY: a prefetch only hints the cache; the address is in bounds anyway.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// f32 lanes of one SIMD vector (AVX: 8).
