@@ -7,14 +7,14 @@
 //! Each decode step rewrites the same next slot of each sequence, so the context stays fixed.
 //!
 //! cargo bench -p agent --bench forward_step -- [--model PATH] [--batch N] [--context C]
-//!     [--steps S]
+//!     [--steps S] [--kv-dtype f16|bf16|f32]   (f16: the agent's default storage)
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use agent::model::{self, LlamaModel, StepInput};
 use anyhow::{bail, Context, Result};
-use kernels::{CpuKvCache, SeqAttn};
+use kernels::{CpuKvCache, KvDtype, SeqAttn};
 use rand::{Rng, SeedableRng};
 
 const BLOCK_SIZE: usize = 16;
@@ -25,6 +25,7 @@ struct Args {
     batch: usize,
     context: usize,
     steps: usize,
+    kv_dtype: KvDtype,
 }
 
 fn parse_args() -> Result<Args> {
@@ -34,6 +35,7 @@ fn parse_args() -> Result<Args> {
         batch: 16,
         context: 200,
         steps: 40,
+        kv_dtype: KvDtype::F16,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -47,6 +49,14 @@ fn parse_args() -> Result<Args> {
             "--batch" => args.batch = value.parse()?,
             "--context" => args.context = value.parse()?,
             "--steps" => args.steps = value.parse()?,
+            "--kv-dtype" => {
+                args.kv_dtype = match value.as_str() {
+                    "f32" => KvDtype::F32,
+                    "f16" => KvDtype::F16,
+                    "bf16" => KvDtype::Bf16,
+                    _ => bail!("--kv-dtype is f32, f16 or bf16"),
+                }
+            }
             _ => bail!("unknown flag {flag}"),
         }
     }
@@ -111,7 +121,8 @@ fn main() -> Result<()> {
     let vocab = loaded.config.vocab_size as u32;
     let len = args.context + 1;
     let blocks_per_seq = len.div_ceil(BLOCK_SIZE);
-    let mut cache = CpuKvCache::new(model.kv_layout(args.batch * blocks_per_seq, BLOCK_SIZE));
+    let layout = model.kv_layout(args.batch * blocks_per_seq, BLOCK_SIZE);
+    let mut cache = CpuKvCache::new(layout, args.kv_dtype);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let seqs: Vec<Seq> = (0..args.batch)
         .map(|i| Seq {
@@ -158,9 +169,10 @@ fn main() -> Result<()> {
     }
     let (t1, tn) = (median(one), median(many));
     println!(
-        "model {} | context {} | threads {}",
+        "model {} | context {} | KV {:?} | threads {}",
         args.model.display(),
         args.context,
+        args.kv_dtype,
         rayon::current_num_threads()
     );
     println!(

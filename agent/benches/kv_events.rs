@@ -217,6 +217,7 @@ fn engine_round(
         block_size: BLOCK_SIZE,
         // Small enough that the workload evicts (BlockRemoved as well as BlockStored).
         num_blocks: 96,
+        kv_dtype: kernels::KvDtype::F16,
         max_num_seqs: 256,
         max_num_batched_tokens: 2048,
         max_model_len: 512,

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use serde_json::Value;
 
+use kernels::KvDtype;
+
 use crate::kv_cache::HashAlgo;
 
 /// Default KV-cache size on CPU, where `--gpu-memory-utilization` has nothing to measure.
@@ -27,6 +29,24 @@ pub struct Cli {
 pub enum Command {
     /// Serve a model over the OpenAI-compatible HTTP API (as `vllm serve`).
     Serve(Box<ServeArgs>),
+}
+
+/// `--dtype` values (vLLM's spelling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelDtype {
+    Auto,
+    Half,
+    Float16,
+    Bfloat16,
+    Float,
+    Float32,
+}
+
+/// `--kv-cache-dtype` values this server can store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CacheDtype {
+    Auto,
+    Bfloat16,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -60,6 +80,16 @@ pub struct ServeArgs {
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
+
+    /// Model data type. The CPU forward pass computes in float32 whatever this says; it sets
+    /// the KV cache's storage when --kv-cache-dtype is auto (auto, half and float16 store
+    /// float16, as vLLM stores a 16-bit model's KV; float32 keeps full precision).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dtype: ModelDtype,
+
+    /// KV-cache storage: auto follows --dtype. (fp8 is not available on the CPU path.)
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kv_cache_dtype: CacheDtype,
 
     /// Context length (prompt + output). Default: the model's maximum. Accepts 8k / 8K
     /// (1000 / 1024 multiples) and `auto`.
@@ -179,6 +209,17 @@ impl ServeArgs {
             .clone()
             .or_else(|| self.model_tag.clone())
             .unwrap_or_default()
+    }
+
+    /// How the KV cache stores K and V, from --kv-cache-dtype and --dtype.
+    pub fn kv_dtype(&self) -> KvDtype {
+        match (self.kv_cache_dtype, self.dtype) {
+            (CacheDtype::Bfloat16, _) | (CacheDtype::Auto, ModelDtype::Bfloat16) => KvDtype::Bf16,
+            (CacheDtype::Auto, ModelDtype::Float | ModelDtype::Float32) => KvDtype::F32,
+            (CacheDtype::Auto, ModelDtype::Auto | ModelDtype::Half | ModelDtype::Float16) => {
+                KvDtype::F16
+            }
+        }
     }
 
     pub fn prefix_caching(&self) -> bool {
@@ -309,6 +350,22 @@ mod tests {
         assert_eq!(a.tensor_parallel_size, 1);
         assert_eq!(a.max_logprobs, 20);
         assert!(a.served_model_name.is_empty());
+        assert_eq!(a.kv_dtype(), KvDtype::F16);
+    }
+
+    #[test]
+    fn kv_cache_dtype_follows_dtype() {
+        let kv = |args: &[&str]| parse(&[&["/m.gguf"], args].concat()).unwrap().kv_dtype();
+        assert_eq!(kv(&["--dtype", "float32"]), KvDtype::F32);
+        assert_eq!(kv(&["--dtype", "float"]), KvDtype::F32);
+        assert_eq!(kv(&["--dtype", "half"]), KvDtype::F16);
+        assert_eq!(kv(&["--dtype", "bfloat16"]), KvDtype::Bf16);
+        assert_eq!(
+            kv(&["--dtype", "float32", "--kv-cache-dtype", "bfloat16"]),
+            KvDtype::Bf16
+        );
+        let err = parse(&["/m.gguf", "--kv-cache-dtype", "fp8"]).unwrap_err();
+        assert!(err.to_string().contains("invalid value 'fp8'"), "{err}");
     }
 
     #[test]

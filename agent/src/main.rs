@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
@@ -113,7 +114,11 @@ fn serve(args: &ServeArgs) -> Result<()> {
     };
 
     let kv_bytes = args.kv_cache_bytes();
-    let bytes_per_block = loaded.model.kv_layout(1, args.block_size).bytes_per_block();
+    let kv_dtype = args.kv_dtype();
+    let bytes_per_block = loaded
+        .model
+        .kv_layout(1, args.block_size)
+        .bytes_per_block(kv_dtype);
     let num_blocks = usize::try_from(kv_bytes / bytes_per_block as u64).unwrap_or(usize::MAX);
     let capacity = num_blocks.saturating_mul(args.block_size);
     if max_model_len > capacity {
@@ -137,6 +142,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
     let config = EngineConfig {
         block_size: args.block_size,
         num_blocks,
+        kv_dtype,
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_model_len,
@@ -145,8 +151,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
         hash_seed: std::env::var("PYTHONHASHSEED").ok(),
     };
     info!(
-        "KV cache: {num_blocks} blocks of {} tokens ({kv_bytes} bytes), max_model_len \
-         {max_model_len}, prefix caching {} ({hash_algo})",
+        "KV cache: {num_blocks} blocks of {} tokens ({kv_bytes} bytes, {kv_dtype:?}), \
+         max_model_len {max_model_len}, prefix caching {} ({hash_algo})",
         args.block_size,
         if config.enable_prefix_caching {
             "on"
@@ -164,7 +170,11 @@ fn serve(args: &ServeArgs) -> Result<()> {
                 num_gpu_blocks: num_blocks,
                 enable_prefix_caching: config.enable_prefix_caching,
                 prefix_caching_hash_algo: hash_algo.to_string(),
-                cache_dtype: "auto".to_string(),
+                cache_dtype: args
+                    .kv_cache_dtype
+                    .to_possible_value()
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default(),
             },
         )
         .context("registering metrics")?,

@@ -17,5 +17,5 @@ pub mod kv_cache;
 pub mod quant_matmul;
 
 pub use attention::{cpu::CpuPagedAttention, PagedAttention, SeqAttn};
-pub use kv_cache::{CpuKvCache, KvLayout};
+pub use kv_cache::{CpuKvCache, KvDtype, KvElem, KvLayerMut, KvLayout};
 pub use quant_matmul::{matmul_many, BlockFormat, QuantMatmulError, QuantMatrix};

@@ -194,8 +194,9 @@ class EventsAgent:
         self.agent.stop()
 
 
-# A pool of ~65 blocks (737,280 bytes per block for this model), so the workload below evicts.
-SMALL_KV = ["--kv-cache-memory-bytes", "48000000", "--max-model-len", "512"]
+# A pool of ~65 blocks (368,640 bytes per float16 block for this model), so the workload below
+# evicts.
+SMALL_KV = ["--kv-cache-memory-bytes", "24000000", "--max-model-len", "512"]
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ use e2e::{choice_token_ids, greedy_ids_request, Agent, LONG_TEXT};
 use futures::future::join_all;
 
 const BLOCK_SIZE: usize = 16;
-/// K and V, 30 layers, 16 tokens, 3 KV heads, head dim 64, f32.
-const BYTES_PER_BLOCK: usize = 2 * 30 * BLOCK_SIZE * 3 * 64 * 4;
+/// K and V, 30 layers, 16 tokens, 3 KV heads, head dim 64, float16 (the default storage).
+const BYTES_PER_BLOCK: usize = 2 * 30 * BLOCK_SIZE * 3 * 64 * 2;
 /// About two finished requests' worth (each needs up to 7 blocks).
 const POOL_BLOCKS: usize = 16;
 const MAX_MODEL_LEN: usize = 128;

@@ -19,9 +19,9 @@ use serde_json::{json, Value};
 
 const GROUPS: usize = 6;
 const PER_GROUP: usize = 5;
-/// 32 blocks of 16 tokens (737,280 bytes each for this model): room for three of the ~9-block
-/// group prefixes plus the running request, not for six.
-const KV_BYTES: &str = "23592960";
+/// 32 blocks of 16 tokens (368,640 bytes each for this model in float16): room for three of the
+/// ~9-block group prefixes plus the running request, not for six.
+const KV_BYTES: &str = "11796480";
 
 /// A group's shared system prompt (distinct per phase, so the phases never share blocks).
 fn group_prefix(phase: &str, group: usize) -> String {

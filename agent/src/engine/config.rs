@@ -1,5 +1,7 @@
 //! Engine settings derived from the command line.
 
+use kernels::KvDtype;
+
 use crate::kv_cache::HashAlgo;
 
 /// How the engine sizes its KV cache and batches.
@@ -9,6 +11,8 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Blocks in the KV pool (derived from `--kv-cache-memory-bytes`).
     pub num_blocks: usize,
+    /// How the cache stores K and V (`--kv-cache-dtype`, `--dtype`).
+    pub kv_dtype: KvDtype,
     /// Most sequences in one step (`--max-num-seqs`).
     pub max_num_seqs: usize,
     /// Most tokens in one step (`--max-num-batched-tokens`); longer prompts are prefilled in chunks.

@@ -79,7 +79,10 @@ impl EngineCore {
         metrics: Arc<Metrics>,
         sink: Box<dyn KvEventSink>,
     ) -> Self {
-        let layout = model.kv_layout(config.num_blocks, config.block_size);
+        let cache = CpuKvCache::new(
+            model.kv_layout(config.num_blocks, config.block_size),
+            config.kv_dtype,
+        );
         let hasher = BlockHasher::new(config.hash_algo, config.hash_seed.as_deref());
         let pool = BlockPool::new(config.num_blocks, config.enable_prefix_caching, sink);
         let kv = KvCacheManager::new(
@@ -97,7 +100,7 @@ impl EngineCore {
         Self {
             config,
             model,
-            cache: CpuKvCache::new(layout),
+            cache,
             kv,
             scheduler,
             requests: HashMap::new(),

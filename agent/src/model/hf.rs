@@ -310,7 +310,7 @@ mod tests {
     use crate::model::test_support::{scratch_dir, smollm};
     use crate::model::StepInput;
     use candle_nn::VarBuilder;
-    use kernels::{CpuKvCache, SeqAttn};
+    use kernels::{CpuKvCache, KvDtype, SeqAttn};
     use serde_json::json;
 
     const VOCAB: usize = 512;
@@ -407,7 +407,7 @@ mod tests {
         let loaded = crate::model::load(dir).unwrap();
         let model = &loaded.model;
         let block_size = 4;
-        let mut cache = CpuKvCache::new(model.kv_layout(8, block_size));
+        let mut cache = CpuKvCache::new(model.kv_layout(8, block_size), KvDtype::F32);
         let table = [5u32, 2, 7, 0];
         let prompt = [1u32, 100, 200, 300, 400, 17, 5, 511, 42];
         let mut worst = 0f32;

@@ -18,7 +18,8 @@
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Device, Module, Storage, Tensor};
 use kernels::{
-    BlockFormat, CpuKvCache, CpuPagedAttention, KvLayout, PagedAttention, QuantMatrix, SeqAttn,
+    BlockFormat, CpuKvCache, CpuPagedAttention, KvElem, KvLayerMut, KvLayout, PagedAttention,
+    QuantMatrix, SeqAttn,
 };
 use rayon::prelude::*;
 use wide::f32x8;
@@ -320,19 +321,25 @@ impl LlamaModel {
             let [q, k, v] = Linear::forward_all([&layer.q, &layer.k, &layer.v], &h)?;
             let (q, k) = (rope(&q, nh)?, rope(&k, nkv)?);
 
-            let (k_cache, v_cache) = cache.layer_mut(i);
-            with_f32(&k, |k| {
-                with_f32(&v, |v| {
-                    self.attention
-                        .write_kv(&layout, k_cache, v_cache, input.slots, k, v)
-                })
-            })??;
             let mut out = vec![0f32; t * nh * hd];
             with_f32(&q, |q| {
-                self.attention.attend(
-                    &layout, k_cache, v_cache, q, nh, input.seqs, scale, &mut out,
-                )
-            })?;
+                with_f32(&k, |k| {
+                    with_f32(&v, |v| {
+                        let new = NewKv { q, k, v, scale };
+                        match cache.layer_mut(i) {
+                            KvLayerMut::F32(kc, vc) => {
+                                self.attend(&layout, kc, vc, input, new, &mut out)
+                            }
+                            KvLayerMut::F16(kc, vc) => {
+                                self.attend(&layout, kc, vc, input, new, &mut out)
+                            }
+                            KvLayerMut::Bf16(kc, vc) => {
+                                self.attend(&layout, kc, vc, input, new, &mut out)
+                            }
+                        }
+                    })
+                })
+            })???;
             let attn = layer
                 .o
                 .forward(&Tensor::from_vec(out, (t, nh * hd), &dev)?)?;
@@ -355,6 +362,25 @@ impl LlamaModel {
         let x = x.index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?;
         let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
         Ok(logits.to_vec2::<f32>()?)
+    }
+
+    /// Writes this step's K/V rows into one layer's cache (of element type `E`), then attends
+    /// every row through the block tables into `out`.
+    fn attend<E: KvElem>(
+        &self,
+        layout: &KvLayout,
+        k_cache: &mut [E],
+        v_cache: &mut [E],
+        input: &StepInput,
+        new: NewKv,
+        out: &mut [f32],
+    ) {
+        let attention = &self.attention;
+        attention.write_kv(layout, k_cache, v_cache, input.slots, new.k, new.v);
+        let nh = self.num_heads;
+        attention.attend(
+            layout, k_cache, v_cache, new.q, nh, input.seqs, new.scale, out,
+        );
     }
 
     /// Rejects inputs that would index out of bounds in the kernels or the tables.
@@ -410,6 +436,16 @@ impl LlamaModel {
         }
         Ok(())
     }
+}
+
+/// One layer's new rows for [`LlamaModel::attend`]: roped queries and keys, values, and the
+/// softmax scale.
+#[derive(Clone, Copy)]
+struct NewKv<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    scale: f32,
 }
 
 /// Calls `f` on the f32 data of a contiguous CPU tensor without copying it.
@@ -492,6 +528,7 @@ mod tests {
     use crate::model::test_support::{gguf_path, smollm, smollm_f16, smollm_f16_gguf};
     use crate::model::LoadedModel;
     use candle_transformers::models::quantized_llama::ModelWeights;
+    use kernels::KvDtype;
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
 
@@ -622,7 +659,7 @@ mod tests {
             worst_all: 0.0,
         };
         for (n, prompt) in prompts.iter().enumerate() {
-            let mut cache = CpuKvCache::new(m.model.kv_layout(64, 16));
+            let mut cache = CpuKvCache::new(m.model.kv_layout(64, 16), KvDtype::F32);
             let table = shuffled_blocks(64, n as u64);
             oracle.clear_kv_cache();
             let prefill = Part {
@@ -741,7 +778,8 @@ mod tests {
         let split = 7;
 
         // Same history in both caches: A's first chunk, C's and D's prompts.
-        let mut caches = [0, 1].map(|_| CpuKvCache::new(m.model.kv_layout(64, block_size)));
+        let mut caches =
+            [0, 1].map(|_| CpuKvCache::new(m.model.kv_layout(64, block_size), KvDtype::F32));
         let mut next = vec![];
         for cache in caches.iter_mut() {
             let setup = step(
@@ -851,10 +889,11 @@ mod tests {
         }
     }
 
-    /// Greedy continuation of `prompt` until EOS (at most 32 tokens), decoded.
-    fn greedy_text(m: &LoadedModel, prompt: &[u32]) -> String {
+    /// Greedy continuation of `prompt` until EOS (at most 32 tokens), decoded, with the KV
+    /// cache stored as `dtype`; and the first step's logits.
+    fn greedy_run(m: &LoadedModel, prompt: &[u32], dtype: KvDtype) -> (String, Vec<f32>) {
         let mut tokens = prompt.to_vec();
-        let mut cache = CpuKvCache::new(m.model.kv_layout(16, 16));
+        let mut cache = CpuKvCache::new(m.model.kv_layout(16, 16), dtype);
         let table: Vec<u32> = (0..16).collect();
         let part = Part {
             tokens: &tokens,
@@ -863,6 +902,7 @@ mod tests {
             all_logits: false,
         };
         let mut logits = step(&m.model, &mut cache, &[part]).unwrap();
+        let first = logits[0].clone();
         for _ in 0..32 {
             let next = argmax(&logits[0]);
             if m.tokenizer.eos_token_ids().contains(&next) {
@@ -877,7 +917,27 @@ mod tests {
             };
             logits = step(&m.model, &mut cache, &[part]).unwrap();
         }
-        m.tokenizer.decode(&tokens[prompt.len()..], true)
+        (m.tokenizer.decode(&tokens[prompt.len()..], true), first)
+    }
+
+    fn greedy_text(m: &LoadedModel, prompt: &[u32]) -> String {
+        greedy_run(m, prompt, KvDtype::F32).0
+    }
+
+    /// The agent's default 16-bit KV storage (and bf16) keep the answer; the first step's
+    /// logits move by the rounding of K and V only (f32 matmuls, so nothing else differs).
+    #[test]
+    fn sixteen_bit_kv_cache_keeps_the_answer() {
+        let Some(m) = smollm_f16() else { return };
+        let prompt = chatml(m, "What is the capital of France?");
+        let (_, exact) = greedy_run(m, &prompt, KvDtype::F32);
+        for (dtype, tolerance) in [(KvDtype::F16, 0.05), (KvDtype::Bf16, 0.3)] {
+            let (text, logits) = greedy_run(m, &prompt, dtype);
+            assert_eq!(text, "The capital of France is Paris.", "{dtype:?}");
+            let diff = max_abs_diff(&logits, &exact);
+            eprintln!("{dtype:?}: first-step max |logit diff| {diff}");
+            assert!(diff > 0.0 && diff < tolerance, "{dtype:?}: {diff}");
+        }
     }
 
     /// The template's prompt (with SmolLM's default system prompt) on f32 matmuls, like the
@@ -917,7 +977,7 @@ mod tests {
 
     /// Prefills `chunks` one step each, asking for logits only on the last; returns those.
     fn prefill_logits(m: &LoadedModel, chunks: &[&[u32]], table: &[u32]) -> Vec<f32> {
-        let mut cache = CpuKvCache::new(m.model.kv_layout(8, 16));
+        let mut cache = CpuKvCache::new(m.model.kv_layout(8, 16), KvDtype::F32);
         let mut start = 0;
         let mut last = vec![];
         for (i, chunk) in chunks.iter().enumerate() {
@@ -956,7 +1016,7 @@ mod tests {
     #[test]
     fn rejects_out_of_range_input() {
         let Some(m) = smollm() else { return };
-        let mut cache = CpuKvCache::new(m.model.kv_layout(4, 16));
+        let mut cache = CpuKvCache::new(m.model.kv_layout(4, 16), KvDtype::F32);
         let table = [0u32, 1];
         let cases: [(&[u32], usize, &[u32]); 3] = [
             (&[49152], 0, &table),   // token id outside the vocabulary
@@ -982,7 +1042,7 @@ mod tests {
         };
         let err = step(
             &m.model,
-            &mut CpuKvCache::new(wrong_layout),
+            &mut CpuKvCache::new(wrong_layout, KvDtype::F32),
             &[Part {
                 tokens: &[5],
                 start: 0,

@@ -9,18 +9,18 @@ use rayon::prelude::*;
 use wide::f32x8;
 
 use super::{PagedAttention, SeqAttn};
-use crate::kv_cache::KvLayout;
+use crate::kv_cache::{KvElem, KvLayout};
 
 /// CPU implementation of [`PagedAttention`].
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuPagedAttention;
 
 impl PagedAttention for CpuPagedAttention {
-    fn write_kv(
+    fn write_kv<E: KvElem>(
         &self,
         layout: &KvLayout,
-        k_cache: &mut [f32],
-        v_cache: &mut [f32],
+        k_cache: &mut [E],
+        v_cache: &mut [E],
         slots: &[usize],
         k: &[f32],
         v: &[f32],
@@ -52,25 +52,27 @@ impl PagedAttention for CpuPagedAttention {
                 .enumerate()
             {
                 let region = layout.head_region(block, h);
-                v_cache[region + offset * hd..][..hd].copy_from_slice(v_head);
+                for (dst, &x) in v_cache[region + offset * hd..][..hd].iter_mut().zip(v_head) {
+                    *dst = E::from_f32(x);
+                }
                 // K is dim-major: this token's dims lie `block_size` apart.
                 for (dst, &x) in k_cache[region + offset..]
                     .iter_mut()
                     .step_by(bs)
                     .zip(k_head)
                 {
-                    *dst = x;
+                    *dst = E::from_f32(x);
                 }
             }
         }
     }
 
     /// Rows of `out` that belong to no sequence in `seqs` are left untouched.
-    fn attend(
+    fn attend<E: KvElem>(
         &self,
         layout: &KvLayout,
-        k_cache: &[f32],
-        v_cache: &[f32],
+        k_cache: &[E],
+        v_cache: &[E],
         q: &[f32],
         num_heads: usize,
         seqs: &[SeqAttn<'_>],
@@ -170,14 +172,14 @@ fn row_owners<'s, 'a>(
 }
 
 /// One layer's K/V cache as seen by the attention kernel.
-struct CacheView<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
+struct CacheView<'a, E> {
+    k: &'a [E],
+    v: &'a [E],
     layout: &'a KvLayout,
     scale: f32,
 }
 
-impl CacheView<'_> {
+impl<E: KvElem> CacheView<'_, E> {
     /// Calls `f(first, region, count)` for each block holding the first `len` positions of a
     /// sequence: positions `first .. first + count`, whose `kv_head` data is the region starting
     /// at `region` in the K/V arrays (see [`KvLayout::head_region`]). The next block's region of
@@ -186,7 +188,7 @@ impl CacheView<'_> {
     #[inline(always)]
     fn for_each_block(
         &self,
-        data: &[f32],
+        data: &[E],
         block_table: &[u32],
         len: usize,
         kv_head: usize,
@@ -248,12 +250,12 @@ impl CacheView<'_> {
                 // overwritten with -inf below.
                 if bs.is_multiple_of(2 * LANES) {
                     for t0 in (0..count).step_by(2 * LANES) {
-                        let tile = qk_tile::<2>(k, bs, t0, q_head, scale);
+                        let tile = qk_tile::<2, E>(k, bs, t0, q_head, scale);
                         store(&mut dst[t0..], &tile);
                     }
                 } else if bs.is_multiple_of(LANES) {
                     for t0 in (0..count).step_by(LANES) {
-                        let tile = qk_tile::<1>(k, bs, t0, q_head, scale);
+                        let tile = qk_tile::<1, E>(k, bs, t0, q_head, scale);
                         store(&mut dst[t0..], &tile);
                     }
                 } else {
@@ -261,7 +263,7 @@ impl CacheView<'_> {
                         let dot: f32 = q_head
                             .iter()
                             .enumerate()
-                            .map(|(d, &x)| x * k[d * bs + t])
+                            .map(|(d, &x)| x * k[d * bs + t].to_f32())
                             .sum();
                         *s = dot * scale;
                     }
@@ -292,10 +294,10 @@ impl CacheView<'_> {
                             self.v[offset + t * head_dim..][..out_piece.len()].as_chunks::<LANES>();
                         let w_splat = f32x8::splat(w);
                         for (a, v) in acc.iter_mut().zip(vectors) {
-                            *a = f32x8::new(*v).mul_add(w_splat, *a);
+                            *a = E::load8(v).mul_add(w_splat, *a);
                         }
                         for (a, v) in tail_acc.iter_mut().zip(tail) {
-                            *a += w * v;
+                            *a += w * v.to_f32();
                         }
                     }
                     let (out_vectors, out_tail) = out_piece.as_chunks_mut::<LANES>();
@@ -313,9 +315,9 @@ impl CacheView<'_> {
 
 /// Starts loading `data` into the cache, one request per 64-byte line.
 #[inline(always)]
-fn prefetch(data: &[f32]) {
+fn prefetch<E>(data: &[E]) {
     #[cfg(target_arch = "x86_64")]
-    for line in data.chunks(16) {
+    for line in data.chunks(64 / std::mem::size_of::<E>()) {
         // SAFETY: a prefetch only hints the cache; the address is in bounds anyway.
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
@@ -340,15 +342,31 @@ const QK_PARTIALS: usize = 4;
 /// region `k` (`[head_dim][block_size]`, `t0 + N·8 <= block_size`): one broadcast of each
 /// query dim times a vector of 8 positions, so no horizontal sums.
 #[inline(always)]
-fn qk_tile<const N: usize>(k: &[f32], bs: usize, t0: usize, q: &[f32], scale: f32) -> [f32x8; N] {
+fn qk_tile<const N: usize, E: KvElem>(
+    k: &[E],
+    bs: usize,
+    t0: usize,
+    q: &[f32],
+    scale: f32,
+) -> [f32x8; N] {
     let mut acc = [[f32x8::ZERO; N]; QK_PARTIALS];
-    for (d, &x) in q.iter().enumerate() {
+    let step = |acc: &mut [f32x8; N], d: usize, x: f32| {
         let x = f32x8::splat(x);
         let (row, _) = k[d * bs + t0..][..N * LANES].as_chunks::<LANES>();
-        let acc = &mut acc[d % QK_PARTIALS];
         for (a, v) in acc.iter_mut().zip(row) {
-            *a = f32x8::new(*v).mul_add(x, *a);
+            *a = E::load8(v).mul_add(x, *a);
         }
+    };
+    // Dims in groups of QK_PARTIALS, so the accumulator of each dim is known at compile time
+    // (the array then lives in registers, not on the stack).
+    let (groups, tail) = q.as_chunks::<QK_PARTIALS>();
+    for (g, xs) in groups.iter().enumerate() {
+        for (p, (acc, &x)) in acc.iter_mut().zip(xs).enumerate() {
+            step(acc, g * QK_PARTIALS + p, x);
+        }
+    }
+    for (i, &x) in tail.iter().enumerate() {
+        step(&mut acc[0], groups.len() * QK_PARTIALS + i, x);
     }
     std::array::from_fn(|n| {
         ((acc[0][n] + acc[1][n]) + (acc[2][n] + acc[3][n])) * f32x8::splat(scale)
@@ -462,12 +480,20 @@ mod tests {
         out
     }
 
+    /// `values` as the cache stores them in `E` (so the f64 reference sees the stored values).
+    fn stored<E: KvElem>(values: Vec<f32>) -> Vec<f32> {
+        values
+            .into_iter()
+            .map(|x| E::from_f32(x).to_f32())
+            .collect()
+    }
+
     /// Builds sequences `(context_len, query_len)` with random data, writes their earlier
     /// context per sequence and this step's tokens in one batched `write_kv` (as the engine
     /// does), runs one batched `attend` and checks every sequence against the dense reference.
     /// `shuffle` spreads block tables over random, non-contiguous block ids; `reverse_seqs`
     /// passes the sequences in an order different from their rows.
-    fn check(
+    fn check<E: KvElem>(
         layout: KvLayout,
         num_heads: usize,
         shapes: &[(usize, usize)],
@@ -488,8 +514,8 @@ mod tests {
             .map(|&(context_len, query_len)| TestSeq {
                 context_len,
                 query_len,
-                k: random_vec(&mut rng, context_len * stride),
-                v: random_vec(&mut rng, context_len * stride),
+                k: stored::<E>(random_vec(&mut rng, context_len * stride)),
+                v: stored::<E>(random_vec(&mut rng, context_len * stride)),
                 block_table: free
                     .by_ref()
                     .take(context_len.div_ceil(layout.block_size))
@@ -504,8 +530,8 @@ mod tests {
             );
         }
 
-        let (mut k_cache, mut v_cache) =
-            (vec![0.0; layout.layer_len()], vec![0.0; layout.layer_len()]);
+        let zeros = || vec![E::from_f32(0.0); layout.layer_len()];
+        let (mut k_cache, mut v_cache) = (zeros(), zeros());
         for seq in &seqs {
             let cached = seq.context_len - seq.query_len;
             let slots: Vec<usize> = (0..cached).map(|p| seq.slot(&layout, p)).collect();
@@ -587,24 +613,24 @@ mod tests {
 
     #[test]
     fn prefill_from_empty_cache() {
-        check(layout(8, 16, 2, 64), 4, &[(50, 50)], false, false, 1);
+        check::<f32>(layout(8, 16, 2, 64), 4, &[(50, 50)], false, false, 1);
     }
 
     #[test]
     fn prefill_chunk_after_cached_blocks_with_shuffled_table() {
-        check(layout(16, 16, 2, 64), 4, &[(77, 29)], true, false, 2);
+        check::<f32>(layout(16, 16, 2, 64), 4, &[(77, 29)], true, false, 2);
     }
 
     #[test]
     fn batched_decodes_mixed_with_prefill_chunk() {
         // head_dim 44 also exercises the scalar tails after whole SIMD vectors.
         let shapes = [(1, 1), (17, 1), (33, 1), (40, 24), (64, 1), (5, 1)];
-        check(layout(32, 8, 2, 44), 8, &shapes, true, true, 3);
+        check::<f32>(layout(32, 8, 2, 44), 8, &shapes, true, true, 3);
     }
 
     #[test]
     fn grouped_query_attention_like_the_default_model() {
-        check(
+        check::<f32>(
             layout(24, 16, 3, 64),
             9,
             &[(37, 37), (53, 1), (70, 19)],
@@ -617,7 +643,7 @@ mod tests {
     #[test]
     fn head_dim_wider_than_one_accumulator_piece() {
         // 260 = one 256-float piece, then a 4-float piece that is all scalar tail.
-        check(layout(6, 4, 1, 260), 2, &[(9, 9), (5, 1)], true, false, 7);
+        check::<f32>(layout(6, 4, 1, 260), 2, &[(9, 9), (5, 1)], true, false, 7);
     }
 
     #[test]
@@ -626,7 +652,19 @@ mod tests {
         let shapes = [(3, 1), (6, 2), (1, 1), (9, 1)];
         let work: usize = shapes.iter().map(|(c, q)| c * q).sum::<usize>() * 4 * 16;
         assert!(work < PARALLEL_MIN_WORK);
-        check(layout(8, 4, 2, 16), 4, &shapes, true, true, 6);
+        check::<f32>(layout(8, 4, 2, 16), 4, &shapes, true, true, 6);
+    }
+
+    /// 16-bit storage: the same kernel over f16 and bf16 caches (block sizes for both vector
+    /// tiles and the scalar path), exact against the reference on the stored values.
+    #[test]
+    fn sixteen_bit_storage() {
+        let shapes = [(37, 37), (53, 1), (70, 19)];
+        check::<half::f16>(layout(24, 16, 3, 64), 9, &shapes, true, false, 11);
+        check::<half::bf16>(layout(24, 16, 3, 64), 9, &shapes, true, true, 12);
+        let shapes = [(1, 1), (17, 1), (40, 24), (5, 1)];
+        check::<half::f16>(layout(32, 8, 2, 44), 8, &shapes, true, true, 13);
+        check::<half::bf16>(layout(64, 4, 2, 16), 4, &shapes, true, false, 14);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 pub mod cpu;
 
-use crate::kv_cache::KvLayout;
+use crate::kv_cache::{KvElem, KvLayout};
 
 /// One sequence's part of a batched attention call.
 ///
@@ -23,12 +23,13 @@ pub struct SeqAttn<'a> {
 /// prefilling a chunk, some decoding.
 pub trait PagedAttention {
     /// Writes K and V rows (`[num_tokens, num_kv_heads, head_dim]`) into one layer's cache at
-    /// `slots[i]` (a flat slot index `block * block_size + offset`).
-    fn write_kv(
+    /// `slots[i]` (a flat slot index `block * block_size + offset`), converted to the cache's
+    /// element type.
+    fn write_kv<E: KvElem>(
         &self,
         layout: &KvLayout,
-        k_cache: &mut [f32],
-        v_cache: &mut [f32],
+        k_cache: &mut [E],
+        v_cache: &mut [E],
         slots: &[usize],
         k: &[f32],
         v: &[f32],
@@ -38,11 +39,11 @@ pub trait PagedAttention {
     /// `q` and `out` are `[num_tokens, num_heads, head_dim]`; query head `h` reads KV head
     /// `h / (num_heads / num_kv_heads)` (grouped-query attention).
     #[allow(clippy::too_many_arguments)]
-    fn attend(
+    fn attend<E: KvElem>(
         &self,
         layout: &KvLayout,
-        k_cache: &[f32],
-        v_cache: &[f32],
+        k_cache: &[E],
+        v_cache: &[E],
         q: &[f32],
         num_heads: usize,
         seqs: &[SeqAttn<'_>],
