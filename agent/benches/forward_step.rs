@@ -173,7 +173,7 @@ fn main() -> Result<()> {
         args.model.display(),
         args.context,
         args.kv_dtype,
-        rayon::current_num_threads()
+        kernels::pool::threads()
     );
     println!(
         "decode step, batch 1:  {t1:.2} ms (median of {})",

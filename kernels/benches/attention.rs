@@ -103,18 +103,16 @@ fn main() {
     let f16s = bench.caches::<f16>(&mut rng);
     let bf16s = bench.caches::<bf16>(&mut rng);
     let (mut a, mut b, mut c) = (vec![], vec![], vec![]);
-    rayon::scope(|_| {
-        for _ in 0..rounds {
-            a.push(bench.step(&f32s));
-            b.push(bench.step(&f16s));
-            c.push(bench.step(&bf16s));
-        }
-    });
+    for _ in 0..rounds {
+        a.push(bench.step(&f32s));
+        b.push(bench.step(&f16s));
+        c.push(bench.step(&bf16s));
+    }
     // K and V of every attended position, every layer.
     let elements = (2 * LAYERS * batch * context * KV_HEADS * HEAD_DIM) as f64;
     println!(
         "batch {batch}, context {context}, threads {}",
-        rayon::current_num_threads()
+        kernels::pool::threads()
     );
     for (name, times, bytes) in [("f32", a, 4.0), ("f16", b, 2.0), ("bf16", c, 2.0)] {
         let t = median(times);

@@ -4,7 +4,7 @@
 //! model) and with one layer's weights repeated (cache-resident: the kernel's compute ceiling).
 //!
 //! cargo bench -p kernels --bench quant_matmul -- [--rounds R]
-//! (RAYON_NUM_THREADS=1 for one core.)
+//! (AGENT_CPU_THREADS=1 for one core.)
 
 use std::time::Instant;
 
@@ -93,12 +93,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    // As in the model's forward pass: the calling thread is a pool worker, so parallel loops
-    // fork from inside the pool instead of being handed over to it.
-    rayon::scope(|_| run_all());
-}
-
-fn run_all() {
     let mut rounds = 20;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -113,7 +107,7 @@ fn run_all() {
     let layers: Vec<Layer> = (0..LAYERS).map(|_| Layer::new(&mut rng)).collect();
     let lm_head = matrix(&mut rng, BlockFormat::Q8_0, VOCAB, HIDDEN);
     let layer_macs = layers[0].macs() as f64;
-    println!("threads {}", rayon::current_num_threads());
+    println!("threads {}", kernels::pool::threads());
     for rows in [1, 16] {
         let x_hidden: Vec<f32> = (0..rows * HIDDEN)
             .map(|_| rng.random_range(-1.0..1.0))

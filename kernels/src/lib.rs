@@ -14,6 +14,7 @@
 
 pub mod attention;
 pub mod kv_cache;
+pub mod pool;
 pub mod quant_matmul;
 
 pub use attention::{cpu::CpuPagedAttention, PagedAttention, SeqAttn};

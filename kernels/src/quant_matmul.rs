@@ -5,9 +5,9 @@
 //! vector holds 4 elements of each of the 8 rows: a unit's blocks are read from memory once and
 //! reused by every activation row (4 at a time from L1), and each block's 8 row sums land in
 //! the 8 lanes of one vector, so the per-block float update is one vector step for 8 rows.
-//! A 16-row step therefore costs far less than 16 one-row steps. Units are split over rayon
-//! (the pool the attention kernel uses); [`matmul_many`] runs several matrices on one input in
-//! one quantization and one pass.
+//! A 16-row step therefore costs far less than 16 one-row steps. Units are split over the
+//! kernels' [`pool`]; [`matmul_many`] runs several matrices on one input in one quantization and
+//! one pass.
 //!
 //! Every output is computed by one fixed sequence of operations, whatever the batch, the thread
 //! count and the instruction set: exact integer block sums, then per block
@@ -17,7 +17,8 @@
 //! unfused float updates in another order) results differ only by float rounding.
 
 use half::f16;
-use rayon::prelude::*;
+
+use crate::pool;
 
 /// Elements per quantization block (all formats here).
 pub const BLOCK: usize = 32;
@@ -368,7 +369,7 @@ pub fn matmul_many(
     let acts = quantize_rows(x, k, mats.iter().all(|w| w.simd));
     // Tasks are runs of whole units of one matrix, a few per thread so uneven ones balance out.
     let units: usize = mats.iter().map(|w| w.rows.div_ceil(UNIT_ROWS)).sum();
-    let tasks = (rayon::current_num_threads() * 4).clamp(1, units.max(1));
+    let tasks = (pool::threads() * 4).clamp(1, units.max(1));
     let span = units.div_ceil(tasks) * UNIT_ROWS;
     // (matrix, first row, that row range of every output row).
     let mut work: Vec<(&QuantMatrix, usize, Vec<&mut [f32]>)> = Vec::new();
@@ -386,10 +387,10 @@ pub fn matmul_many(
             }
         }
     }
-    work.into_par_iter().for_each(|(w, first, mut out)| {
-        let end = (first + span).min(w.rows);
-        for unit in first / UNIT_ROWS..end.div_ceil(UNIT_ROWS) {
-            w.unit_rows(unit, &acts, first, &mut out);
+    pool::for_each_mut(&mut work, |(w, first, out)| {
+        let end = (*first + span).min(w.rows);
+        for unit in *first / UNIT_ROWS..end.div_ceil(UNIT_ROWS) {
+            w.unit_rows(unit, &acts, *first, out);
         }
     });
     Ok(())
@@ -418,17 +419,17 @@ fn quantize_rows(x: &[f32], k: usize, simd: bool) -> QuantRows {
         s: vec![0.0; total],
         blocks: nb,
     };
-    let rows: Vec<_> = x
+    let mut rows: Vec<_> = x
         .chunks_exact(k)
         .zip(q.qs.chunks_mut(nb))
         .zip(q.d.chunks_mut(nb))
         .zip(q.s.chunks_mut(nb))
         .collect();
-    // Parallel only where it pays: for a few decode rows waking the pool costs more.
+    // Parallel only where it pays: a few decode rows are quicker than a fork.
     let min_rows = (PAR_QUANTIZE_MIN / k).max(1);
-    rows.into_par_iter()
-        .with_min_len(min_rows)
-        .for_each(|(((x, qs), d), s)| {
+    let mut tasks: Vec<_> = rows.chunks_mut(min_rows).collect();
+    pool::for_each_mut(&mut tasks, |rows| {
+        for (((x, qs), d), s) in rows.iter_mut() {
             for (b, (xs, qs)) in x.chunks_exact(BLOCK).zip(qs.iter_mut()).enumerate() {
                 let (scale, sum) = quantize_block(xs, qs, simd);
                 let scale16 = f16::from_f32(scale);
@@ -436,7 +437,8 @@ fn quantize_rows(x: &[f32], k: usize, simd: bool) -> QuantRows {
                 // f16 × f16 as candle computes it (through f32, rounded back to f16).
                 s[b] = (f16::from_f32(sum as f32) * scale16).to_f32();
             }
-        });
+        }
+    });
     q
 }
 
@@ -781,21 +783,16 @@ mod tests {
         assert_eq!(&q[..9], &[127, -1, 5, -9, 13, 0, 0, 0, 29]);
     }
 
-    /// Row `r` of a 16-row call equals a 1-row call on row `r` alone, on 1 thread or 3.
+    /// Row `r` of a 16-row call equals a 1-row call on row `r` alone, on the pool or on one
+    /// thread.
     #[test]
     fn rows_are_independent_of_batch_and_threads() {
         let (n, k, m) = (45, 192, 16);
         let x = random(m * k, 9);
         for format in [BlockFormat::Q4_1, BlockFormat::Q8_0] {
             let (_, w) = weights(format, n, k, 3);
-            let pool = |t| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(t)
-                    .build()
-                    .unwrap()
-            };
-            let batched = pool(3).install(|| ours(&w, &x));
-            assert_eq!(bits(&batched), bits(&pool(1).install(|| ours(&w, &x))));
+            let batched = ours(&w, &x);
+            assert_eq!(bits(&batched), bits(&pool::serially(|| ours(&w, &x))));
             for r in 0..m {
                 let alone = ours(&w, &x[r * k..(r + 1) * k]);
                 assert_eq!(

@@ -9,19 +9,18 @@
 //! tables. The arithmetic is that of candle-transformers' `quantized_llama`, so greedy tokens
 //! match that reference (up to near-ties on quantized weights).
 //!
-//! Threads: the kernels run on the rayon pool. candle's CPU backend has a second, spinning
-//! pool of its own that it uses for quantized matmuls and for elementwise ops on 64Ki+ values;
-//! sharing the cores with it halved throughput, so none of those ops run here (the residual
-//! adds and the SwiGLU product are vector loops on the rayon pool, candle's formulas; the
-//! SwiGLU `exp` is a vector one, which may differ from libm's in the last bit).
+//! Threads: the kernels run on the kernels' spinning [`pool`]. candle's CPU backend has a
+//! spinning pool of its own that it uses for quantized matmuls and for elementwise ops on 64Ki+
+//! values; sharing the cores with it halved throughput, so none of those ops run here (the
+//! residual adds and the SwiGLU product are vector loops on the kernels' pool, candle's
+//! formulas; the SwiGLU `exp` is a vector one, which may differ from libm's in the last bit).
 
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Device, Module, Storage, Tensor};
 use kernels::{
-    BlockFormat, CpuKvCache, CpuPagedAttention, KvElem, KvLayerMut, KvLayout, PagedAttention,
+    pool, BlockFormat, CpuKvCache, CpuPagedAttention, KvElem, KvLayerMut, KvLayout, PagedAttention,
     QuantMatrix, SeqAttn,
 };
-use rayon::prelude::*;
 use wide::f32x8;
 
 use super::{ModelConfig, ModelError};
@@ -277,17 +276,6 @@ impl LlamaModel {
         input: &StepInput,
         cache: &mut CpuKvCache,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        // The step runs on a rayon worker: its hundreds of parallel loops then fork from inside
-        // the pool, instead of each being handed over from this thread and back (two context
-        // switches per loop).
-        rayon::scope(|_| self.forward_on_pool(input, cache))
-    }
-
-    fn forward_on_pool(
-        &self,
-        input: &StepInput,
-        cache: &mut CpuKvCache,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let layout = *cache.layout();
         self.validate(input, &layout)?;
         let dev = Device::Cpu;
@@ -460,12 +448,12 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError>
 }
 
 /// Fewest elements per parallel task of [`zip_map`]: the residual adds of a decode step (even
-/// of 16 rows) stay on one thread, where waking the pool costs more than they do; the SwiGLU
-/// `exp`s of a 16-row batch split over the cores.
+/// of 16 rows) stay on one thread, where a fork costs more than they do; the SwiGLU `exp`s of a
+/// 16-row batch split over the cores.
 const ZIP_CHUNK: usize = 1 << 13;
 
-/// `f` applied 8 lanes at a time to two contiguous f32 tensors of one shape, on the rayon pool
-/// in runs of [`ZIP_CHUNK`] (see the module doc for why not candle's elementwise ops). Each
+/// `f` applied 8 lanes at a time to two contiguous f32 tensors of one shape, on the kernels'
+/// pool in runs of [`ZIP_CHUNK`] (see the module doc for why not candle's elementwise ops). Each
 /// element is computed on its own, so neither the split nor the lanes change any result.
 fn zip_map(
     a: &Tensor,
@@ -482,23 +470,25 @@ fn zip_map(
     let out = with_f32(a, |a| {
         with_f32(b, |b| {
             let mut out = vec![0f32; a.len()];
-            out.par_chunks_mut(ZIP_CHUNK)
-                .zip(a.par_chunks(ZIP_CHUNK).zip(b.par_chunks(ZIP_CHUNK)))
-                .for_each(|(out, (a, b))| {
-                    let ((out, out_tail), (a, a_tail), (b, b_tail)) =
-                        (out.as_chunks_mut(), a.as_chunks(), b.as_chunks());
-                    for (o, (a, b)) in out.iter_mut().zip(a.iter().zip(b)) {
-                        *o = f(f32x8::new(*a), f32x8::new(*b)).to_array();
-                    }
-                    // The last few elements through a zero-padded vector.
-                    let pad = |s: &[f32]| {
-                        let mut v = [0f32; 8];
-                        v[..s.len()].copy_from_slice(s);
-                        f32x8::new(v)
-                    };
-                    let tail = f(pad(a_tail), pad(b_tail)).to_array();
-                    out_tail.copy_from_slice(&tail[..out_tail.len()]);
-                });
+            let mut tasks: Vec<_> = out
+                .chunks_mut(ZIP_CHUNK)
+                .zip(a.chunks(ZIP_CHUNK).zip(b.chunks(ZIP_CHUNK)))
+                .collect();
+            pool::for_each_mut(&mut tasks, |(out, (a, b))| {
+                let ((out, out_tail), (a, a_tail), (b, b_tail)) =
+                    (out.as_chunks_mut(), a.as_chunks(), b.as_chunks());
+                for (o, (a, b)) in out.iter_mut().zip(a.iter().zip(b)) {
+                    *o = f(f32x8::new(*a), f32x8::new(*b)).to_array();
+                }
+                // The last few elements through a zero-padded vector.
+                let pad = |s: &[f32]| {
+                    let mut v = [0f32; 8];
+                    v[..s.len()].copy_from_slice(s);
+                    f32x8::new(v)
+                };
+                let tail = f(pad(a_tail), pad(b_tail)).to_array();
+                out_tail.copy_from_slice(&tail[..out_tail.len()]);
+            });
             out
         })
     })??;

@@ -3,13 +3,13 @@
 //!
 //! Work is split into items of one query row × one KV head; an item computes all query heads
 //! of that KV head's GQA group, so each cached K/V row is read once per group rather than once
-//! per query head. Items run on rayon and write disjoint `group * head_dim` chunks of `out`.
+//! per query head. Items run on the kernels' pool and write disjoint `group * head_dim` chunks of `out`.
 
-use rayon::prelude::*;
 use wide::f32x8;
 
 use super::{PagedAttention, SeqAttn};
 use crate::kv_cache::{KvElem, KvLayout};
+use crate::pool;
 
 /// CPU implementation of [`PagedAttention`].
 #[derive(Debug, Default, Clone, Copy)]
@@ -116,13 +116,19 @@ impl PagedAttention for CpuPagedAttention {
 
         // Item `i` is (row i / num_kv_heads, kv head i % num_kv_heads); the query heads of that KV
         // head are contiguous in both `q` and `out`, so one chunk covers the whole group.
-        let run_item = |scores: &mut Vec<f32>, (item, (out, q)): (usize, (&mut [f32], &[f32]))| {
-            let (row, kv_head) = (item / num_kv_heads, item % num_kv_heads);
+        let run_item = |scores: &mut Vec<f32>, (item, out, q): &mut (usize, &mut [f32], &[f32])| {
+            let (row, kv_head) = (*item / num_kv_heads, *item % num_kv_heads);
             if let Some(seq) = row_seq[row] {
                 let attended = seq.context_len - seq.query_len + (row - seq.query_start) + 1;
                 attend_group(&cache, seq.block_table, attended, kv_head, q, scores, out);
             }
         };
+        let mut items: Vec<(usize, &mut [f32], &[f32])> = out
+            .chunks_mut(item_len)
+            .zip(q.chunks(item_len))
+            .enumerate()
+            .map(|(i, (out, q))| (i, out, q))
+            .collect();
         let work: usize = seqs
             .iter()
             .map(|s| s.query_len * s.context_len)
@@ -131,17 +137,20 @@ impl PagedAttention for CpuPagedAttention {
             * head_dim;
         if work < PARALLEL_MIN_WORK {
             let mut scores = Vec::new();
-            out.chunks_mut(item_len)
-                .zip(q.chunks(item_len))
-                .enumerate()
+            items
+                .iter_mut()
                 .for_each(|item| run_item(&mut scores, item));
         } else {
-            out.par_chunks_mut(item_len)
-                .zip(q.par_chunks(item_len))
-                .enumerate()
-                .for_each_init(Vec::new, run_item);
+            pool::for_each_mut(&mut items, |item| {
+                SCORES.with_borrow_mut(|scores| run_item(scores, item))
+            });
         }
     }
+}
+
+thread_local! {
+    /// Each pool thread's score scratch, kept across calls.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Below this much work (query tokens × attended positions × heads × head_dim, an upper bound of
