@@ -104,13 +104,6 @@ struct Q80x8 {
     d: [f32; UNIT_ROWS],
 }
 
-impl Q80x8 {
-    /// Element `i` (0..32) of row `j` of this block.
-    fn quant(&self, j: usize, i: usize) -> i8 {
-        self.qs[32 * (i / 4) + 4 * j + i % 4]
-    }
-}
-
 /// Weights as `[units][blocks per row]`; rows past `rows` in the last unit are zero.
 enum Packed {
     Q4_1(Vec<Q41x8>),
@@ -276,51 +269,108 @@ impl QuantMatrix {
         res: &mut [[f32; UNIT_ROWS]; ACT_TILE],
     ) {
         let nb = acts.blocks;
+        let units = unit * nb..(unit + 1) * nb;
         match &self.packed {
-            Packed::Q4_1(packed) => {
-                let w = &packed[unit * nb..(unit + 1) * nb];
-                #[cfg(target_arch = "x86_64")]
-                if self.simd {
-                    // SAFETY: `simd` is set only where AVX2 and FMA were detected.
-                    unsafe {
-                        match count {
-                            4 => avx2::q4_1_unit::<4>(w, acts, a0, res),
-                            3 => avx2::q4_1_unit::<3>(w, acts, a0, res),
-                            2 => avx2::q4_1_unit::<2>(w, acts, a0, res),
-                            _ => avx2::q4_1_unit::<1>(w, acts, a0, res),
-                        }
-                    }
-                    return;
-                }
-                for (a, r) in res.iter_mut().take(count).enumerate() {
-                    let row = (a0 + a) * nb;
-                    for (j, out) in r.iter_mut().enumerate() {
-                        *out = scalar_q4_1(w, j, acts, row);
-                    }
-                }
-            }
-            Packed::Q8_0(packed) => {
-                let w = &packed[unit * nb..(unit + 1) * nb];
-                #[cfg(target_arch = "x86_64")]
-                if self.simd {
-                    // SAFETY: as above.
-                    unsafe {
-                        match count {
-                            4 => avx2::q8_0_unit::<4>(w, acts, a0, res),
-                            3 => avx2::q8_0_unit::<3>(w, acts, a0, res),
-                            2 => avx2::q8_0_unit::<2>(w, acts, a0, res),
-                            _ => avx2::q8_0_unit::<1>(w, acts, a0, res),
-                        }
-                    }
-                    return;
-                }
-                for (a, r) in res.iter_mut().take(count).enumerate() {
-                    let row = (a0 + a) * nb;
-                    for (j, out) in r.iter_mut().enumerate() {
-                        *out = scalar_q8_0(w, j, acts, row);
-                    }
-                }
-            }
+            Packed::Q4_1(packed) => tile(&packed[units], self.simd, acts, a0, count, res),
+            Packed::Q8_0(packed) => tile(&packed[units], self.simd, acts, a0, count, res),
+        }
+    }
+}
+
+/// A packed block of 8 weight rows: its elements for the scalar kernel, and its AVX2 kernel.
+trait UnitBlock: Sized {
+    /// Element `i` (0..32) of row `j`, the integer the kernels multiply.
+    fn quant(&self, j: usize, i: usize) -> i32;
+    /// Row `j`'s scale.
+    fn scale(&self, j: usize) -> f32;
+    /// Row `j`'s minimum, for formats that have one (Q4_1's `m`).
+    fn min(&self, j: usize) -> Option<f32>;
+
+    /// The AVX2 kernel for 1, 2, 3 and 4 activation rows.
+    #[cfg(target_arch = "x86_64")]
+    const AVX2: [Avx2Kernel<Self>; ACT_TILE];
+}
+
+/// All 8 rows of a unit (blocks `w`) against activation rows `a0 ..`, into `res[a][j]`.
+/// Unsafe to call: the CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+type Avx2Kernel<U> = unsafe fn(&[U], &QuantRows, usize, &mut [[f32; UNIT_ROWS]; ACT_TILE]);
+
+impl UnitBlock for Q41x8 {
+    fn quant(&self, j: usize, i: usize) -> i32 {
+        self.nibble(j, i) as i32
+    }
+    fn scale(&self, j: usize) -> f32 {
+        self.d[j]
+    }
+    fn min(&self, j: usize) -> Option<f32> {
+        Some(self.m[j])
+    }
+    #[cfg(target_arch = "x86_64")]
+    const AVX2: [Avx2Kernel<Self>; ACT_TILE] = [
+        avx2::q4_1_unit::<1>,
+        avx2::q4_1_unit::<2>,
+        avx2::q4_1_unit::<3>,
+        avx2::q4_1_unit::<4>,
+    ];
+}
+
+impl UnitBlock for Q80x8 {
+    fn quant(&self, j: usize, i: usize) -> i32 {
+        self.qs[32 * (i / 4) + 4 * j + i % 4] as i32
+    }
+    fn scale(&self, j: usize) -> f32 {
+        self.d[j]
+    }
+    fn min(&self, _: usize) -> Option<f32> {
+        None
+    }
+    #[cfg(target_arch = "x86_64")]
+    const AVX2: [Avx2Kernel<Self>; ACT_TILE] = [
+        avx2::q8_0_unit::<1>,
+        avx2::q8_0_unit::<2>,
+        avx2::q8_0_unit::<3>,
+        avx2::q8_0_unit::<4>,
+    ];
+}
+
+/// Row `j` of the unit whose blocks are `w` against the activation row starting at block
+/// `row`, in the kernels' order (see the module doc): the machines without AVX2, and the
+/// reference the AVX2 kernels are tested against.
+fn scalar_row<U: UnitBlock>(w: &[U], j: usize, acts: &QuantRows, row: usize) -> f32 {
+    let mut acc = 0f32;
+    for (b, blk) in w.iter().enumerate() {
+        let y = &acts.qs[row + b];
+        let sumi: i32 = (0..BLOCK).map(|i| blk.quant(j, i) * y[i] as i32).sum();
+        acc = (sumi as f32).mul_add(blk.scale(j) * acts.d[row + b], acc);
+        if let Some(m) = blk.min(j) {
+            acc = m.mul_add(acts.s[row + b], acc);
+        }
+    }
+    acc
+}
+
+/// One unit (blocks `w`) against activation rows `a0 .. a0 + count` (`count` <= [`ACT_TILE`]):
+/// `res[a][j]`, by the AVX2 kernel where `simd`, else the scalar one.
+fn tile<U: UnitBlock>(
+    w: &[U],
+    simd: bool,
+    acts: &QuantRows,
+    a0: usize,
+    count: usize,
+    res: &mut [[f32; UNIT_ROWS]; ACT_TILE],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is set only where AVX2 and FMA were detected.
+        unsafe { U::AVX2[count.clamp(1, ACT_TILE) - 1](w, acts, a0, res) };
+        return;
+    }
+    let _ = simd;
+    for (a, r) in res.iter_mut().take(count).enumerate() {
+        let row = (a0 + a) * acts.blocks;
+        for (j, out) in r.iter_mut().enumerate() {
+            *out = scalar_row(w, j, acts, row);
         }
     }
 }
@@ -460,35 +510,6 @@ fn quantize_block(xs: &[f32], qs: &mut [i8; BLOCK], simd: bool) -> (f32, i32) {
         sum += *q as i32;
     }
     (scale, sum)
-}
-
-/// Row `j` of a Q4_1 unit against the activation row starting at block `row`, in the
-/// kernels' order (see the module doc).
-fn scalar_q4_1(w: &[Q41x8], j: usize, acts: &QuantRows, row: usize) -> f32 {
-    let mut acc = 0f32;
-    for (b, blk) in w.iter().enumerate() {
-        let y = &acts.qs[row + b];
-        let sumi: i32 = (0..BLOCK)
-            .map(|i| blk.nibble(j, i) as i32 * y[i] as i32)
-            .sum();
-        acc = (sumi as f32).mul_add(blk.d[j] * acts.d[row + b], acc);
-        acc = blk.m[j].mul_add(acts.s[row + b], acc);
-    }
-    acc
-}
-
-/// Row `j` of a Q8_0 unit against the activation row starting at block `row`, in the
-/// kernels' order.
-fn scalar_q8_0(w: &[Q80x8], j: usize, acts: &QuantRows, row: usize) -> f32 {
-    let mut acc = 0f32;
-    for (b, blk) in w.iter().enumerate() {
-        let y = &acts.qs[row + b];
-        let sumi: i32 = (0..BLOCK)
-            .map(|i| blk.quant(j, i) as i32 * y[i] as i32)
-            .sum();
-        acc = (sumi as f32).mul_add(blk.d[j] * acts.d[row + b], acc);
-    }
-    acc
 }
 
 #[cfg(target_arch = "x86_64")]
