@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 /// How long an idle helper spins before parking.
 const SPIN: Duration = Duration::from_millis(5);
 /// Spins between looks at the clock (reading it on every spin made it a tenth of a busy
-/// server's profile).
+/// server's profile) and yields of the core.
 const SPINS_PER_CLOCK: u32 = 1024;
 /// Bits of the state word for the task count and for the next task: loops of more tasks run
 /// on the caller alone (the kernels' loops have at most a few thousand).
@@ -208,8 +208,14 @@ impl Pool {
                 continue;
             }
             spins = spins.wrapping_add(1);
-            if !spins.is_multiple_of(SPINS_PER_CLOCK) || idle_since.elapsed() < SPIN {
+            if !spins.is_multiple_of(SPINS_PER_CLOCK) {
                 std::hint::spin_loop();
+                continue;
+            }
+            if idle_since.elapsed() < SPIN {
+                // Lets any other runnable thread on this core (another process's, on a shared
+                // machine) go first; returns at once when there is none.
+                std::thread::yield_now();
                 continue;
             }
             let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
