@@ -16,7 +16,7 @@ use std::sync::{Condvar, Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 /// How long an idle helper spins before parking.
-const SPIN: Duration = Duration::from_millis(5);
+const SPIN: Duration = Duration::from_millis(1);
 /// Spins between looks at the clock (reading it on every spin made it a tenth of a busy
 /// server's profile) and yields of the core.
 const SPINS_PER_CLOCK: u32 = 1024;

@@ -134,11 +134,7 @@ async fn run(
     let mut served: HashMap<usize, Vec<String>> = HashMap::new();
     let (firsts, rest) = schedule();
     for [a, b] in firsts {
-        // Longer generations, so both are surely in flight when the router places the second
-        // (a 4-token request could finish first, and an idle pair of pods may then get both).
-        let (mut ra, mut rb) = (chat(phase, a, 0), chat(phase, b, 0));
-        ra["max_tokens"] = json!(48);
-        rb["max_tokens"] = json!(48);
+        let (ra, rb) = (chat(phase, a, 0), chat(phase, b, 0));
         let (pa, pb) = tokio::join!(
             router.post_ok("/v1/chat/completions", &ra),
             router.post_ok("/v1/chat/completions", &rb),
