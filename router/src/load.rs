@@ -124,7 +124,10 @@ fn parse_value(s: &str) -> Option<f64> {
 /// Load of one pod as scorers use it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoadView {
-    /// Waiting requests: the pod's gauge plus the router's requests in flight to it.
+    /// Waiting requests: the router's requests in flight to the pod now, plus the pod's
+    /// waiting gauge less the router's requests in flight when it was scraped (those are
+    /// counted already, and may have finished since: counting them again kept a finished
+    /// request on an idle pod's queue until the next scrape).
     pub queue: f64,
     pub running: f64,
     pub kv_usage: f64,
@@ -133,6 +136,8 @@ pub struct LoadView {
 struct Observed {
     sample: LoadSample,
     at: Instant,
+    /// The router's requests in flight to the pod when the sample was recorded.
+    own_in_flight: usize,
 }
 
 /// What the router knows of one pod's load and health.
@@ -183,7 +188,11 @@ impl PodLoad {
             (Some(Some(before)), Some(now)) if now < before => true,
             _ => was_down,
         };
-        *o = Some(Observed { sample, at });
+        *o = Some(Observed {
+            sample,
+            at,
+            own_in_flight: self.in_flight(),
+        });
         restarted
     }
 
@@ -195,7 +204,7 @@ impl PodLoad {
             return None;
         }
         Some(LoadView {
-            queue: o.sample.waiting + self.in_flight() as f64,
+            queue: (o.sample.waiting - o.own_in_flight as f64).max(0.0) + self.in_flight() as f64,
             running: o.sample.running,
             kv_usage: o.sample.kv_usage,
         })
@@ -400,6 +409,17 @@ vllm:prefix_cache_hits_total{engine="0"} 100
         drop(ours);
         assert_eq!(load.in_flight(), 0);
         assert_eq!(load.view(t0, stale).unwrap().queue, 1.0);
+        // A scrape taken while two of ours were in flight and waiting: once they finish, the
+        // pod's queue is empty, not the scrape's two.
+        let two: Vec<InFlight> = (0..2).map(|_| load.dispatch()).collect();
+        let busy = LoadSample {
+            waiting: 2.0,
+            ..sample
+        };
+        assert!(!load.record(busy, t0 + Duration::from_millis(10)));
+        assert_eq!(load.view(t0, stale).unwrap().queue, 2.0);
+        drop(two);
+        assert_eq!(load.view(t0, stale).unwrap().queue, 0.0);
         let b = load.dispatch();
         assert!(!load.record(sample, t0 + Duration::from_millis(50)));
         // The prompt-token counter going back is a restart.
@@ -414,7 +434,7 @@ vllm:prefix_cache_hits_total{engine="0"} 100
         assert!(load.record(sample, t0 + Duration::from_millis(200)));
         assert!(!load.record(sample, t0 + Duration::from_millis(250)));
         drop(b);
-        assert_eq!((load.in_flight(), load.dispatched()), (0, 6));
+        assert_eq!((load.in_flight(), load.dispatched()), (0, 8));
     }
 
     /// Serves `page` as `/metrics` (and anything else) on `listener`, one connection at a time.

@@ -95,17 +95,18 @@ pub async fn send(s: &RouterState, mut decision: Decision, attempt: Attempt) -> 
 }
 
 /// The pod's answer with its status and headers; the body passes through chunk by chunk and
-/// keeps the pod's in-flight count until it ends or is dropped.
+/// keeps the pod's in-flight count until it ends or is dropped. The count is released when
+/// the pod's body ends, before the end reaches the client: a client that sends its next
+/// request as soon as this one completes must not find it still counted against the pod.
 fn relay(resp: reqwest::Response, in_flight: crate::load::InFlight, pod: &str) -> Response {
     let status = resp.status();
     let mut headers = HeaderMap::with_capacity(resp.headers().len());
     for (name, value) in resp.headers().iter().filter(|(n, _)| !hop_by_hop(n)) {
         headers.append(name.clone(), value.clone());
     }
-    let body = resp.bytes_stream().map(move |chunk| {
-        let _held = &in_flight;
-        chunk
-    });
+    let release = futures::stream::once(async move { drop(in_flight) })
+        .filter_map(|()| async { None::<Result<Bytes, reqwest::Error>> });
+    let body = resp.bytes_stream().chain(release);
     let mut out = Response::new(Body::from_stream(body));
     *out.status_mut() = status;
     *out.headers_mut() = headers;
