@@ -4,7 +4,8 @@
 //! costs a wake-up per loop: measured on the 2-vCPU VM this project runs on, rayon lost
 //! 50-100 µs per loop that way, a quarter of a 16-row step. Here the helper threads spin
 //! (with a pause hint) while loops keep coming, so a loop starts on every core within a
-//! microsecond or two; after [`SPIN`] without work they park, so an idle server burns nothing.
+//! microsecond or two; after 1 ms (`SPIN`) without work they park, so an idle server burns
+//! nothing.
 //!
 //! One loop runs at a time: a loop started while another is running (another thread's), or
 //! from inside a loop's task, runs on its calling thread alone. The caller always works on its
