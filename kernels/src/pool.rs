@@ -29,6 +29,11 @@ const MAX_TASKS: usize = 1 << INDEX_BITS;
 /// The epoch takes the remaining bits and wraps.
 const EPOCH_MASK: u64 = (1 << (64 - 2 * INDEX_BITS)) - 1;
 
+/// The loop epoch of a state word (see [`Pool::state`]).
+fn epoch_of(state: u64) -> u64 {
+    state >> (2 * INDEX_BITS)
+}
+
 /// Threads that run kernel loops, the caller's included: `AGENT_CPU_THREADS` when set, else
 /// the machine's available parallelism.
 pub fn threads() -> usize {
@@ -141,7 +146,7 @@ impl Pool {
         self.panicked.store(false, Ordering::Relaxed);
         self.task
             .store(task as *const _ as *mut &'static Task, Ordering::Relaxed);
-        let epoch = ((self.state.load(Ordering::Relaxed) >> (2 * INDEX_BITS)) + 1) & EPOCH_MASK;
+        let epoch = (epoch_of(self.state.load(Ordering::Relaxed)) + 1) & EPOCH_MASK;
         self.state.store(
             epoch << (2 * INDEX_BITS) | (n as u64) << INDEX_BITS,
             Ordering::SeqCst,
@@ -167,7 +172,7 @@ impl Pool {
         loop {
             let tasks = (state >> INDEX_BITS) & INDEX_MASK;
             let next = state & INDEX_MASK;
-            if state >> (2 * INDEX_BITS) != epoch || next >= tasks {
+            if epoch_of(state) != epoch || next >= tasks {
                 return;
             }
             match self.state.compare_exchange_weak(
@@ -201,7 +206,7 @@ impl Pool {
         let mut idle_since = Instant::now();
         let mut spins = 0u32;
         loop {
-            let epoch = self.state.load(Ordering::Acquire) >> (2 * INDEX_BITS);
+            let epoch = epoch_of(self.state.load(Ordering::Acquire));
             if epoch != seen {
                 seen = epoch;
                 self.work(epoch);
@@ -223,7 +228,7 @@ impl Pool {
             self.sleepers.fetch_add(1, Ordering::SeqCst);
             // Re-checked after registering as a sleeper: a loop announced since is seen here,
             // or its caller sees the sleeper and wakes us.
-            if self.state.load(Ordering::SeqCst) >> (2 * INDEX_BITS) == seen {
+            if epoch_of(self.state.load(Ordering::SeqCst)) == seen {
                 drop(self.wake.wait(parked).unwrap_or_else(|e| e.into_inner()));
             }
             self.sleepers.fetch_sub(1, Ordering::SeqCst);

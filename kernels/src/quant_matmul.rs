@@ -22,7 +22,7 @@ use crate::pool;
 
 /// Elements per quantization block (all formats here).
 pub const BLOCK: usize = 32;
-/// Weight rows per unit of work; Q4_1 weights are interleaved in units of this many rows.
+/// Weight rows per unit of work; weights are interleaved in units of this many rows.
 const UNIT_ROWS: usize = 8;
 /// Activation rows computed together against one weight unit, at most: their block sums and
 /// accumulators fill the vector registers.
@@ -80,19 +80,6 @@ struct Q41x8 {
     qs: [u8; 128],
     d: [f32; UNIT_ROWS],
     m: [f32; UNIT_ROWS],
-}
-
-impl Q41x8 {
-    /// Element `i` (0..32) of row `j` of this block.
-    fn nibble(&self, j: usize, i: usize) -> u8 {
-        let (half, i) = (i / 16, i % 16);
-        let byte = self.qs[32 * (i / 4) + 4 * j + i % 4];
-        if half == 0 {
-            byte & 0x0F
-        } else {
-            byte >> 4
-        }
-    }
 }
 
 /// One block of 8 weight rows of Q8_0, interleaved like [`Q41x8`]: `qs[32t + 4j + e]` is
@@ -259,7 +246,7 @@ impl QuantMatrix {
     }
 
     /// Results of weight rows `8·unit ..` (the valid ones) against activation rows
-    /// `a0 .. a0 + count` (`count` at most the format's tile): `res[a][j]`.
+    /// `a0 .. a0 + count` (`count` at most [`ACT_TILE`]): `res[a][j]`.
     fn unit_tile(
         &self,
         unit: usize,
@@ -269,10 +256,10 @@ impl QuantMatrix {
         res: &mut [[f32; UNIT_ROWS]; ACT_TILE],
     ) {
         let nb = acts.blocks;
-        let units = unit * nb..(unit + 1) * nb;
+        let blocks = unit * nb..(unit + 1) * nb;
         match &self.packed {
-            Packed::Q4_1(packed) => tile(&packed[units], self.simd, acts, a0, count, res),
-            Packed::Q8_0(packed) => tile(&packed[units], self.simd, acts, a0, count, res),
+            Packed::Q4_1(packed) => tile(&packed[blocks], self.simd, acts, a0, count, res),
+            Packed::Q8_0(packed) => tile(&packed[blocks], self.simd, acts, a0, count, res),
         }
     }
 }
@@ -298,7 +285,9 @@ type Avx2Kernel<U> = unsafe fn(&[U], &QuantRows, usize, &mut [[f32; UNIT_ROWS]; 
 
 impl UnitBlock for Q41x8 {
     fn quant(&self, j: usize, i: usize) -> i32 {
-        self.nibble(j, i) as i32
+        let (half, i) = (i / 16, i % 16);
+        let byte = self.qs[32 * (i / 4) + 4 * j + i % 4];
+        i32::from(if half == 0 { byte & 0x0F } else { byte >> 4 })
     }
     fn scale(&self, j: usize) -> f32 {
         self.d[j]

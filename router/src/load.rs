@@ -9,11 +9,12 @@
 //! listened on its port) and answers again: a new server process, whose counters may not show
 //! it when the last scrape of the old one predates the traffic it served.
 //!
-//! The router's own requests in flight to a pod are added to the pod's scraped waiting count.
-//! The router's count is exact and current, the scrape up to one period old: subtracting what
-//! the scrape shows running would hide a new request behind one that already finished, so a
-//! burst would pile onto the pod that looked idle. Our requests the pod reports as waiting count
-//! twice, which shifts every pod the same way.
+//! A pod's queue is the router's own requests in flight to it, plus the pod's scraped waiting
+//! count less the router's requests that were in flight when it was scraped. The router's count
+//! is exact and current, the scrape up to one period old: subtracting what the scrape shows
+//! running would hide a new request behind one that already finished, so a burst would pile
+//! onto the pod that looked idle; not subtracting our own requests would count them twice, and
+//! keep a finished one on an idle pod's queue until the next scrape.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -3,7 +3,8 @@
 //!
 //! Work is split into items of one query row × one KV head; an item computes all query heads
 //! of that KV head's GQA group, so each cached K/V row is read once per group rather than once
-//! per query head. Items run on the kernels' pool and write disjoint `group * head_dim` chunks of `out`.
+//! per query head. Items run on the kernels' pool and write disjoint `group * head_dim` chunks
+//! of `out`.
 
 use wide::f32x8;
 
@@ -154,8 +155,8 @@ thread_local! {
 }
 
 /// Below this much work (query tokens × attended positions × heads × head_dim, an upper bound of
-/// the multiply-adds of QKᵀ) a call runs on the calling thread: waking the thread pool would cost
-/// more than it saves.
+/// the multiply-adds of QKᵀ) a call runs on the calling thread: a fork would cost more than it
+/// saves.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 
 /// For each token row, the sequence it belongs to (checking, in debug builds, that the
