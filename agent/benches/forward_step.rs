@@ -9,11 +9,15 @@
 //! cargo bench -p agent --bench forward_step -- [--model PATH] [--batch N] [--context C]
 //!     [--steps S] [--kv-dtype f16|bf16|f32]   (f16: the agent's default storage)
 
+#[path = "../../kernels/benches/common/mod.rs"]
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
 use agent::model::{self, LlamaModel, StepInput};
 use anyhow::{bail, Context, Result};
+use common::median;
 use kernels::{CpuKvCache, KvDtype, SeqAttn};
 use rand::{Rng, SeedableRng};
 
@@ -109,11 +113,6 @@ fn step(model: &LlamaModel, cache: &mut CpuKvCache, seqs: &[&Seq], starts: &[usi
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() -> Result<()> {
     let args = parse_args()?;
     let loaded = model::load(&args.model)?;
@@ -167,7 +166,7 @@ fn main() -> Result<()> {
         one.push(time(1)?);
         many.push(time(args.batch)?);
     }
-    let (t1, tn) = (median(one), median(many));
+    let (t1, tn) = (median(&mut one), median(&mut many));
     println!(
         "model {} | context {} | KV {:?} | threads {}",
         args.model.display(),

@@ -9,6 +9,9 @@
 //!
 //! cargo bench -p agent --bench kv_events -- [--model PATH] [--seconds S] [--rounds R]
 
+#[path = "../../kernels/benches/common/mod.rs"]
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +22,7 @@ use agent::kv_events::{self, KvEventsConfig};
 use agent::metrics::{CacheConfigInfo, Metrics};
 use agent::model;
 use anyhow::{bail, Context, Result};
+use common::median;
 use kvevents::{decode_batch, KvEvent};
 
 const BLOCK_SIZE: usize = 16;
@@ -285,10 +289,6 @@ fn real_engine(model_path: &str, rounds: usize) -> Result<()> {
             }
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let (m_on, m_off) = (median(&mut on), median(&mut off));
     println!("real engine, 32 requests x 16 tokens, 96-block pool, {rounds} rounds each:");
     println!("  events off: median {m_off:.3} s  (rounds {off:.3?})");

@@ -4,7 +4,11 @@
 //!
 //! cargo bench -p kernels --bench attention -- [--batch N] [--context C] [--rounds R]
 
+mod common;
+
 use std::time::Instant;
+
+use common::median;
 
 use half::{bf16, f16};
 use kernels::{CpuPagedAttention, KvElem, KvLayout, PagedAttention, SeqAttn};
@@ -60,11 +64,6 @@ impl Bench {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     let (mut batch, mut context, mut rounds): (usize, usize, usize) = (16, 200, 20);
     let mut args = std::env::args().skip(1);
@@ -114,8 +113,8 @@ fn main() {
         "batch {batch}, context {context}, threads {}",
         kernels::pool::threads()
     );
-    for (name, times, bytes) in [("f32", a, 4.0), ("f16", b, 2.0), ("bf16", c, 2.0)] {
-        let t = median(times);
+    for (name, mut times, bytes) in [("f32", a, 4.0), ("f16", b, 2.0), ("bf16", c, 2.0)] {
+        let t = median(&mut times);
         println!(
             "{name:>5}: {:6.2} ms per step, {:5.1} GB/s of KV read",
             t * 1e3,

@@ -6,7 +6,11 @@
 //! cargo bench -p kernels --bench quant_matmul -- [--rounds R]
 //! (AGENT_CPU_THREADS=1 for one core.)
 
+mod common;
+
 use std::time::Instant;
+
+use common::median;
 
 use half::f16;
 use kernels::{matmul_many, BlockFormat, QuantMatrix};
@@ -87,11 +91,6 @@ impl Layer {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     let mut rounds = 20;
     let mut args = std::env::args().skip(1);
@@ -135,7 +134,7 @@ fn main() {
             head.push(t.elapsed().as_secs_f64());
         }
         let gmacs = |macs: f64, secs: f64| macs * rows as f64 / secs / 1e9;
-        let (streamed, hot, head) = (median(streamed), median(hot), median(head));
+        let (streamed, hot, head) = (median(&mut streamed), median(&mut hot), median(&mut head));
         let all = layer_macs * LAYERS as f64;
         println!(
             "rows {rows:2}: Q4_1 30 layers {:6.2} ms ({:5.1} GMAC/s) | one layer x30, cached {:6.2} ms ({:5.1} GMAC/s) | Q8_0 LM head {:6.2} ms ({:5.1} GMAC/s)",

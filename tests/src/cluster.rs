@@ -436,6 +436,16 @@ impl Drop for Relay {
     }
 }
 
+/// One of `pod`'s KV event stream counters on a router's `/metrics` (`batches`, `replays`,
+/// `resets`...), 0 before its stream counted anything.
+pub fn pod_events(m: &Metrics, pod: &str, counter: &str) -> f64 {
+    m.get(
+        "router_pod_kv_events",
+        &[("pod", pod), ("counter", counter)],
+    )
+    .unwrap_or(0.0)
+}
+
 /// Sum over pods of a counter's increase between two scrapes each.
 pub fn counter_delta(before: &[Metrics], after: &[Metrics], name: &str) -> f64 {
     before

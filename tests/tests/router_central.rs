@@ -4,7 +4,7 @@
 //! `kv@HOST:PORT@MODEL`. Repeated requests of a group then land on the pod that holds the
 //! group's prefix, with the router matching its blocks.
 
-use e2e::cluster::{pod_flags, reserve_ports, Pod, RouterProc};
+use e2e::cluster::{pod_events, pod_flags, reserve_ports, Pod, RouterProc};
 use e2e::{LONG_TEXT, SERVED_MODEL};
 use serde_json::json;
 
@@ -52,15 +52,7 @@ async fn centralized_subscriber_routes_by_topic() {
             assert_eq!(p.post("/reset_prefix_cache", &json!({})).await.status, 200);
         }
         let m = router.metrics().await;
-        let seen = |pod: &str| {
-            m.get(
-                "router_pod_kv_events",
-                &[("pod", pod), ("counter", "batches")],
-            )
-            .unwrap_or(0.0)
-                > 0.0
-        };
-        if names.iter().all(|n| seen(n)) {
+        if names.iter().all(|n| pod_events(&m, n, "batches") > 0.0) {
             break;
         }
         assert!(

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use e2e::cluster::{counter_delta, pod_flags, Pod, RouterProc};
+use e2e::cluster::{counter_delta, pod_events, pod_flags, Pod, RouterProc};
 use e2e::{Metrics, LONG_TEXT, SERVED_MODEL};
 use serde_json::{json, Value};
 
@@ -52,13 +52,7 @@ async fn salted_requests_match_their_salt_only(router: &RouterProc) {
         body["cache_salt"] = json!(salt);
         body
     };
-    let batches = |m: &Metrics, pod: &str| {
-        m.get(
-            "router_pod_kv_events",
-            &[("pod", pod), ("counter", "batches")],
-        )
-        .unwrap_or(0.0)
-    };
+    let batches = |m: &Metrics, pod: &str| pod_events(m, pod, "batches");
     let before = router.metrics().await;
     let (first, hit) = router
         .post_matched("/v1/chat/completions", &salted("tenant-1", 0))

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::cluster::{pod_flags, Pod, Relay, RouterProc};
+use e2e::cluster::{pod_events, pod_flags, Pod, Relay, RouterProc};
 use e2e::{Metrics, LONG_TEXT, SERVED_MODEL};
 use serde_json::{json, Value};
 
@@ -21,15 +21,6 @@ fn prompt(tag: &str) -> String {
 
 fn index_entries(m: &Metrics) -> f64 {
     m.value("router_index_pod_entries")
-}
-
-/// One of `pod`'s event stream counters (0 before its stream counted anything).
-fn pod_events(m: &Metrics, pod: &str, counter: &str) -> f64 {
-    m.get(
-        "router_pod_kv_events",
-        &[("pod", pod), ("counter", counter)],
-    )
-    .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
