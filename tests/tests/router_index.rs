@@ -108,7 +108,10 @@ async fn index_matches_brute_force_over_cached_blocks() {
             .collect();
         let got: Vec<(usize, f64)> = probes.iter().map(|t| indexed(&index, t)).collect();
         let blocks: Vec<usize> = got.iter().map(|g| g.0).collect();
-        if blocks == expected {
+        // The agent's cache shows a block before its event reaches the index: wait for both
+        // the probes and the index's whole block count to agree.
+        let indexed_blocks = index.stats().engine_hashes;
+        if blocks == expected && indexed_blocks == cached.len() {
             for ((n, score), t) in got.iter().zip(&probes) {
                 let total = t.len() / BLOCK_SIZE;
                 assert!((score - *n as f64 / total as f64).abs() < 1e-12);
@@ -131,7 +134,8 @@ async fn index_matches_brute_force_over_cached_blocks() {
         assert!(
             Instant::now() < deadline,
             "index disagrees with the agent's cache:\n  brute force {expected:?}\n  index       \
-             {blocks:?}\nagent log:\n{}",
+             {blocks:?}\n  blocks: agent {}, index {indexed_blocks}\nagent log:\n{}",
+            cached.len(),
             pod.log()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
