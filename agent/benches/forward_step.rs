@@ -15,7 +15,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use agent::model::{self, LlamaModel, StepInput};
+use agent::model::{self, LlamaModel, Logits, StepInput};
 use anyhow::{bail, Context, Result};
 use common::median;
 use kernels::{CpuKvCache, KvDtype, SeqAttn};
@@ -82,8 +82,15 @@ impl Seq {
     }
 }
 
-/// Runs one step: `seqs[i]` gets rows for positions `starts[i] .. tokens.len()`.
-fn step(model: &LlamaModel, cache: &mut CpuKvCache, seqs: &[&Seq], starts: &[usize]) -> Result<()> {
+/// Runs one step: `seqs[i]` gets rows for positions `starts[i] .. tokens.len()`; the logits
+/// buffer is reused across steps, as the engine does.
+fn step(
+    model: &LlamaModel,
+    cache: &mut CpuKvCache,
+    logits: &mut Logits,
+    seqs: &[&Seq],
+    starts: &[usize],
+) -> Result<()> {
     let (mut ids, mut positions, mut slots, mut attn, mut logits_rows) =
         (vec![], vec![], vec![], vec![], vec![]);
     for (seq, &start) in seqs.iter().zip(starts) {
@@ -108,8 +115,8 @@ fn step(model: &LlamaModel, cache: &mut CpuKvCache, seqs: &[&Seq], starts: &[usi
         seqs: &attn,
         logits_rows: &logits_rows,
     };
-    let logits = model.forward(&input, cache)?;
-    std::hint::black_box(logits);
+    model.forward(&input, cache, logits)?;
+    std::hint::black_box(logits.rows());
     Ok(())
 }
 
@@ -122,6 +129,7 @@ fn main() -> Result<()> {
     let blocks_per_seq = len.div_ceil(BLOCK_SIZE);
     let layout = model.kv_layout(args.batch * blocks_per_seq, BLOCK_SIZE);
     let mut cache = CpuKvCache::new(layout, args.kv_dtype);
+    let mut logits = Logits::default();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let seqs: Vec<Seq> = (0..args.batch)
         .map(|i| Seq {
@@ -145,7 +153,7 @@ fn main() -> Result<()> {
                 blocks: prompt.blocks.clone(),
                 tokens: prompt.tokens[..end].to_vec(),
             };
-            step(model, &mut cache, &[&chunk], &[start])?;
+            step(model, &mut cache, &mut logits, &[&chunk], &[start])?;
         }
     }
 
@@ -155,7 +163,13 @@ fn main() -> Result<()> {
     let decode_starts = vec![args.context; args.batch];
     let mut time = |batch: usize| -> Result<f64> {
         let t = Instant::now();
-        step(model, &mut cache, &all[..batch], &decode_starts[..batch])?;
+        step(
+            model,
+            &mut cache,
+            &mut logits,
+            &all[..batch],
+            &decode_starts[..batch],
+        )?;
         Ok(t.elapsed().as_secs_f64() * 1e3)
     };
     // Warm-up of both shapes.

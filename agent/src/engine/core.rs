@@ -12,7 +12,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::kv_cache::{BlockHasher, BlockPool, KvCacheManager, KvEventSink};
 use crate::metrics::Metrics;
-use crate::model::{LlamaModel, StepInput, Tokenizer};
+use crate::model::{LlamaModel, Logits, StepInput, Tokenizer};
 
 use super::config::EngineConfig;
 use super::detokenizer::TokenDecoder;
@@ -63,6 +63,8 @@ pub(crate) struct EngineCore {
     config: EngineConfig,
     model: LlamaModel,
     cache: CpuKvCache,
+    /// The step's logits, kept across steps (see [`Logits`]).
+    logits: Logits,
     kv: KvCacheManager,
     scheduler: Scheduler,
     requests: HashMap<String, Request>,
@@ -101,6 +103,7 @@ impl EngineCore {
             config,
             model,
             cache,
+            logits: Logits::default(),
             kv,
             scheduler,
             requests: HashMap::new(),
@@ -316,7 +319,8 @@ impl EngineCore {
             seqs: &seqs,
             logits_rows: &logits_rows,
         };
-        let mut logits = self.model.forward(&input, &mut self.cache)?;
+        self.model
+            .forward(&input, &mut self.cache, &mut self.logits)?;
         drop(seqs);
 
         for s in &plan.scheduled {
@@ -337,7 +341,7 @@ impl EngineCore {
                 continue;
             };
             let finish = req.sample_and_append(
-                &mut logits[row],
+                self.logits.row_mut(row),
                 &self.eos_token_ids,
                 self.config.max_model_len,
                 self.tokenizer.as_ref(),

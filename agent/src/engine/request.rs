@@ -6,10 +6,10 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::detokenizer::{IncrementalDetokenizer, TokenDecoder};
-use super::sampling::SequenceSampler;
+use super::sampling::{Sampled, SequenceSampler};
 use super::stop_checker::StopChecker;
 use super::types::{
-    Finish, FinishReason, GenerateOutput, GenerateRequest, SamplingParams, StopReason, TokenLogprob,
+    Finish, FinishReason, GenerateOutput, GenerateRequest, SamplingParams, StopReason,
 };
 
 /// Timestamps of a request's life, for the latency histograms.
@@ -96,7 +96,7 @@ impl Request {
 
     fn append_token(
         &mut self,
-        sampled: TokenLogprob,
+        sampled: Sampled,
         eos_token_ids: &[u32],
         max_model_len: usize,
         decoder: &dyn TokenDecoder,
@@ -104,8 +104,8 @@ impl Request {
         let token = sampled.token_id;
         self.all_token_ids.push(token);
         self.pending.token_ids.push(token);
-        if self.params.logprobs.is_some() {
-            self.pending.logprobs.push(sampled);
+        if let Some(logprobs) = sampled.logprobs {
+            self.pending.logprobs.push(logprobs);
         }
         let stop = |reason: Option<StopReason>| {
             Some(Finish { reason: FinishReason::Stop, stop_reason: reason, error: None })

@@ -12,6 +12,13 @@ use super::types::{SamplingParams, TokenLogprob};
 /// Below this temperature sampling is greedy (vLLM's `_SAMPLING_EPS`).
 const SAMPLING_EPS: f32 = 1e-5;
 
+/// One sampled token, with its logprobs when the request asked for them.
+#[derive(Debug)]
+pub struct Sampled {
+    pub token_id: u32,
+    pub logprobs: Option<TokenLogprob>,
+}
+
 /// Samples the tokens of one sequence. Keeps the RNG and the running counts of generated tokens,
 /// so penalties cost O(distinct tokens) per step instead of a recount of the whole history.
 pub struct SequenceSampler {
@@ -85,30 +92,38 @@ impl SequenceSampler {
     /// Picks the next token. `logits` is the raw model output (vocab-sized; modified in place).
     /// `output_token_ids`: tokens generated so far; each call's history must extend the previous
     /// one's (a shorter history makes the sampler recount). `eos_token_ids`: ids that end
-    /// generation, masked while fewer than `min_tokens` tokens have been generated.
+    /// generation, masked while fewer than `min_tokens` tokens have been generated. Logprobs
+    /// (a pass over the vocabulary and a copy of it) are computed only when the request asked
+    /// for them.
     pub fn sample(
         &mut self,
         logits: &mut [f32],
         output_token_ids: &[u32],
         eos_token_ids: &[u32],
-    ) -> TokenLogprob {
-        let lse = log_sum_exp(logits, &mut self.weights);
-        let top = match self.num_logprobs {
-            Some(n) if n > 0 => top_logprobs(logits, &self.weights, n, lse, &mut self.candidates),
-            _ => Vec::new(),
-        };
-        self.raw.clear();
-        self.raw.extend_from_slice(logits);
+    ) -> Sampled {
+        let raw = self.num_logprobs.map(|n| {
+            let lse = log_sum_exp(logits, &mut self.weights);
+            let top = match n {
+                0 => Vec::new(),
+                n => top_logprobs(logits, &self.weights, n, lse, &mut self.candidates),
+            };
+            self.raw.clear();
+            self.raw.extend_from_slice(logits);
+            (lse, top)
+        });
         self.apply_processors(logits, output_token_ids, eos_token_ids);
         let token_id = if self.temperature < SAMPLING_EPS {
             argmax(logits)
         } else {
             self.sample_random(logits)
         };
-        TokenLogprob {
+        Sampled {
             token_id,
-            logprob: self.raw[token_id as usize] - lse,
-            top,
+            logprobs: raw.map(|(lse, top)| TokenLogprob {
+                token_id,
+                logprob: self.raw[token_id as usize] - lse,
+                top,
+            }),
         }
     }
 
@@ -587,7 +602,7 @@ mod tests {
         let mut s = SequenceSampler::new(&p, &[]);
         let lse = log_sum_exp(&logits, &mut Vec::new());
         for _ in 0..300 {
-            let out = s.sample(&mut logits.clone(), &[], &[]);
+            let out = s.sample(&mut logits.clone(), &[], &[]).logprobs.unwrap();
             assert!(logits[out.token_id as usize] >= kth);
             let ids: Vec<u32> = out.top.iter().map(|&(id, _)| id).collect();
             assert_eq!(ids, order[..20]);
@@ -859,7 +874,7 @@ mod tests {
             ..params()
         };
         let mut s = SequenceSampler::new(&p, &[]);
-        let out = s.sample(&mut raw.clone(), &[], &[]);
+        let out = s.sample(&mut raw.clone(), &[], &[]).logprobs.unwrap();
         assert_eq!(out.token_id, 4);
         assert!((out.logprob - (-1.0 - lse)).abs() < 1e-5);
         let ids: Vec<u32> = out.top.iter().map(|&(id, _)| id).collect();
@@ -867,10 +882,17 @@ mod tests {
         for &(id, lp) in &out.top {
             assert!((lp - (raw[id as usize] - lse)).abs() < 1e-5);
         }
-        // Without logprobs requested the sampled token's logprob is still filled.
-        let mut s = SequenceSampler::new(&params(), &[]);
-        let out = s.sample(&mut raw.clone(), &[], &[]);
+        // logprobs=0: the sampled token's logprob, no alternatives.
+        let zero = SamplingParams {
+            logprobs: Some(0),
+            ..params()
+        };
+        let out = SequenceSampler::new(&zero, &[]).sample(&mut raw.clone(), &[], &[]);
+        let out = out.logprobs.unwrap();
         assert!(out.top.is_empty());
         assert!((out.logprob - (raw[out.token_id as usize] - lse)).abs() < 1e-5);
+        // Not requested: none computed.
+        let out = SequenceSampler::new(&params(), &[]).sample(&mut raw.clone(), &[], &[]);
+        assert!(out.logprobs.is_none());
     }
 }

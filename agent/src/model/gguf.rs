@@ -138,7 +138,7 @@ fn load_weights<R: Read + Seek>(
     } else {
         embd_q
     };
-    let norm = RmsNorm::new(w.dense("output_norm.weight", &[hidden])?, c.rms_norm_eps);
+    let norm = RmsNorm::new(w.dense("output_norm.weight", &[hidden])?, c.rms_norm_eps)?;
 
     let mut layers = Vec::with_capacity(c.num_layers);
     for i in 0..c.num_layers {
@@ -152,7 +152,7 @@ fn load_weights<R: Read + Seek>(
             } else {
                 None
             };
-            Ok::<_, ModelError>(Linear::new(weight, bias))
+            Linear::new(weight, bias)
         };
         let q = linear("attn_q", q_dim, hidden, qwen2)?;
         let k = linear("attn_k", kv_dim, hidden, qwen2)?;
@@ -170,7 +170,7 @@ fn load_weights<R: Read + Seek>(
             attn_norm: RmsNorm::new(
                 w.dense(&format!("{p}.attn_norm.weight"), &[hidden])?,
                 c.rms_norm_eps,
-            ),
+            )?,
             q,
             k,
             v,
@@ -178,7 +178,7 @@ fn load_weights<R: Read + Seek>(
             ffn_norm: RmsNorm::new(
                 w.dense(&format!("{p}.ffn_norm.weight"), &[hidden])?,
                 c.rms_norm_eps,
-            ),
+            )?,
             gate,
             up,
             down,

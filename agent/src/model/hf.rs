@@ -133,7 +133,7 @@ fn load_weights(w: &mut Weights, c: &ModelConfig, hf: &HfConfig) -> Result<Llama
     } else {
         w.take("lm_head.weight", &[c.vocab_size, hidden])?
     };
-    let norm = RmsNorm::new(w.take("model.norm.weight", &[hidden])?, c.rms_norm_eps);
+    let norm = RmsNorm::new(w.take("model.norm.weight", &[hidden])?, c.rms_norm_eps)?;
     let mut layers = Vec::with_capacity(c.num_layers);
     for i in 0..c.num_layers {
         let p = format!("model.layers.{i}");
@@ -143,7 +143,7 @@ fn load_weights(w: &mut Weights, c: &ModelConfig, hf: &HfConfig) -> Result<Llama
                 true => Some(w.take(&format!("{p}.{name}.bias"), &[out])?),
                 false => None,
             };
-            Ok::<_, ModelError>(Linear::new(QMatMul::Tensor(weight), bias))
+            Linear::new(QMatMul::Tensor(weight), bias)
         };
         let q = linear("self_attn.q_proj", q_dim, hidden, qkv_bias)?;
         let k = linear("self_attn.k_proj", kv_dim, hidden, qkv_bias)?;
@@ -158,10 +158,10 @@ fn load_weights(w: &mut Weights, c: &ModelConfig, hf: &HfConfig) -> Result<Llama
         let up = matmul("up_proj", inter, hidden)?;
         let down = matmul("down_proj", hidden, inter)?;
         let mut norm = |name: &str| {
-            Ok::<_, ModelError>(RmsNorm::new(
+            RmsNorm::new(
                 w.take(&format!("{p}.{name}.weight"), &[hidden])?,
                 c.rms_norm_eps,
-            ))
+            )
         };
         layers.push(Layer {
             attn_norm: norm("input_layernorm")?,
@@ -308,6 +308,7 @@ fn read_json_opt(path: &Path) -> Result<Value, ModelError> {
 mod tests {
     use super::*;
     use crate::model::test_support::{scratch_dir, smollm};
+    use crate::model::Logits;
     use crate::model::StepInput;
     use candle_nn::VarBuilder;
     use kernels::{CpuKvCache, KvDtype, SeqAttn};
@@ -433,7 +434,9 @@ mod tests {
                 seqs: &seqs,
                 logits_rows: &[chunk.len() - 1],
             };
-            let ours = model.forward(&input, &mut cache).unwrap().remove(0);
+            let mut logits = Logits::default();
+            model.forward(&input, &mut cache, &mut logits).unwrap();
+            let ours = logits.row(0);
             let theirs = reference(chunk, start);
             assert_eq!(ours.len(), VOCAB, "step {i}");
             let diff = ours

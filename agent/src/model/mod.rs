@@ -14,7 +14,7 @@ pub mod tokenizer;
 use std::path::{Path, PathBuf};
 
 pub use chat_template::ChatTemplate;
-pub use llama::{LlamaModel, RopeStyle, StepInput};
+pub use llama::{LlamaModel, Logits, RopeStyle, StepInput};
 pub use tokenizer::Tokenizer;
 
 /// Architecture hyper-parameters, whichever file format they came from.
