@@ -223,7 +223,8 @@ impl<E: KvElem> CacheView<'_, E> {
     /// first `len` cached positions of a sequence, written to `out` (same shape as `q`).
     /// `scores` is scratch space reused across calls. `HD` is the head dimension when it is known
     /// at compile time (vector loops then unroll fully and the accumulators stay in registers),
-    /// 0 otherwise.
+    /// 0 otherwise. Heads of the group go [`JOINT_HEADS`] at a time, so each K/V vector is
+    /// loaded (and widened from 16 bits) once for all of them.
     fn attend_group<const HD: usize>(
         &self,
         block_table: &[u32],
@@ -246,37 +247,29 @@ impl<E: KvElem> CacheView<'_, E> {
         };
         scores.clear();
         scores.resize(group * padded_len, 0.0);
+        let chunks = || {
+            (0..group)
+                .step_by(JOINT_HEADS)
+                .map(move |h| h..(h + JOINT_HEADS).min(group))
+        };
 
         let scale = self.scale;
         self.for_each_block(self.k, block_table, len, kv_head, |first, region, count| {
             let k = &self.k[region..][..bs * head_dim];
-            for (q_head, head_scores) in q
-                .chunks_exact(head_dim)
-                .zip(scores.chunks_exact_mut(padded_len))
-            {
-                let q_head = &q_head[..head_dim];
-                let dst = &mut head_scores[first..];
-                // Tiles may read past `count` within the block (stale slots): those lanes are
-                // overwritten with -inf below.
-                if bs.is_multiple_of(2 * LANES) {
-                    for t0 in (0..count).step_by(2 * LANES) {
-                        let tile = qk_tile::<2, E>(k, bs, t0, q_head, scale);
-                        store(&mut dst[t0..], &tile);
-                    }
-                } else if bs.is_multiple_of(LANES) {
-                    for t0 in (0..count).step_by(LANES) {
-                        let tile = qk_tile::<1, E>(k, bs, t0, q_head, scale);
-                        store(&mut dst[t0..], &tile);
-                    }
-                } else {
-                    for (t, s) in dst[..count].iter_mut().enumerate() {
-                        let dot: f32 = q_head
-                            .iter()
-                            .enumerate()
-                            .map(|(d, &x)| x * k[d * bs + t].to_f32())
-                            .sum();
-                        *s = dot * scale;
-                    }
+            for heads in chunks() {
+                let q = &q[heads.start * head_dim..heads.end * head_dim];
+                let scores = &mut scores[heads.start * padded_len..heads.end * padded_len];
+                let tile = QkTile {
+                    k,
+                    bs,
+                    q,
+                    head_dim,
+                    scale,
+                };
+                match heads.len() {
+                    1 => tile.scores::<1, 4, HD>(count, scores, padded_len, first),
+                    2 => tile.scores::<2, 2, HD>(count, scores, padded_len, first),
+                    _ => tile.scores::<3, 2, HD>(count, scores, padded_len, first),
                 }
             }
         });
@@ -288,38 +281,200 @@ impl<E: KvElem> CacheView<'_, E> {
 
         out.fill(0.0);
         self.for_each_block(self.v, block_table, len, kv_head, |first, region, count| {
-            for (out_head, head_scores) in out
-                .chunks_exact_mut(head_dim)
-                .zip(scores.chunks_exact(padded_len))
-            {
-                let weights = &head_scores[first..first + count];
-                // Up to ACC_VECTORS vectors of the head at a time, in a local array the
-                // compiler keeps in registers when `HD` is known.
-                for (piece, out_piece) in out_head[..head_dim].chunks_mut(ACC_LEN).enumerate() {
-                    let offset = region + piece * ACC_LEN;
-                    let mut acc = [f32x8::ZERO; ACC_VECTORS];
-                    let mut tail_acc = [0.0f32; LANES];
-                    for (t, &w) in weights.iter().enumerate() {
-                        let (vectors, tail) =
-                            self.v[offset + t * head_dim..][..out_piece.len()].as_chunks::<LANES>();
-                        let w_splat = f32x8::splat(w);
-                        for (a, v) in acc.iter_mut().zip(vectors) {
-                            *a = E::load8(v).mul_add(w_splat, *a);
-                        }
-                        for (a, v) in tail_acc.iter_mut().zip(tail) {
-                            *a += w * v.to_f32();
-                        }
+            let v = &self.v[region..][..bs * head_dim];
+            for heads in chunks() {
+                let out = &mut out[heads.start * head_dim..heads.end * head_dim];
+                let weights = |h: usize| &scores[(heads.start + h) * padded_len + first..][..count];
+                match heads.len() {
+                    2 if head_dim.is_multiple_of(JOINT_V_LEN) => {
+                        weighted_v_joint::<2, HD, E>(v, head_dim, [weights(0), weights(1)], out)
                     }
-                    let (out_vectors, out_tail) = out_piece.as_chunks_mut::<LANES>();
-                    for (o, a) in out_vectors.iter_mut().zip(acc) {
-                        *o = (f32x8::new(*o) + a).to_array();
-                    }
-                    for (o, a) in out_tail.iter_mut().zip(tail_acc) {
-                        *o += a;
+                    3 if head_dim.is_multiple_of(JOINT_V_LEN) => weighted_v_joint::<3, HD, E>(
+                        v,
+                        head_dim,
+                        [weights(0), weights(1), weights(2)],
+                        out,
+                    ),
+                    n => {
+                        for (h, out) in out.chunks_exact_mut(head_dim).take(n).enumerate() {
+                            weighted_v::<HD, E>(v, head_dim, weights(h), out);
+                        }
                     }
                 }
             }
         });
+    }
+}
+
+/// Query heads of one GQA group computed together (see [`CacheView::attend_group`]): 3 heads'
+/// accumulators (6 score vectors, or 6 V vectors) plus the shared loads fit the 16 AVX
+/// registers.
+const JOINT_HEADS: usize = 3;
+/// Dimensions of V accumulated per pass in [`weighted_v_joint`]: 2 vectors per head.
+const JOINT_V_LEN: usize = 2 * LANES;
+
+/// Scores of some query heads against one block's dim-major K region.
+struct QkTile<'a, E> {
+    /// `[head_dim][block_size]`.
+    k: &'a [E],
+    bs: usize,
+    /// The heads' queries, `[heads, head_dim]`.
+    q: &'a [f32],
+    head_dim: usize,
+    scale: f32,
+}
+
+impl<E: KvElem> QkTile<'_, E> {
+    /// Writes the scaled scores of the block's first `count` positions for the `H` heads to
+    /// `scores[h · padded_len + first ..]`. `P` partial sums per score vector hide the FMA
+    /// latency (fewer are needed the more heads share a load).
+    #[inline(always)]
+    fn scores<const H: usize, const P: usize, const HD: usize>(
+        &self,
+        count: usize,
+        scores: &mut [f32],
+        padded_len: usize,
+        first: usize,
+    ) {
+        let bs = self.bs;
+        // Tiles may read past `count` within the block (stale slots): those lanes are
+        // overwritten with -inf by the caller.
+        if bs.is_multiple_of(2 * LANES) {
+            for t0 in (0..count).step_by(2 * LANES) {
+                let tiles = self.tile::<2, H, P, HD>(t0);
+                for (h, tile) in tiles.iter().enumerate() {
+                    store(&mut scores[h * padded_len + first + t0..], tile);
+                }
+            }
+        } else if bs.is_multiple_of(LANES) {
+            for t0 in (0..count).step_by(LANES) {
+                let tiles = self.tile::<1, H, P, HD>(t0);
+                for (h, tile) in tiles.iter().enumerate() {
+                    store(&mut scores[h * padded_len + first + t0..], tile);
+                }
+            }
+        } else {
+            let head_dim = self.head_dim;
+            for (h, q) in self.q.chunks_exact(head_dim).enumerate() {
+                let row = &mut scores[h * padded_len + first..][..count];
+                for (t, s) in row.iter_mut().enumerate() {
+                    let dot: f32 = q
+                        .iter()
+                        .enumerate()
+                        .map(|(d, &x)| x * self.k[d * bs + t].to_f32())
+                        .sum();
+                    *s = dot * self.scale;
+                }
+            }
+        }
+    }
+
+    /// Scaled scores `q_h · k[t] · scale` of positions `t0 .. t0 + N·8` for the `H` heads
+    /// (`t0 + N·8 <= block_size`): per query dim, one load of 8·N positions, then one broadcast
+    /// of each head's query dim times it, so no horizontal sums.
+    #[inline(always)]
+    fn tile<const N: usize, const H: usize, const P: usize, const HD: usize>(
+        &self,
+        t0: usize,
+    ) -> [[f32x8; N]; H] {
+        let head_dim = if HD == 0 { self.head_dim } else { HD };
+        let qs: [&[f32]; H] = std::array::from_fn(|h| &self.q[h * head_dim..][..head_dim]);
+        let mut acc = [[[f32x8::ZERO; N]; H]; P];
+        let step = |acc: &mut [[f32x8; N]; H], d: usize| {
+            let (row, _) = self.k[d * self.bs + t0..][..N * LANES].as_chunks::<LANES>();
+            let kv: [f32x8; N] = std::array::from_fn(|n| E::load8(&row[n]));
+            for (acc, q) in acc.iter_mut().zip(&qs) {
+                let x = f32x8::splat(q[d]);
+                for (a, k) in acc.iter_mut().zip(&kv) {
+                    *a = k.mul_add(x, *a);
+                }
+            }
+        };
+        // Dims in groups of P, so the accumulator of each dim is known at compile time (the
+        // array then lives in registers, not on the stack).
+        let groups = head_dim / P;
+        for g in 0..groups {
+            for (p, acc) in acc.iter_mut().enumerate() {
+                step(acc, g * P + p);
+            }
+        }
+        for d in groups * P..head_dim {
+            step(&mut acc[0], d);
+        }
+        let scale = f32x8::splat(self.scale);
+        std::array::from_fn(|h| {
+            std::array::from_fn(|n| {
+                acc.iter().map(|a| a[h][n]).fold(f32x8::ZERO, |s, a| s + a) * scale
+            })
+        })
+    }
+}
+
+/// `out += Σ_t weights[t] · v[t]` over one block's token-major V region (`[block_size,
+/// head_dim]`) for one head, up to [`ACC_VECTORS`] vectors of the head at a time, in a local
+/// array the compiler keeps in registers when `HD` is known.
+#[inline(always)]
+fn weighted_v<const HD: usize, E: KvElem>(
+    v: &[E],
+    head_dim: usize,
+    weights: &[f32],
+    out: &mut [f32],
+) {
+    let head_dim = if HD == 0 { head_dim } else { HD };
+    for (piece, out_piece) in out[..head_dim].chunks_mut(ACC_LEN).enumerate() {
+        let offset = piece * ACC_LEN;
+        let mut acc = [f32x8::ZERO; ACC_VECTORS];
+        let mut tail_acc = [0.0f32; LANES];
+        for (t, &w) in weights.iter().enumerate() {
+            let (vectors, tail) =
+                v[offset + t * head_dim..][..out_piece.len()].as_chunks::<LANES>();
+            let w_splat = f32x8::splat(w);
+            for (a, v) in acc.iter_mut().zip(vectors) {
+                *a = E::load8(v).mul_add(w_splat, *a);
+            }
+            for (a, v) in tail_acc.iter_mut().zip(tail) {
+                *a += w * v.to_f32();
+            }
+        }
+        let (out_vectors, out_tail) = out_piece.as_chunks_mut::<LANES>();
+        for (o, a) in out_vectors.iter_mut().zip(acc) {
+            *o = (f32x8::new(*o) + a).to_array();
+        }
+        for (o, a) in out_tail.iter_mut().zip(tail_acc) {
+            *o += a;
+        }
+    }
+}
+
+/// [`weighted_v`] for `H` heads at once (`out` is `[H, head_dim]`, `head_dim` a multiple of
+/// [`JOINT_V_LEN`]): each V vector is loaded once and multiplied by every head's weight.
+#[inline(always)]
+fn weighted_v_joint<const H: usize, const HD: usize, E: KvElem>(
+    v: &[E],
+    head_dim: usize,
+    weights: [&[f32]; H],
+    out: &mut [f32],
+) {
+    let head_dim = if HD == 0 { head_dim } else { HD };
+    let count = weights[0].len();
+    for piece in (0..head_dim).step_by(JOINT_V_LEN) {
+        let mut acc = [[f32x8::ZERO; 2]; H];
+        for t in 0..count {
+            let (row, _) = v[t * head_dim + piece..][..JOINT_V_LEN].as_chunks::<LANES>();
+            let vv = [E::load8(&row[0]), E::load8(&row[1])];
+            for (acc, w) in acc.iter_mut().zip(&weights) {
+                let w = f32x8::splat(w[t]);
+                for (a, v) in acc.iter_mut().zip(&vv) {
+                    *a = v.mul_add(w, *a);
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            let (out, _) = out[h * head_dim + piece..][..JOINT_V_LEN].as_chunks_mut::<LANES>();
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o = (f32x8::new(*o) + *a).to_array();
+            }
+        }
     }
 }
 
@@ -344,45 +499,6 @@ const LANES: usize = 8;
 /// Output vectors accumulated at once per head (32 vectors: 256 floats).
 const ACC_VECTORS: usize = 32;
 const ACC_LEN: usize = ACC_VECTORS * LANES;
-/// Partial sums per score vector in [`qk_tile`]: consecutive FMAs go to different
-/// accumulators, so they do not wait on each other's latency.
-const QK_PARTIALS: usize = 4;
-
-/// Scaled scores `q · k[t] · scale` of positions `t0 .. t0 + N·8` of one block's dim-major K
-/// region `k` (`[head_dim][block_size]`, `t0 + N·8 <= block_size`): one broadcast of each
-/// query dim times a vector of 8 positions, so no horizontal sums.
-#[inline(always)]
-fn qk_tile<const N: usize, E: KvElem>(
-    k: &[E],
-    bs: usize,
-    t0: usize,
-    q: &[f32],
-    scale: f32,
-) -> [f32x8; N] {
-    let mut acc = [[f32x8::ZERO; N]; QK_PARTIALS];
-    let step = |acc: &mut [f32x8; N], d: usize, x: f32| {
-        let x = f32x8::splat(x);
-        let (row, _) = k[d * bs + t0..][..N * LANES].as_chunks::<LANES>();
-        for (a, v) in acc.iter_mut().zip(row) {
-            *a = E::load8(v).mul_add(x, *a);
-        }
-    };
-    // Dims in groups of QK_PARTIALS, so the accumulator of each dim is known at compile time
-    // (the array then lives in registers, not on the stack).
-    let (groups, tail) = q.as_chunks::<QK_PARTIALS>();
-    for (g, xs) in groups.iter().enumerate() {
-        for (p, (acc, &x)) in acc.iter_mut().zip(xs).enumerate() {
-            step(acc, g * QK_PARTIALS + p, x);
-        }
-    }
-    for (i, &x) in tail.iter().enumerate() {
-        step(&mut acc[0], groups.len() * QK_PARTIALS + i, x);
-    }
-    std::array::from_fn(|n| {
-        ((acc[0][n] + acc[1][n]) + (acc[2][n] + acc[3][n])) * f32x8::splat(scale)
-    })
-}
-
 /// Writes the vectors of `tile` to the start of `dst`.
 #[inline(always)]
 fn store<const N: usize>(dst: &mut [f32], tile: &[f32x8; N]) {
@@ -648,6 +764,16 @@ mod tests {
             false,
             4,
         );
+    }
+
+    /// Groups that do not divide into JOINT_HEADS: 7 query heads per KV head go 3 + 3 + 1
+    /// (Qwen2-0.5B's shape), 4 go 3 + 1, 5 go 3 + 2; with 8-position tiles.
+    #[test]
+    fn query_groups_split_into_joint_chunks() {
+        let shapes = [(1, 1), (23, 1), (40, 17), (9, 1)];
+        check::<half::f16>(layout(32, 8, 2, 32), 14, &shapes, true, true, 15);
+        check::<f32>(layout(32, 8, 1, 64), 4, &shapes, true, false, 16);
+        check::<half::bf16>(layout(32, 16, 1, 48), 5, &shapes, true, true, 17);
     }
 
     #[test]
