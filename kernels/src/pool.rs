@@ -40,6 +40,16 @@ pub fn threads() -> usize {
     pool().map_or(1, |p| p.helpers + 1)
 }
 
+/// How many of `len` items each task of a loop should take so that the tasks are equal (up to
+/// rounding to a multiple of `align`) and hold at least about `min` items each, at most four
+/// per thread: all `len` (one task, no fork) when `len < 2 · min`. Equal tasks matter for the
+/// short loops of a decode step, where a fixed-size split (say 8192 + 1024 elements) leaves
+/// one thread waiting for the other.
+pub fn task_len(len: usize, min: usize, align: usize) -> usize {
+    let tasks = (len / min.max(1)).clamp(1, threads() * 4);
+    len.div_ceil(tasks).next_multiple_of(align.max(1)).max(1)
+}
+
 /// Runs `f(i)` for every `i` in `0..n`, spread over the pool; returns when all have run. Tasks
 /// are claimed one at a time, so uneven ones balance out. A panic in a task is raised here
 /// once every claimed task has finished.

@@ -237,8 +237,8 @@ impl RmsNorm {
         let (w, eps) = (&self.weight[..], self.eps);
         let n = w.len().max(1);
         out.resize(x.len(), 0.0);
-        let rows_per_task = (ELEMENTWISE_CHUNK / n).max(1).next_multiple_of(SUM_ROWS);
-        par_zip(out, x, rows_per_task * n, |out, x| {
+        let rows = pool::task_len(x.len() / n, ELEMENTWISE_MIN.div_ceil(n), SUM_ROWS);
+        par_zip(out, x, rows * n, |out, x| {
             for (out, x) in out.chunks_mut(SUM_ROWS * n).zip(x.chunks(SUM_ROWS * n)) {
                 let mut sums = [0f32; SUM_ROWS];
                 let sums = &mut sums[..x.len() / n];
@@ -558,10 +558,10 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError>
     Ok(f(&cpu.as_slice::<f32>()?[start..end]))
 }
 
-/// Elements per parallel task of the elementwise loops: a decode step's residual adds and
-/// norms (even of 16 rows) stay on one thread, where a fork costs more than they do; the
-/// SwiGLU `exp`s of a 16-row batch and a prefill chunk's rows split over the cores.
-const ELEMENTWISE_CHUNK: usize = 1 << 13;
+/// Fewest elements per parallel task of the elementwise loops (see [`pool::task_len`]): a
+/// single decode row's stay on one thread, where a fork costs more than they do; a 16-row
+/// batch and a prefill chunk split over the cores.
+const ELEMENTWISE_MIN: usize = 1 << 12;
 
 /// `f(out_run, x_run)` over matching runs of `chunk` elements, on the kernels' pool.
 fn par_zip(out: &mut [f32], x: &[f32], chunk: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) {
@@ -574,7 +574,7 @@ fn par_zip(out: &mut [f32], x: &[f32], chunk: usize, f: impl Fn(&mut [f32], &[f3
 /// the lanes change any result.
 fn zip_assign(a: &mut [f32], b: &[f32], f: impl Fn(f32x8, f32x8) -> f32x8 + Sync) {
     debug_assert_eq!(a.len(), b.len());
-    par_zip(a, b, ELEMENTWISE_CHUNK, |a, b| {
+    par_zip(a, b, pool::task_len(a.len(), ELEMENTWISE_MIN, 8), |a, b| {
         let ((a, a_tail), (b, b_tail)) = (a.as_chunks_mut(), b.as_chunks());
         for (a, b) in a.iter_mut().zip(b) {
             *a = f(f32x8::new(*a), f32x8::new(*b)).to_array();
@@ -704,8 +704,8 @@ mod tests {
 
     /// Result of running prompts through our paged forward and through quantized_llama.
     struct OracleRun {
-        /// Per prompt: greedy tokens (prefill + 8 decode steps), ours and the oracle's, up to
-        /// and including the first step where they differ.
+        /// Per prompt: the greedy token of each of 9 steps (prefill + 8 decodes), ours and the
+        /// oracle's, both sides fed the oracle's tokens.
         tokens: Vec<(Vec<u32>, Vec<u32>)>,
         /// At each divergence: how far below its own top logit the oracle put our token.
         divergence_gaps: Vec<f32>,
@@ -715,7 +715,7 @@ mod tests {
 
     /// Paged, batched forward vs candle-transformers' quantized_llama on the same GGUF bytes:
     /// whole prompt prefilled in one step into shuffled blocks of 16, then 8 greedy decode
-    /// steps, each side feeding back its own tokens.
+    /// steps, both sides fed the oracle's greedy tokens.
     fn run_against_oracle(
         m: &LoadedModel,
         gguf: &mut (impl std::io::Read + std::io::Seek),
@@ -763,32 +763,32 @@ mod tests {
             let mut ours = step(&m.model, &mut cache, &[prefill]).unwrap().remove(0);
             let mut theirs = oracle_logits(&mut oracle, prompt, 0);
             run.worst_first = run.worst_first.max(max_abs_diff(&ours, &theirs));
-            let mut tokens: Vec<u32> = vec![];
+            let (mut ours_tokens, mut oracle_tokens) = (vec![], vec![]);
             for i in 0..=8 {
                 run.worst_all = run.worst_all.max(max_abs_diff(&ours, &theirs));
                 let (a, b) = (argmax(&ours), argmax(&theirs));
                 if a != b {
                     run.divergence_gaps
                         .push(theirs[b as usize] - theirs[a as usize]);
-                    run.tokens
-                        .push(([&tokens[..], &[a]].concat(), [&tokens[..], &[b]].concat()));
-                    break;
                 }
-                tokens.push(a);
+                ours_tokens.push(a);
+                oracle_tokens.push(b);
                 if i == 8 {
-                    run.tokens.push((tokens.clone(), tokens.clone()));
                     break;
                 }
+                // Both sides go on with the oracle's token, so a split at a near-tie does not
+                // turn the rest of the run into a comparison of different texts.
                 let pos = prompt.len() + i;
                 let part = Part {
-                    tokens: &[a],
+                    tokens: &[b],
                     start: pos,
                     block_table: &table,
                     all_logits: false,
                 };
                 ours = step(&m.model, &mut cache, &[part]).unwrap().remove(0);
-                theirs = oracle_logits(&mut oracle, &[a], pos);
+                theirs = oracle_logits(&mut oracle, &[b], pos);
             }
+            run.tokens.push((ours_tokens, oracle_tokens));
         }
         run
     }
@@ -821,10 +821,10 @@ mod tests {
     /// block of 32; with this model's large activations one flipped rounding moves logits by
     /// ~0.5, so any difference in attention arithmetic shows up at that scale
     /// (quantized_llama against itself, prefill vs prefill+decode of the same 17 tokens:
-    /// 0.47). Observed: first-step max |logit diff| 1.20, all 27 tokens agree (with the
-    /// RMSNorm sum of squares in 8 lanes instead of candle's order, prompt 0 split at its first
-    /// token, oracle gap 0.28). So: tokens agree except at near-ties, logits within the
-    /// rounding noise.
+    /// 0.47). Observed: first-step max |logit diff| 1.2-1.5; 25 to 27 of the 27 greedy tokens
+    /// agree, as float reorderings in attention or the norms push near-ties one way or the
+    /// other (oracle gaps at the splits 0.04-0.28). So: tokens agree except at near-ties,
+    /// logits within the rounding noise.
     #[test]
     fn matches_quantized_llama_oracle_on_q4_1() {
         let Some(m) = smollm() else { return };
@@ -850,9 +850,9 @@ mod tests {
         let agreed: usize = run
             .tokens
             .iter()
-            .map(|(ours, theirs)| ours.iter().zip(theirs).take_while(|(a, b)| a == b).count())
+            .map(|(ours, theirs)| ours.iter().zip(theirs).filter(|(a, b)| a == b).count())
             .sum();
-        assert!(agreed >= 20, "only {agreed} of 27 greedy tokens agree");
+        assert!(agreed >= 24, "only {agreed} of 27 greedy tokens agree");
     }
 
     /// One step mixing two prefill chunks (one continuing cached blocks, one fresh) and two
