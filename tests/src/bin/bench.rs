@@ -2,6 +2,8 @@
 //!
 //! - `serve-load`: drives a running server with concurrent streaming completions and reports
 //!   time to first token, inter-token latency and aggregate output tokens/s.
+//! - `batching-gain`: issue 2's ratio (b), paired: rounds of one stream then N streams back to
+//!   back against one running server, each round's ratio and their median.
 //! - `oracle-decode`: single-stream greedy decoding with candle-transformers' quantized llama
 //!   on the same GGUF, the peer for the agent's single-stream figure.
 
@@ -55,6 +57,32 @@ enum Command {
         /// Agents' base URLs whose summed prefix-cache hit rate over the run is printed.
         #[arg(long = "agent-metrics")]
         agent_metrics: Vec<String>,
+    },
+    /// Issue 2's ratio (b), paired: `--rounds` times, `--single-requests` requests on one
+    /// stream, then `--requests` requests on `--concurrency` streams, against one running
+    /// server; prints each half's aggregate output tokens/s, each round's ratio and the median
+    /// ratio. On a machine whose speed drifts, a slow patch then hits both halves of a round
+    /// instead of one whole run.
+    BatchingGain {
+        #[arg(long, default_value = "http://127.0.0.1:8000")]
+        url: String,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 4)]
+        single_requests: usize,
+        #[arg(long, default_value_t = 32)]
+        requests: usize,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value = SERVED_MODEL)]
+        model: String,
+        #[arg(
+            long,
+            default_value = "Write a long story about a lighthouse keeper and the sea."
+        )]
+        prompt: String,
     },
     /// Routing overhead, paired: the same one-token streamed request alternately direct to an
     /// agent and through the router (which picks that agent: it holds the prompt's prefix);
@@ -206,30 +234,7 @@ async fn serve_load(
         })
     });
     let hits_before = prefix_cache_counters(&client, &agent_metrics).await?;
-    let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let workers: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (client, url, body, next) =
-                (client.clone(), url.clone(), body.clone(), next.clone());
-            tokio::spawn(async move {
-                let mut samples = Vec::new();
-                loop {
-                    let k = next.fetch_add(1, Ordering::Relaxed);
-                    if k >= requests {
-                        break;
-                    }
-                    samples.push(one_request(&client, &url, &body(k)).await?);
-                }
-                anyhow::Ok(samples)
-            })
-        })
-        .collect();
-    let mut samples = Vec::new();
-    for w in workers {
-        samples.extend(w.await??);
-    }
-    let wall = start.elapsed();
+    let (samples, wall) = run_load(&client, &url, concurrency, requests, body).await?;
 
     let mut ttft: Vec<Duration> = samples.iter().map(|s| s.ttft).collect();
     let mut itl: Vec<Duration> = samples.iter().flat_map(|s| s.itl.iter().copied()).collect();
@@ -257,7 +262,7 @@ async fn serve_load(
     );
     println!(
         "output throughput   {:.1} tokens/s (aggregate)",
-        tokens as f64 / wall.as_secs_f64()
+        throughput(&samples, wall)
     );
     if !agent_metrics.is_empty() {
         let (h0, q0) = hits_before;
@@ -269,6 +274,97 @@ async fn serve_load(
             q1 - q0
         );
     }
+    Ok(())
+}
+
+/// `requests` streamed completions (request `k`'s body is `body(k)`) on `concurrency`
+/// connections; their samples and the wall time of the whole run.
+async fn run_load(
+    client: &reqwest::Client,
+    url: &str,
+    concurrency: usize,
+    requests: usize,
+    body: Arc<impl Fn(usize) -> serde_json::Value + Send + Sync + 'static>,
+) -> anyhow::Result<(Vec<Sample>, Duration)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, url, body, next) =
+                (client.clone(), url.to_string(), body.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= requests {
+                        break;
+                    }
+                    samples.push(one_request(&client, &url, &body(k)).await?);
+                }
+                anyhow::Ok(samples)
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for w in workers {
+        samples.extend(w.await??);
+    }
+    Ok((samples, start.elapsed()))
+}
+
+/// Aggregate output tokens/s of a run.
+fn throughput(samples: &[Sample], wall: Duration) -> f64 {
+    let tokens: usize = samples.iter().map(|s| s.completion_tokens).sum();
+    tokens as f64 / wall.as_secs_f64()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn batching_gain(
+    url: String,
+    concurrency: usize,
+    single_requests: usize,
+    requests: usize,
+    max_tokens: usize,
+    rounds: usize,
+    model: String,
+    prompt: String,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        concurrency > 0 && single_requests > 0 && requests > 0 && rounds > 0,
+        "concurrency, requests and rounds must be > 0"
+    );
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3600))
+        .build()?;
+    let body = Arc::new(move |_: usize| {
+        json!({
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "ignore_eos": true,
+            "temperature": 0.0,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        })
+    });
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let (one, wall) = run_load(&client, &url, 1, single_requests, body.clone()).await?;
+        let single = throughput(&one, wall);
+        let (many, wall) = run_load(&client, &url, concurrency, requests, body.clone()).await?;
+        let batched = throughput(&many, wall);
+        ratios.push(batched / single);
+        println!(
+            "round {round}: 1 stream {single:.1} tokens/s, {concurrency} streams {batched:.1} \
+             tokens/s, ratio {:.2}x",
+            batched / single
+        );
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "median ratio        {:.2}x over {rounds} rounds",
+        ratios[(ratios.len() - 1) / 2]
+    );
     Ok(())
 }
 
@@ -404,6 +500,25 @@ fn main() -> anyhow::Result<()> {
             prompt,
             prefix_groups,
             agent_metrics,
+        )),
+        Command::BatchingGain {
+            url,
+            concurrency,
+            single_requests,
+            requests,
+            max_tokens,
+            rounds,
+            model,
+            prompt,
+        } => tokio::runtime::Runtime::new()?.block_on(batching_gain(
+            url.trim_end_matches('/').to_string(),
+            concurrency,
+            single_requests,
+            requests,
+            max_tokens,
+            rounds,
+            model,
+            prompt,
         )),
         Command::RouterOverhead {
             direct,
