@@ -30,25 +30,14 @@ struct Cli {
 enum Command {
     /// Concurrent streaming completions against a running server.
     ServeLoad {
-        /// Base URL of the server.
-        #[arg(long, default_value = "http://127.0.0.1:8000")]
-        url: String,
+        #[command(flatten)]
+        load: Load,
         /// Requests in flight at once.
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
         /// Requests in all.
         #[arg(long, default_value_t = 8)]
         requests: usize,
-        /// Tokens generated per request (`ignore_eos`, so exactly this many).
-        #[arg(long, default_value_t = 128)]
-        max_tokens: usize,
-        #[arg(long, default_value = SERVED_MODEL)]
-        model: String,
-        #[arg(
-            long,
-            default_value = "Write a long story about a lighthouse keeper and the sea."
-        )]
-        prompt: String,
         /// Shared-prefix workload: request k's prompt is a pseudo-random group's long prefix
         /// (LONG_TEXT, about 200 tokens, headed by the group number) followed by `--prompt`
         /// and k. 0: every request sends `--prompt` alone.
@@ -64,25 +53,16 @@ enum Command {
     /// ratio. On a machine whose speed drifts, a slow patch then hits both halves of a round
     /// instead of one whole run.
     BatchingGain {
-        #[arg(long, default_value = "http://127.0.0.1:8000")]
-        url: String,
+        #[command(flatten)]
+        load: Load,
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
         #[arg(long, default_value_t = 4)]
         single_requests: usize,
         #[arg(long, default_value_t = 32)]
         requests: usize,
-        #[arg(long, default_value_t = 256)]
-        max_tokens: usize,
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        #[arg(long, default_value = SERVED_MODEL)]
-        model: String,
-        #[arg(
-            long,
-            default_value = "Write a long story about a lighthouse keeper and the sea."
-        )]
-        prompt: String,
     },
     /// Routing overhead, paired: the same one-token streamed request alternately direct to an
     /// agent and through the router (which picks that agent: it holds the prompt's prefix);
@@ -120,6 +100,43 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "1")]
         prompt_ids: Vec<u32>,
     },
+}
+
+/// The server and the streamed greedy completion that the load modes send.
+#[derive(clap::Args)]
+struct Load {
+    /// Base URL of the server.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// Tokens generated per request (`ignore_eos`, so exactly this many).
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    #[arg(long, default_value = SERVED_MODEL)]
+    model: String,
+    #[arg(
+        long,
+        default_value = "Write a long story about a lighthouse keeper and the sea."
+    )]
+    prompt: String,
+}
+
+impl Load {
+    fn url(&self) -> String {
+        self.url.trim_end_matches('/').to_string()
+    }
+
+    /// The request body for `prompt`.
+    fn body(&self, prompt: String) -> serde_json::Value {
+        json!({
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": self.max_tokens,
+            "ignore_eos": true,
+            "temperature": 0.0,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        })
+    }
 }
 
 /// Timings of one streamed request.
@@ -202,12 +219,9 @@ fn group_of(k: usize, groups: usize) -> usize {
 }
 
 async fn serve_load(
-    url: String,
+    load: Load,
     concurrency: usize,
     requests: usize,
-    max_tokens: usize,
-    model: String,
-    prompt: String,
     prefix_groups: usize,
     agent_metrics: Vec<String>,
 ) -> anyhow::Result<()> {
@@ -218,20 +232,17 @@ async fn serve_load(
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(3600))
         .build()?;
+    let url = load.url();
     let body = Arc::new(move |k: usize| {
         let prompt = match prefix_groups {
-            0 => prompt.clone(),
-            g => format!("[document {}] {LONG_TEXT}\n{prompt} ({k})", group_of(k, g)),
+            0 => load.prompt.clone(),
+            g => format!(
+                "[document {}] {LONG_TEXT}\n{} ({k})",
+                group_of(k, g),
+                load.prompt
+            ),
         };
-        json!({
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "ignore_eos": true,
-            "temperature": 0.0,
-            "stream": true,
-            "stream_options": {"include_usage": true},
-        })
+        load.body(prompt)
     });
     let hits_before = prefix_cache_counters(&client, &agent_metrics).await?;
     let (samples, wall) = run_load(&client, &url, concurrency, requests, body).await?;
@@ -318,16 +329,12 @@ fn throughput(samples: &[Sample], wall: Duration) -> f64 {
     tokens as f64 / wall.as_secs_f64()
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn batching_gain(
-    url: String,
+    load: Load,
     concurrency: usize,
     single_requests: usize,
     requests: usize,
-    max_tokens: usize,
     rounds: usize,
-    model: String,
-    prompt: String,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
         concurrency > 0 && single_requests > 0 && requests > 0 && rounds > 0,
@@ -336,17 +343,8 @@ async fn batching_gain(
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(3600))
         .build()?;
-    let body = Arc::new(move |_: usize| {
-        json!({
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "ignore_eos": true,
-            "temperature": 0.0,
-            "stream": true,
-            "stream_options": {"include_usage": true},
-        })
-    });
+    let url = load.url();
+    let body = Arc::new(move |_: usize| load.body(load.prompt.clone()));
     let mut ratios = Vec::new();
     for round in 1..=rounds {
         let (one, wall) = run_load(&client, &url, 1, single_requests, body.clone()).await?;
@@ -483,42 +481,30 @@ fn oracle_decode(model: PathBuf, tokens: usize, prompt_ids: Vec<u32>) -> anyhow:
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::ServeLoad {
-            url,
+            load,
             concurrency,
             requests,
-            max_tokens,
-            model,
-            prompt,
             prefix_groups,
             agent_metrics,
         } => tokio::runtime::Runtime::new()?.block_on(serve_load(
-            url.trim_end_matches('/').to_string(),
+            load,
             concurrency,
             requests,
-            max_tokens,
-            model,
-            prompt,
             prefix_groups,
             agent_metrics,
         )),
         Command::BatchingGain {
-            url,
+            load,
             concurrency,
             single_requests,
             requests,
-            max_tokens,
             rounds,
-            model,
-            prompt,
         } => tokio::runtime::Runtime::new()?.block_on(batching_gain(
-            url.trim_end_matches('/').to_string(),
+            load,
             concurrency,
             single_requests,
             requests,
-            max_tokens,
             rounds,
-            model,
-            prompt,
         )),
         Command::RouterOverhead {
             direct,
