@@ -409,8 +409,7 @@ pub fn matmul_many(
     let acts = quantize_rows(x, k, mats.iter().all(|w| w.simd));
     // Tasks are runs of whole units of one matrix, a few per thread so uneven ones balance out.
     let units: usize = mats.iter().map(|w| w.rows.div_ceil(UNIT_ROWS)).sum();
-    let tasks = (pool::threads() * 4).clamp(1, units.max(1));
-    let span = units.div_ceil(tasks) * UNIT_ROWS;
+    let span = pool::task_len(units, 1, 1) * UNIT_ROWS;
     // (matrix, first row, that row range of every output row).
     let mut work: Vec<(&QuantMatrix, usize, Vec<&mut [f32]>)> = Vec::new();
     for (w, out) in mats.iter().zip(outs.iter_mut()) {

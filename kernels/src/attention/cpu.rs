@@ -340,19 +340,9 @@ impl<E: KvElem> QkTile<'_, E> {
         // Tiles may read past `count` within the block (stale slots): those lanes are
         // overwritten with -inf by the caller.
         if bs.is_multiple_of(2 * LANES) {
-            for t0 in (0..count).step_by(2 * LANES) {
-                let tiles = self.tile::<2, H, P, HD>(t0);
-                for (h, tile) in tiles.iter().enumerate() {
-                    store(&mut scores[h * padded_len + first + t0..], tile);
-                }
-            }
+            self.tiles::<2, H, P, HD>(count, scores, padded_len, first);
         } else if bs.is_multiple_of(LANES) {
-            for t0 in (0..count).step_by(LANES) {
-                let tiles = self.tile::<1, H, P, HD>(t0);
-                for (h, tile) in tiles.iter().enumerate() {
-                    store(&mut scores[h * padded_len + first + t0..], tile);
-                }
-            }
+            self.tiles::<1, H, P, HD>(count, scores, padded_len, first);
         } else {
             let head_dim = self.head_dim;
             for (h, q) in self.q.chunks_exact(head_dim).enumerate() {
@@ -365,6 +355,22 @@ impl<E: KvElem> QkTile<'_, E> {
                         .sum();
                     *s = dot * self.scale;
                 }
+            }
+        }
+    }
+
+    /// [`Self::scores`] in tiles of `N·8` positions (`block_size` a multiple of that).
+    #[inline(always)]
+    fn tiles<const N: usize, const H: usize, const P: usize, const HD: usize>(
+        &self,
+        count: usize,
+        scores: &mut [f32],
+        padded_len: usize,
+        first: usize,
+    ) {
+        for t0 in (0..count).step_by(N * LANES) {
+            for (h, tile) in self.tile::<N, H, P, HD>(t0).iter().enumerate() {
+                store(&mut scores[h * padded_len + first + t0..], tile);
             }
         }
     }
@@ -499,6 +505,7 @@ const LANES: usize = 8;
 /// Output vectors accumulated at once per head (32 vectors: 256 floats).
 const ACC_VECTORS: usize = 32;
 const ACC_LEN: usize = ACC_VECTORS * LANES;
+
 /// Writes the vectors of `tile` to the start of `dst`.
 #[inline(always)]
 fn store<const N: usize>(dst: &mut [f32], tile: &[f32x8; N]) {
