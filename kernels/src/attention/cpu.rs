@@ -1,10 +1,14 @@
 //! Multi-threaded CPU paged attention: the CPU backend's kernel and the reference every other
 //! backend is checked against.
 //!
-//! Work is split into items of one query row × one KV head; an item computes all query heads
-//! of that KV head's GQA group, so each cached K/V row is read once per group rather than once
-//! per query head. Items run on the kernels' pool and write disjoint `group * head_dim` chunks
-//! of `out`.
+//! Work is split into items of one query row × a run of KV heads (all of them when the batch
+//! has rows enough to keep every thread busy, else one); an item computes all query heads of
+//! those KV heads' GQA groups, so each cached K/V row is read once per group rather than once
+//! per query head, and a block's regions of all the item's KV heads, which lie side by side,
+//! are read as one run (scattered 2 KiB regions stream far slower than 6 KiB ones). Items run
+//! on the kernels' pool and write disjoint chunks of `out`.
+
+use std::ops::Range;
 
 use wide::f32x8;
 
@@ -90,8 +94,7 @@ impl PagedAttention for CpuPagedAttention {
         debug_assert_eq!(k_cache.len(), layout.layer_len());
         debug_assert_eq!(v_cache.len(), layout.layer_len());
         let group = num_heads / num_kv_heads;
-        let item_len = group * head_dim;
-        if item_len == 0 {
+        if group * head_dim == 0 {
             return;
         }
         debug_assert_eq!(
@@ -99,7 +102,15 @@ impl PagedAttention for CpuPagedAttention {
             0,
             "q is not [tokens, heads, head_dim]"
         );
-        let row_seq = row_owners(layout, seqs, q.len() / (num_heads * head_dim));
+        let rows = q.len() / (num_heads * head_dim);
+        let row_seq = row_owners(layout, seqs, rows);
+        let item_heads = if rows >= ROWS_PER_THREAD * pool::threads() {
+            num_kv_heads
+        } else {
+            1
+        };
+        let items_per_row = num_kv_heads / item_heads;
+        let item_len = item_heads * group * head_dim;
         let cache = CacheView {
             k: k_cache,
             v: v_cache,
@@ -115,13 +126,24 @@ impl PagedAttention for CpuPagedAttention {
             _ => CacheView::attend_group::<0>,
         };
 
-        // Item `i` is (row i / num_kv_heads, kv head i % num_kv_heads); the query heads of that KV
-        // head are contiguous in both `q` and `out`, so one chunk covers the whole group.
+        // Item `i` is row `i / items_per_row`, KV heads from `(i % items_per_row) · item_heads`;
+        // the query heads of consecutive KV heads are contiguous in both `q` and `out`, so one
+        // chunk covers all their groups.
         let run_item = |scores: &mut Vec<f32>, (item, out, q): &mut (usize, &mut [f32], &[f32])| {
-            let (row, kv_head) = (*item / num_kv_heads, *item % num_kv_heads);
+            let (row, first) = (*item / items_per_row, *item % items_per_row * item_heads);
             if let Some(seq) = row_seq[row] {
                 let attended = seq.context_len - seq.query_len + (row - seq.query_start) + 1;
-                attend_group(&cache, seq.block_table, attended, kv_head, q, scores, out);
+                let heads = first..first + item_heads;
+                attend_group(
+                    &cache,
+                    seq.block_table,
+                    attended,
+                    heads,
+                    group,
+                    q,
+                    scores,
+                    out,
+                );
             }
         };
         let mut items: Vec<(usize, &mut [f32], &[f32])> = out
@@ -153,6 +175,10 @@ thread_local! {
     /// Each pool thread's score scratch, kept across calls.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
+
+/// Rows per thread from which an item takes all KV heads of its row: fewer rows are split per
+/// KV head too, so that a single decode row still spreads over the threads.
+const ROWS_PER_THREAD: usize = 2;
 
 /// Below this much work (query tokens × attended positions × heads × head_dim, an upper bound of
 /// the multiply-adds of QKᵀ) a call runs on the calling thread: a fork would cost more than it
@@ -190,19 +216,20 @@ struct CacheView<'a, E> {
 }
 
 impl<E: KvElem> CacheView<'_, E> {
-    /// Calls `f(first, region, count)` for each block holding the first `len` positions of a
-    /// sequence: positions `first .. first + count`, whose `kv_head` data is the region starting
-    /// at `region` in the K/V arrays (see [`KvLayout::head_region`]). The next block's region of
-    /// `data` (the array `f` reads) is prefetched meanwhile: a region is a page or so, and
-    /// hardware prefetchers stop at pages, so each block would otherwise start with a stall.
+    /// Calls `f(first, h, region, count)` for each block holding the first `len` positions of
+    /// a sequence and each of `kv_heads` (`h` counts from 0 within them): positions
+    /// `first .. first + count`, whose KV head data is the region starting at `region` in the K/V
+    /// arrays (see [`KvLayout::head_region`]). The next block's regions of `data` (the array `f`
+    /// reads) are prefetched meanwhile: they are a page or so, and hardware prefetchers stop at
+    /// pages, so each block would otherwise start with a stall.
     #[inline(always)]
     fn for_each_block(
         &self,
         data: &[E],
         block_table: &[u32],
         len: usize,
-        kv_head: usize,
-        mut f: impl FnMut(usize, usize, usize),
+        kv_heads: Range<usize>,
+        mut f: impl FnMut(usize, usize, usize, usize),
     ) {
         let (block_size, region_len) = (
             self.layout.block_size,
@@ -211,32 +238,38 @@ impl<E: KvElem> CacheView<'_, E> {
         let blocks = &block_table[..len.div_ceil(block_size)];
         for (b, &block) in blocks.iter().enumerate() {
             if let Some(&next) = blocks.get(b + 1) {
-                prefetch(&data[self.layout.head_region(next as usize, kv_head)..][..region_len]);
+                let start = self.layout.head_region(next as usize, kv_heads.start);
+                prefetch(&data[start..][..region_len * kv_heads.len()]);
             }
             let first = b * block_size;
-            let region = self.layout.head_region(block as usize, kv_head);
-            f(first, region, block_size.min(len - first));
+            for (h, kv_head) in kv_heads.clone().enumerate() {
+                let region = self.layout.head_region(block as usize, kv_head);
+                f(first, h, region, block_size.min(len - first));
+            }
         }
     }
 
-    /// Attention of the query heads in `q` (`[group, head_dim]`, all reading `kv_head`) over the
-    /// first `len` cached positions of a sequence, written to `out` (same shape as `q`).
-    /// `scores` is scratch space reused across calls. `HD` is the head dimension when it is known
-    /// at compile time (vector loops then unroll fully and the accumulators stay in registers),
-    /// 0 otherwise. Heads of the group go [`JOINT_HEADS`] at a time, so each K/V vector is
-    /// loaded (and widened from 16 bits) once for all of them.
+    /// Attention of the query heads in `q` (`[kv_heads.len() · group, head_dim]`, each run of
+    /// `group` heads reading one of `kv_heads`) over the first `len` cached positions of a
+    /// sequence, written to `out` (same shape as `q`). `scores` is scratch space reused across
+    /// calls. `HD` is the head dimension when it is known at compile time (vector loops then
+    /// unroll fully and the accumulators stay in registers), 0 otherwise. Heads of a group go
+    /// [`JOINT_HEADS`] at a time, so each K/V vector is loaded (and widened from 16 bits) once
+    /// for all of them.
+    #[allow(clippy::too_many_arguments)]
     fn attend_group<const HD: usize>(
         &self,
         block_table: &[u32],
         len: usize,
-        kv_head: usize,
+        kv_heads: Range<usize>,
+        group: usize,
         q: &[f32],
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
         let head_dim = if HD == 0 { self.layout.head_dim } else { HD };
         let bs = self.layout.block_size;
-        let group = q.len() / head_dim;
+        let heads = q.len() / head_dim;
         // Scores are `[group, padded_len]`: each head's row is a whole number of vectors and,
         // where blocks are, of blocks, so score tiles are written whole; the padding ends up
         // -inf, whose softmax weight is exactly 0.
@@ -246,17 +279,19 @@ impl<E: KvElem> CacheView<'_, E> {
             len.next_multiple_of(LANES)
         };
         scores.clear();
-        scores.resize(group * padded_len, 0.0);
-        let chunks = || {
-            (0..group)
+        scores.resize(heads * padded_len, 0.0);
+        // The query heads of the `h`-th KV head, JOINT_HEADS at a time.
+        let chunks = |h: usize| {
+            (h * group..(h + 1) * group)
                 .step_by(JOINT_HEADS)
-                .map(move |h| h..(h + JOINT_HEADS).min(group))
+                .map(move |c| c..(c + JOINT_HEADS).min((h + 1) * group))
         };
 
         let scale = self.scale;
-        self.for_each_block(self.k, block_table, len, kv_head, |first, region, count| {
+        let kv = kv_heads.clone();
+        self.for_each_block(self.k, block_table, len, kv, |first, h, region, count| {
             let k = &self.k[region..][..bs * head_dim];
-            for heads in chunks() {
+            for heads in chunks(h) {
                 let q = &q[heads.start * head_dim..heads.end * head_dim];
                 let scores = &mut scores[heads.start * padded_len..heads.end * padded_len];
                 let tile = QkTile {
@@ -280,29 +315,36 @@ impl<E: KvElem> CacheView<'_, E> {
         }
 
         out.fill(0.0);
-        self.for_each_block(self.v, block_table, len, kv_head, |first, region, count| {
-            let v = &self.v[region..][..bs * head_dim];
-            for heads in chunks() {
-                let out = &mut out[heads.start * head_dim..heads.end * head_dim];
-                let weights = |h: usize| &scores[(heads.start + h) * padded_len + first..][..count];
-                match heads.len() {
-                    2 if head_dim.is_multiple_of(JOINT_V_LEN) => {
-                        weighted_v_joint::<2, HD, E>(v, head_dim, [weights(0), weights(1)], out)
-                    }
-                    3 if head_dim.is_multiple_of(JOINT_V_LEN) => weighted_v_joint::<3, HD, E>(
-                        v,
-                        head_dim,
-                        [weights(0), weights(1), weights(2)],
-                        out,
-                    ),
-                    n => {
-                        for (h, out) in out.chunks_exact_mut(head_dim).take(n).enumerate() {
-                            weighted_v::<HD, E>(v, head_dim, weights(h), out);
+        self.for_each_block(
+            self.v,
+            block_table,
+            len,
+            kv_heads,
+            |first, h, region, count| {
+                let v = &self.v[region..][..bs * head_dim];
+                for heads in chunks(h) {
+                    let out = &mut out[heads.start * head_dim..heads.end * head_dim];
+                    let weights =
+                        |h: usize| &scores[(heads.start + h) * padded_len + first..][..count];
+                    match heads.len() {
+                        2 if head_dim.is_multiple_of(JOINT_V_LEN) => {
+                            weighted_v_joint::<2, HD, E>(v, head_dim, [weights(0), weights(1)], out)
+                        }
+                        3 if head_dim.is_multiple_of(JOINT_V_LEN) => weighted_v_joint::<3, HD, E>(
+                            v,
+                            head_dim,
+                            [weights(0), weights(1), weights(2)],
+                            out,
+                        ),
+                        n => {
+                            for (h, out) in out.chunks_exact_mut(head_dim).take(n).enumerate() {
+                                weighted_v::<HD, E>(v, head_dim, weights(h), out);
+                            }
                         }
                     }
                 }
-            }
-        });
+            },
+        );
     }
 }
 
@@ -781,6 +823,20 @@ mod tests {
         check::<half::f16>(layout(32, 8, 2, 32), 14, &shapes, true, true, 15);
         check::<f32>(layout(32, 8, 1, 64), 4, &shapes, true, false, 16);
         check::<half::bf16>(layout(32, 16, 1, 48), 5, &shapes, true, true, 17);
+    }
+
+    /// Items of one KV head (a lone decode row, and two rows, with enough work to fork) and of
+    /// whole rows (a batch with rows enough for every thread), over the same kind of cache.
+    #[test]
+    fn items_per_kv_head_and_per_row() {
+        let small = layout(64, 16, 3, 64);
+        assert!(300 * 9 * 64 >= PARALLEL_MIN_WORK);
+        check::<half::f16>(small, 9, &[(300, 1)], true, false, 18);
+        check::<half::f16>(small, 9, &[(200, 1), (90, 1)], true, true, 19);
+        let batch: Vec<(usize, usize)> = (0..2 * ROWS_PER_THREAD * pool::threads())
+            .map(|i| (20 + 13 * i, 1))
+            .collect();
+        check::<half::f16>(layout(96, 16, 3, 64), 9, &batch, true, true, 20);
     }
 
     #[test]
