@@ -229,16 +229,31 @@ impl RmsNorm {
         })
     }
 
-    /// `out = x / sqrt(mean(x²) + eps) · weight`, row by row, bit for bit candle's: each
-    /// row's squares are summed in order (on the Q4_1 model a last-bit change of the norm
-    /// flips activation quantizations and moved a greedy token against the candle oracle).
-    /// Rows go [`SUM_ROWS`] at a time so that their independent sums overlap.
-    fn run(&self, x: &[f32], out: &mut Vec<f32>) {
+    /// `x += residual` when one is given (the residual stream taking a sublayer's output),
+    /// then `out = x / sqrt(mean(x²) + eps) · weight`, row by row in one pass. Bit for bit
+    /// candle's add and norm: each row's squares are summed in order (on the Q4_1 model a
+    /// last-bit change of the norm flips activation quantizations and moved a greedy token
+    /// against the candle oracle). Rows go [`SUM_ROWS`] at a time so that their independent
+    /// sums overlap.
+    fn run(&self, x: &mut [f32], residual: Option<&[f32]>, out: &mut Vec<f32>) {
         let (w, eps) = (&self.weight[..], self.eps);
         let n = w.len().max(1);
         out.resize(x.len(), 0.0);
         let rows = pool::task_len(x.len() / n, ELEMENTWISE_MIN.div_ceil(n), SUM_ROWS);
-        par_zip(out, x, rows * n, |out, x| {
+        let chunk = rows * n;
+        let residuals = residual.map(|r| r.chunks(chunk));
+        let mut tasks: Vec<(&mut [f32], &mut [f32], Option<&[f32]>)> = out
+            .chunks_mut(chunk)
+            .zip(x.chunks_mut(chunk))
+            .zip(residuals.into_iter().flatten().map(Some).chain(std::iter::repeat(None)))
+            .map(|((out, x), r)| (out, x, r))
+            .collect();
+        pool::for_each_mut(&mut tasks, |(out, x, residual)| {
+            if let Some(r) = residual {
+                for (x, r) in x.iter_mut().zip(*r) {
+                    *x += r;
+                }
+            }
             for (out, x) in out.chunks_mut(SUM_ROWS * n).zip(x.chunks(SUM_ROWS * n)) {
                 let mut sums = [0f32; SUM_ROWS];
                 let sums = &mut sums[..x.len() / n];
@@ -394,14 +409,16 @@ impl LlamaModel {
             }
         })?;
         for (i, layer) in self.layers.iter().enumerate() {
-            layer.attn_norm.run(&a.x, &mut a.h);
+            // The previous layer's MLP output (in `proj`) joins the residual stream in this
+            // norm's pass.
+            let mlp_out = (i > 0).then_some(&a.proj[..]);
+            layer.attn_norm.run(&mut a.x, mlp_out, &mut a.h);
             Linear::run_all(
                 [&layer.q, &layer.k, &layer.v],
                 &a.h,
                 [&mut a.q, &mut a.k, &mut a.v],
             )?;
-            self.apply_rope(&mut a.q, input.positions);
-            self.apply_rope(&mut a.k, input.positions);
+            self.apply_rope(&mut a.q, &mut a.k, input.positions);
 
             a.attn.resize(t * nh * hd, 0.0);
             let new = NewKv {
@@ -416,31 +433,52 @@ impl LlamaModel {
                 KvLayerMut::Bf16(kc, vc) => self.attend(&layout, kc, vc, input, new, &mut a.attn),
             }
             Linear::run_all([&layer.o], &a.attn, [&mut a.proj])?;
-            zip_assign(&mut a.x, &a.proj, |x, p| x + p);
 
-            layer.ffn_norm.run(&a.x, &mut a.h);
+            layer.ffn_norm.run(&mut a.x, Some(&a.proj), &mut a.h);
             Matmul::run_all([&layer.gate, &layer.up], &a.h, [&mut a.gate, &mut a.up])?;
             // silu(gate) · up, with candle's silu formula.
             zip_assign(&mut a.gate, &a.up, |g, u| g / (f32x8::ONE + (-g).exp()) * u);
             Matmul::run_all([&layer.down], &a.gate, [&mut a.proj])?;
-            zip_assign(&mut a.x, &a.proj, |x, p| x + p);
         }
 
         // The LM head is the largest matmul: run it only on the rows that need logits (none
-        // for a prefill chunk that does not end its prompt).
-        a.proj.clear();
+        // for a prefill chunk that does not end its prompt); the last MLP output joins those
+        // rows' residual stream as they are gathered.
+        let hidden = self.hidden;
+        let last = &mut a.q;
+        last.clear();
         for &r in input.logits_rows {
-            a.proj
-                .extend_from_slice(&a.x[r * self.hidden..][..self.hidden]);
+            let x = &a.x[r * hidden..][..hidden];
+            if self.layers.is_empty() {
+                last.extend_from_slice(x);
+            } else {
+                last.extend(x.iter().zip(&a.proj[r * hidden..]).map(|(x, p)| x + p));
+            }
         }
-        self.norm.run(&a.proj, &mut a.h);
+        self.norm.run(last, None, &mut a.h);
         logits.vocab = self.lm_head.rows();
         Matmul::run_all([&self.lm_head], &a.h, [&mut logits.data])
     }
 
-    /// Rotates each head of each row of `x` (`[T, heads · head_dim]`) by its row's position,
-    /// in place, with candle's `rope_i` / `rope` arithmetic.
-    fn apply_rope(&self, x: &mut [f32], positions: &[usize]) {
+    /// Rotates each head of each row of `q` and `k` (`[T, heads · head_dim]`) by its row's
+    /// position, in place, with candle's `rope_i` / `rope` arithmetic; rows in parallel.
+    fn apply_rope(&self, q: &mut [f32], k: &mut [f32], positions: &[usize]) {
+        let t = positions.len().max(1);
+        let (q_width, k_width) = (q.len() / t, k.len() / t);
+        let rows = pool::task_len(t, ELEMENTWISE_MIN.div_ceil((q_width + k_width).max(1)), 1);
+        let mut tasks: Vec<_> = q
+            .chunks_mut(rows * q_width)
+            .zip(k.chunks_mut(rows * k_width))
+            .zip(positions.chunks(rows))
+            .collect();
+        pool::for_each_mut(&mut tasks, |((q, k), positions)| {
+            self.rotate(q, positions);
+            self.rotate(k, positions);
+        });
+    }
+
+    /// [`Self::apply_rope`] of one matrix's rows.
+    fn rotate(&self, x: &mut [f32], positions: &[usize]) {
         let hd = self.head_dim;
         let half = hd / 2;
         let width = x.len() / positions.len().max(1);
