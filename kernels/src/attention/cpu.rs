@@ -117,13 +117,13 @@ impl PagedAttention for CpuPagedAttention {
             layout,
             scale,
         };
-        let attend_group = match head_dim {
-            32 => CacheView::attend_group::<32>,
-            64 => CacheView::attend_group::<64>,
-            80 => CacheView::attend_group::<80>,
-            96 => CacheView::attend_group::<96>,
-            128 => CacheView::attend_group::<128>,
-            _ => CacheView::attend_group::<0>,
+        let attend_groups = match head_dim {
+            32 => CacheView::attend_groups::<32>,
+            64 => CacheView::attend_groups::<64>,
+            80 => CacheView::attend_groups::<80>,
+            96 => CacheView::attend_groups::<96>,
+            128 => CacheView::attend_groups::<128>,
+            _ => CacheView::attend_groups::<0>,
         };
 
         // Item `i` is row `i / items_per_row`, KV heads from `(i % items_per_row) · item_heads`;
@@ -134,7 +134,7 @@ impl PagedAttention for CpuPagedAttention {
             if let Some(seq) = row_seq[row] {
                 let attended = seq.context_len - seq.query_len + (row - seq.query_start) + 1;
                 let heads = first..first + item_heads;
-                attend_group(
+                attend_groups(
                     &cache,
                     seq.block_table,
                     attended,
@@ -257,7 +257,7 @@ impl<E: KvElem> CacheView<'_, E> {
     /// [`JOINT_HEADS`] at a time, so each K/V vector is loaded (and widened from 16 bits) once
     /// for all of them.
     #[allow(clippy::too_many_arguments)]
-    fn attend_group<const HD: usize>(
+    fn attend_groups<const HD: usize>(
         &self,
         block_table: &[u32],
         len: usize,
@@ -348,7 +348,7 @@ impl<E: KvElem> CacheView<'_, E> {
     }
 }
 
-/// Query heads of one GQA group computed together (see [`CacheView::attend_group`]): 3 heads'
+/// Query heads of one GQA group computed together (see [`CacheView::attend_groups`]): 3 heads'
 /// accumulators (6 score vectors, or 6 V vectors) plus the shared loads fit the 16 AVX
 /// registers.
 const JOINT_HEADS: usize = 3;
