@@ -1,7 +1,8 @@
 //! Attention, KV-cache and quantized-matmul kernels, and the thread pool they run on.
 //!
 //! The paged KV cache stores, per layer, K and V as arrays of `num_blocks` blocks in f32, f16
-//! or bf16 ([`KvDtype`]), each block one region per KV head (K dim-major, V token-major: see [`KvLayout::head_region`]).
+//! or bf16 ([`KvDtype`]), each block one region per KV head (K dim-major, V token-major: see
+//! [`KvLayout::head_region`]).
 //! A sequence's tokens live in the blocks of its block table: token `p` of the sequence is at
 //! slot `block_table[p / block_size] * block_size + p % block_size`.
 //!

@@ -241,12 +241,11 @@ impl RmsNorm {
         out.resize(x.len(), 0.0);
         let rows = pool::task_len(x.len() / n, ELEMENTWISE_MIN.div_ceil(n), SUM_ROWS);
         let chunk = rows * n;
-        let residuals = residual.map(|r| r.chunks(chunk));
+        let mut residuals = residual.map(|r| r.chunks(chunk));
         let mut tasks: Vec<(&mut [f32], &mut [f32], Option<&[f32]>)> = out
             .chunks_mut(chunk)
             .zip(x.chunks_mut(chunk))
-            .zip(residuals.into_iter().flatten().map(Some).chain(std::iter::repeat(None)))
-            .map(|((out, x), r)| (out, x, r))
+            .map(|(out, x)| (out, x, residuals.as_mut().and_then(Iterator::next)))
             .collect();
         pool::for_each_mut(&mut tasks, |(out, x, residual)| {
             if let Some(r) = residual {
@@ -601,18 +600,14 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R, ModelError>
 /// batch and a prefill chunk split over the cores.
 const ELEMENTWISE_MIN: usize = 1 << 12;
 
-/// `f(out_run, x_run)` over matching runs of `chunk` elements, on the kernels' pool.
-fn par_zip(out: &mut [f32], x: &[f32], chunk: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) {
-    let mut tasks: Vec<_> = out.chunks_mut(chunk).zip(x.chunks(chunk)).collect();
-    pool::for_each_mut(&mut tasks, |(out, x)| f(out, x));
-}
-
 /// `a[i] = f(a[i], b[i])`, 8 lanes at a time (see the module doc for why not candle's
 /// elementwise ops). Each element is computed on its own, so neither the split into tasks nor
 /// the lanes change any result.
 fn zip_assign(a: &mut [f32], b: &[f32], f: impl Fn(f32x8, f32x8) -> f32x8 + Sync) {
     debug_assert_eq!(a.len(), b.len());
-    par_zip(a, b, pool::task_len(a.len(), ELEMENTWISE_MIN, 8), |a, b| {
+    let chunk = pool::task_len(a.len(), ELEMENTWISE_MIN, 8);
+    let mut tasks: Vec<_> = a.chunks_mut(chunk).zip(b.chunks(chunk)).collect();
+    pool::for_each_mut(&mut tasks, |(a, b)| {
         let ((a, a_tail), (b, b_tail)) = (a.as_chunks_mut(), b.as_chunks());
         for (a, b) in a.iter_mut().zip(b) {
             *a = f(f32x8::new(*a), f32x8::new(*b)).to_array();

@@ -270,7 +270,7 @@ impl<E: KvElem> CacheView<'_, E> {
         let head_dim = if HD == 0 { self.layout.head_dim } else { HD };
         let bs = self.layout.block_size;
         let heads = q.len() / head_dim;
-        // Scores are `[group, padded_len]`: each head's row is a whole number of vectors and,
+        // Scores are `[heads, padded_len]`: each head's row is a whole number of vectors and,
         // where blocks are, of blocks, so score tiles are written whole; the padding ends up
         // -inf, whose softmax weight is exactly 0.
         let padded_len = if bs.is_multiple_of(LANES) {
