@@ -242,7 +242,7 @@ impl RmsNorm {
         let rows = pool::task_len(x.len() / n, ELEMENTWISE_MIN.div_ceil(n), SUM_ROWS);
         let chunk = rows * n;
         let mut residuals = residual.map(|r| r.chunks(chunk));
-        let mut tasks: Vec<(&mut [f32], &mut [f32], Option<&[f32]>)> = out
+        let mut tasks: Vec<_> = out
             .chunks_mut(chunk)
             .zip(x.chunks_mut(chunk))
             .map(|(out, x)| (out, x, residuals.as_mut().and_then(Iterator::next)))
