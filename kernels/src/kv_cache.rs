@@ -11,6 +11,8 @@
 use half::{bf16, f16};
 use wide::f32x8;
 
+use crate::attention::{cpu::CpuPagedAttention, PagedAttention, SeqAttn};
+
 /// Geometry of the paged KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLayout {
@@ -153,7 +155,7 @@ struct Arrays<E> {
     v: Vec<Vec<E>>,
 }
 
-impl<E> Arrays<E> {
+impl<E: KvElem> Arrays<E> {
     /// `layers` pairs of arrays of `len` zeros, from `zeros` (which should get pages lazily
     /// zeroed by the OS: a 1 GiB cache is then not written at start-up).
     fn new(layers: usize, zeros: impl Fn() -> Vec<E>) -> Self {
@@ -165,6 +167,26 @@ impl<E> Arrays<E> {
 
     fn layer_mut(&mut self, layer: usize) -> (&mut [E], &mut [E]) {
         (&mut self.k[layer], &mut self.v[layer])
+    }
+
+    fn write_kv(&mut self, layout: &KvLayout, layer: usize, slots: &[usize], k: &[f32], v: &[f32]) {
+        let (k_cache, v_cache) = self.layer_mut(layer);
+        CpuPagedAttention.write_kv(layout, k_cache, v_cache, slots, k, v);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        layout: &KvLayout,
+        layer: usize,
+        q: &[f32],
+        num_heads: usize,
+        seqs: &[SeqAttn],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let (k, v) = (&self.k[layer], &self.v[layer]);
+        CpuPagedAttention.attend(layout, k, v, q, num_heads, seqs, scale, out);
     }
 }
 
@@ -204,6 +226,37 @@ impl CpuKvCache {
             Storage::F32(_) => KvDtype::F32,
             Storage::F16(_) => KvDtype::F16,
             Storage::Bf16(_) => KvDtype::Bf16,
+        }
+    }
+
+    /// Writes one layer's new K and V rows (`[slots, kv_heads, head_dim]`, f32) at `slots`,
+    /// converted to the storage type (see [`PagedAttention::write_kv`]).
+    pub fn write_kv(&mut self, layer: usize, slots: &[usize], k: &[f32], v: &[f32]) {
+        let layout = self.layout;
+        match &mut self.storage {
+            Storage::F32(a) => a.write_kv(&layout, layer, slots, k, v),
+            Storage::F16(a) => a.write_kv(&layout, layer, slots, k, v),
+            Storage::Bf16(a) => a.write_kv(&layout, layer, slots, k, v),
+        }
+    }
+
+    /// One layer's attention for `seqs` with the CPU kernel (see [`PagedAttention::attend`]).
+    /// Only reads the cache, so attention of several row groups can run at once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        &self,
+        layer: usize,
+        q: &[f32],
+        num_heads: usize,
+        seqs: &[SeqAttn],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let layout = &self.layout;
+        match &self.storage {
+            Storage::F32(a) => a.attend(layout, layer, q, num_heads, seqs, scale, out),
+            Storage::F16(a) => a.attend(layout, layer, q, num_heads, seqs, scale, out),
+            Storage::Bf16(a) => a.attend(layout, layer, q, num_heads, seqs, scale, out),
         }
     }
 

@@ -21,12 +21,11 @@
 //! with candle's formulas (the SwiGLU `exp` is a vector one, which may differ from libm's in
 //! the last bit).
 
+use std::ops::Range;
+
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Storage, Tensor};
-use kernels::{
-    pool, BlockFormat, CpuKvCache, CpuPagedAttention, KvElem, KvLayerMut, KvLayout, PagedAttention,
-    QuantMatrix, SeqAttn,
-};
+use kernels::{pool, BlockFormat, CpuKvCache, KvLayout, QuantMatrix, SeqAttn};
 use wide::f32x8;
 
 use super::{ModelConfig, ModelError};
@@ -306,7 +305,7 @@ impl Layer {
     }
 }
 
-/// One step's activations, `[T, width]` row-major, reused by every layer of the step.
+/// One row group's activations, `[rows, width]` row-major, reused by every layer of the step.
 #[derive(Default)]
 struct Activations {
     /// The residual stream, `[T, hidden]`.
@@ -322,6 +321,80 @@ struct Activations {
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+}
+
+/// Fewest rows per thread for a step to run as one row group per thread (see
+/// [`LlamaModel::forward`]). A group's matmuls then stream every weight once for its rows
+/// alone, so groups must be big enough to keep the matmuls compute-bound (one row is
+/// memory-bound at a quarter of the 16-row cost per weight byte), and the pool's ~13 forks
+/// and joins per layer shrink to two per layer: on the 2-vCPU VM, two 8-row halves of a
+/// 16-row decode step run single-threaded side by side took 12-17% less time than the
+/// whole step on both threads (forward_step, docs/BENCHMARKS.md).
+const GROUP_MIN_ROWS: usize = 8;
+
+/// A contiguous run of one step's rows that goes through the layers together: its
+/// sequences' pieces (query rows renumbered from the group's first row) and its activations.
+struct RowGroup<'a> {
+    rows: Range<usize>,
+    seqs: Vec<SeqAttn<'a>>,
+    a: Activations,
+}
+
+impl<'a> RowGroup<'a> {
+    /// How many groups a step of `rows` rows runs in: one per thread when it has at least
+    /// [`GROUP_MIN_ROWS`] rows per thread, else one.
+    fn count(rows: usize, threads: usize) -> usize {
+        if threads > 1 && rows >= GROUP_MIN_ROWS * threads {
+            threads
+        } else {
+            1
+        }
+    }
+
+    /// The step's rows in `n` groups of equal row counts (up to one). A sequence's query rows
+    /// may be cut between two groups: each piece attends as the last rows of a context that
+    /// ends with it (the causal mask does the rest).
+    fn split(input: &StepInput<'a>, n: usize) -> Vec<Self> {
+        let (t, n) = (input.token_ids.len(), n.max(1));
+        (0..n)
+            .map(|g| {
+                let rows = t * g / n..t * (g + 1) / n;
+                let seqs = input
+                    .seqs
+                    .iter()
+                    .filter_map(|s| {
+                        let (first, end) = (s.query_start, s.query_start + s.query_len);
+                        let (lo, hi) = (first.max(rows.start), end.min(rows.end));
+                        (lo < hi).then(|| SeqAttn {
+                            block_table: s.block_table,
+                            context_len: s.context_len - (end - hi),
+                            query_start: lo - rows.start,
+                            query_len: hi - lo,
+                        })
+                    })
+                    .collect();
+                Self {
+                    rows,
+                    seqs,
+                    a: Activations::default(),
+                }
+            })
+            .collect()
+    }
+
+    /// Runs `stage` on every group: a lone group on this thread (its loops spread over the
+    /// pool), several as one task each (their loops then run on that task's thread).
+    fn run_all(
+        groups: &mut [Self],
+        stage: impl Fn(&mut Self) -> Result<(), ModelError> + Sync,
+    ) -> Result<(), ModelError> {
+        if let [group] = groups {
+            return stage(group);
+        }
+        let mut results: Vec<_> = groups.iter_mut().map(|g| (g, Ok(()))).collect();
+        pool::for_each_mut(&mut results, |(g, result)| *result = stage(g));
+        results.into_iter().try_for_each(|(_, r)| r)
+    }
 }
 
 /// A loaded llama-family model. Immutable: all per-sequence state lives in the KV cache.
@@ -340,7 +413,6 @@ pub struct LlamaModel {
     /// `[max_position_embeddings, head_dim / 2]` tables, rows read per token position.
     cos: Vec<f32>,
     sin: Vec<f32>,
-    attention: CpuPagedAttention,
 }
 
 impl LlamaModel {
@@ -370,7 +442,6 @@ impl LlamaModel {
             rope,
             cos,
             sin,
-            attention: CpuPagedAttention,
         })
     }
 
@@ -389,74 +460,119 @@ impl LlamaModel {
     /// (rows), writes their K/V into `cache` at `slots`, attends through the block tables,
     /// and leaves in `logits` the logits (vocab-sized) of each row listed in `logits_rows`, in
     /// that order.
+    ///
+    /// A batch of at least [`GROUP_MIN_ROWS`] rows per thread is split into one contiguous
+    /// group of rows per thread, and each group goes through a layer's stages on its own
+    /// thread; a smaller batch is one group whose stages spread each loop over the threads.
+    /// Either way a row's results are the same bit for bit (every kernel computes a row on
+    /// its own).
     pub fn forward(
         &self,
         input: &StepInput,
         cache: &mut CpuKvCache,
         logits: &mut Logits,
     ) -> Result<(), ModelError> {
+        let groups = RowGroup::count(input.token_ids.len(), pool::threads());
+        self.forward_in_groups(input, cache, logits, groups)
+    }
+
+    /// [`Self::forward`] with the rows split into `groups` groups.
+    fn forward_in_groups(
+        &self,
+        input: &StepInput,
+        cache: &mut CpuKvCache,
+        logits: &mut Logits,
+        groups: usize,
+    ) -> Result<(), ModelError> {
         let layout = *cache.layout();
         self.validate(input, &layout)?;
-        let t = input.token_ids.len();
-        let (nh, hd) = (self.num_heads, self.head_dim);
-        let scale = 1.0 / (hd as f32).sqrt();
-
-        let mut a = Activations::default();
+        let mut groups = RowGroup::split(input, groups);
         with_f32(&self.embed, |embed| {
-            for &id in input.token_ids {
-                a.x.extend_from_slice(&embed[id as usize * self.hidden..][..self.hidden]);
+            for g in &mut groups {
+                for &id in &input.token_ids[g.rows.clone()] {
+                    g.a.x
+                        .extend_from_slice(&embed[id as usize * self.hidden..][..self.hidden]);
+                }
             }
         })?;
         for (i, layer) in self.layers.iter().enumerate() {
-            // The previous layer's MLP output (in `proj`) joins the residual stream in this
-            // norm's pass.
-            let mlp_out = (i > 0).then_some(&a.proj[..]);
-            layer.attn_norm.run(&mut a.x, mlp_out, &mut a.h);
-            Linear::run_all(
-                [&layer.q, &layer.k, &layer.v],
-                &a.h,
-                [&mut a.q, &mut a.k, &mut a.v],
-            )?;
-            self.apply_rope(&mut a.q, &mut a.k, input.positions);
-
-            a.attn.resize(t * nh * hd, 0.0);
-            let new = NewKv {
-                q: &a.q,
-                k: &a.k,
-                v: &a.v,
-                scale,
-            };
-            match cache.layer_mut(i) {
-                KvLayerMut::F32(kc, vc) => self.attend(&layout, kc, vc, input, new, &mut a.attn),
-                KvLayerMut::F16(kc, vc) => self.attend(&layout, kc, vc, input, new, &mut a.attn),
-                KvLayerMut::Bf16(kc, vc) => self.attend(&layout, kc, vc, input, new, &mut a.attn),
+            RowGroup::run_all(&mut groups, |g| {
+                self.attention_input(i, layer, &input.positions[g.rows.clone()], &mut g.a)
+            })?;
+            // Every group's K/V is in the cache before any group attends: a sequence split
+            // between groups attends to rows of both.
+            for g in &groups {
+                cache.write_kv(i, &input.slots[g.rows.clone()], &g.a.k, &g.a.v);
             }
-            Linear::run_all([&layer.o], &a.attn, [&mut a.proj])?;
-
-            layer.ffn_norm.run(&mut a.x, Some(&a.proj), &mut a.h);
-            Matmul::run_all([&layer.gate, &layer.up], &a.h, [&mut a.gate, &mut a.up])?;
-            // silu(gate) · up, with candle's silu formula.
-            zip_assign(&mut a.gate, &a.up, |g, u| g / (f32x8::ONE + (-g).exp()) * u);
-            Matmul::run_all([&layer.down], &a.gate, [&mut a.proj])?;
+            let cache = &*cache;
+            RowGroup::run_all(&mut groups, |g| {
+                self.attention_and_mlp(i, layer, cache, &g.seqs, &mut g.a)
+            })?;
         }
 
         // The LM head is the largest matmul: run it only on the rows that need logits (none
         // for a prefill chunk that does not end its prompt); the last MLP output joins those
         // rows' residual stream as they are gathered.
         let hidden = self.hidden;
-        let last = &mut a.q;
-        last.clear();
+        let mut last = Vec::with_capacity(input.logits_rows.len() * hidden);
         for &r in input.logits_rows {
-            let x = &a.x[r * hidden..][..hidden];
+            let g = &groups[groups.partition_point(|g| g.rows.end <= r)];
+            let at = (r - g.rows.start) * hidden;
+            let x = &g.a.x[at..][..hidden];
             if self.layers.is_empty() {
                 last.extend_from_slice(x);
             } else {
-                last.extend(x.iter().zip(&a.proj[r * hidden..]).map(|(x, p)| x + p));
+                last.extend(x.iter().zip(&g.a.proj[at..]).map(|(x, p)| x + p));
             }
         }
-        self.norm.run(last, None, &mut a.h);
+        let mut normed = Vec::new();
+        self.norm.run(&mut last, None, &mut normed);
         logits.vocab = self.lm_head.rows();
-        Matmul::run_all([&self.lm_head], &a.h, [&mut logits.data])
+        Matmul::run_all([&self.lm_head], &normed, [&mut logits.data])
+    }
+
+    /// A layer's first stage for one group's rows: the attention norm (the previous layer's
+    /// MLP output joining the residual stream in its pass), q/k/v, and RoPE.
+    fn attention_input(
+        &self,
+        i: usize,
+        layer: &Layer<Matmul>,
+        positions: &[usize],
+        a: &mut Activations,
+    ) -> Result<(), ModelError> {
+        let mlp_out = (i > 0).then_some(&a.proj[..]);
+        layer.attn_norm.run(&mut a.x, mlp_out, &mut a.h);
+        Linear::run_all(
+            [&layer.q, &layer.k, &layer.v],
+            &a.h,
+            [&mut a.q, &mut a.k, &mut a.v],
+        )?;
+        self.apply_rope(&mut a.q, &mut a.k, positions);
+        Ok(())
+    }
+
+    /// A layer's second stage for one group's rows (their K/V already in `cache`): attention
+    /// through `seqs`, the output projection, and the MLP, whose output is left in `a.proj`.
+    fn attention_and_mlp(
+        &self,
+        i: usize,
+        layer: &Layer<Matmul>,
+        cache: &CpuKvCache,
+        seqs: &[SeqAttn],
+        a: &mut Activations,
+    ) -> Result<(), ModelError> {
+        let (nh, hd) = (self.num_heads, self.head_dim);
+        // Same shape as q: `[rows, heads · head_dim]`.
+        a.attn.resize(a.q.len(), 0.0);
+        let scale = 1.0 / (hd as f32).sqrt();
+        cache.attend(i, &a.q, nh, seqs, scale, &mut a.attn);
+        Linear::run_all([&layer.o], &a.attn, [&mut a.proj])?;
+
+        layer.ffn_norm.run(&mut a.x, Some(&a.proj), &mut a.h);
+        Matmul::run_all([&layer.gate, &layer.up], &a.h, [&mut a.gate, &mut a.up])?;
+        // silu(gate) · up, with candle's silu formula.
+        zip_assign(&mut a.gate, &a.up, |g, u| g / (f32x8::ONE + (-g).exp()) * u);
+        Matmul::run_all([&layer.down], &a.gate, [&mut a.proj])
     }
 
     /// Rotates each head of each row of `q` and `k` (`[T, heads · head_dim]`) by its row's
@@ -498,25 +614,6 @@ impl LlamaModel {
                 }
             }
         }
-    }
-
-    /// Writes this step's K/V rows into one layer's cache (of element type `E`), then attends
-    /// every row through the block tables into `out`.
-    fn attend<E: KvElem>(
-        &self,
-        layout: &KvLayout,
-        k_cache: &mut [E],
-        v_cache: &mut [E],
-        input: &StepInput,
-        new: NewKv,
-        out: &mut [f32],
-    ) {
-        let attention = &self.attention;
-        attention.write_kv(layout, k_cache, v_cache, input.slots, new.k, new.v);
-        let nh = self.num_heads;
-        attention.attend(
-            layout, k_cache, v_cache, new.q, nh, input.seqs, new.scale, out,
-        );
     }
 
     /// Rejects inputs that would index out of bounds in the kernels or the tables.
@@ -572,16 +669,6 @@ impl LlamaModel {
         }
         Ok(())
     }
-}
-
-/// One layer's new rows for [`LlamaModel::attend`]: roped queries and keys, values, and the
-/// softmax scale.
-#[derive(Clone, Copy)]
-struct NewKv<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    scale: f32,
 }
 
 /// Calls `f` on the f32 data of a contiguous CPU tensor without copying it.
@@ -671,6 +758,16 @@ mod tests {
         cache: &mut CpuKvCache,
         parts: &[Part],
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        step_in_groups(model, cache, parts, None)
+    }
+
+    /// [`step`] with the rows in `groups` row groups (`None`: as `forward` splits them).
+    fn step_in_groups(
+        model: &LlamaModel,
+        cache: &mut CpuKvCache,
+        parts: &[Part],
+        groups: Option<usize>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let bs = cache.layout().block_size;
         let (mut ids, mut positions, mut slots, mut rows) = (vec![], vec![], vec![], vec![]);
         let mut seqs = vec![];
@@ -700,7 +797,10 @@ mod tests {
             logits_rows: &rows,
         };
         let mut logits = Logits::default();
-        model.forward(&input, cache, &mut logits)?;
+        match groups {
+            None => model.forward(&input, cache, &mut logits)?,
+            Some(n) => model.forward_in_groups(&input, cache, &mut logits, n)?,
+        }
         Ok(logits.iter().map(<[f32]>::to_vec).collect())
     }
 
@@ -976,6 +1076,78 @@ mod tests {
             .fold(0.0, f32::max);
         // Matmuls and attention compute each row by itself: exactly equal, not just close.
         assert_eq!(worst, 0.0, "batched logits differ by {worst}");
+    }
+
+    #[test]
+    fn steps_split_into_row_groups_only_with_enough_rows_per_thread() {
+        assert_eq!(RowGroup::count(16, 2), 2);
+        assert_eq!(RowGroup::count(15, 2), 1);
+        assert_eq!(RowGroup::count(512, 1), 1);
+        assert_eq!(RowGroup::count(31, 4), 1);
+        assert_eq!(RowGroup::count(64, 4), 4);
+    }
+
+    /// In row groups (a big step runs one per thread), a step's logits and K/V writes are
+    /// those of the one-group run bit for bit, also where a prefill chunk is cut between
+    /// groups (its later piece attends to the earlier piece's K/V).
+    #[test]
+    fn row_groups_compute_what_one_group_does() {
+        let Some(m) = smollm() else { return };
+        let enc = |s: &str| m.tokenizer.encode(s, false).unwrap();
+        let a = enc("Paged attention stores the KV cache in fixed-size blocks, so that memory");
+        let b = enc("Hello there, how are you?");
+        let c = enc("One, two, three, four,");
+        let block_size = 4;
+        let blocks = shuffled_blocks(48, 7);
+        let tables: Vec<&[u32]> = blocks.chunks(16).collect();
+        let layout = m.model.kv_layout(48, block_size);
+        let history = Part {
+            tokens: &c,
+            start: 0,
+            block_table: tables[2],
+            all_logits: false,
+        };
+        let next = [5u32];
+        let parts = [
+            Part {
+                tokens: &a,
+                start: 0,
+                block_table: tables[0],
+                all_logits: true,
+            },
+            Part {
+                tokens: &b,
+                start: 0,
+                block_table: tables[1],
+                all_logits: false,
+            },
+            Part {
+                tokens: &next,
+                start: c.len(),
+                block_table: tables[2],
+                all_logits: false,
+            },
+        ];
+        let run = |groups: usize| {
+            let mut cache = CpuKvCache::new(layout, KvDtype::F32);
+            step(&m.model, &mut cache, std::slice::from_ref(&history)).unwrap();
+            let logits = step_in_groups(&m.model, &mut cache, &parts, Some(groups)).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let kv: Vec<Vec<u32>> = (0..layout.num_layers)
+                .flat_map(|i| match cache.layer_mut(i) {
+                    kernels::KvLayerMut::F32(k, v) => [bits(k), bits(v)],
+                    _ => unreachable!("an f32 cache"),
+                })
+                .collect();
+            (logits.iter().map(|l| bits(l)).collect::<Vec<_>>(), kv)
+        };
+        let one = run(1);
+        assert_eq!(one.0.len(), a.len() + 2);
+        for groups in [2, 3, 5] {
+            let split = run(groups);
+            assert!(split.0 == one.0, "logits differ with {groups} groups");
+            assert!(split.1 == one.1, "K/V differ with {groups} groups");
+        }
     }
 
     /// The default GGUF's Q4_1 projections and Q8_0 (tied) LM head run on the kernels' matmul,
