@@ -305,6 +305,18 @@ impl Layer {
     }
 }
 
+impl Layer<Matmul> {
+    /// Multiply-adds of the block's projections for one row.
+    fn macs_per_row(&self) -> usize {
+        let linears = [&self.q, &self.k, &self.v, &self.o].map(|l| &l.weight);
+        linears
+            .into_iter()
+            .chain([&self.gate, &self.up, &self.down])
+            .map(|m| m.rows() * m.cols())
+            .sum()
+    }
+}
+
 /// One row group's activations, `[rows, width]` row-major, reused by every layer of the step.
 #[derive(Default)]
 struct Activations {
@@ -332,6 +344,12 @@ struct Activations {
 /// whole step on both threads (forward_step, docs/BENCHMARKS.md).
 const GROUP_MIN_ROWS: usize = 8;
 
+/// What one attention multiply-add costs in projection multiply-adds on the CPU path (f16
+/// K/V read from scattered blocks, against the int8 matmul kernels): about 5 on the 2-vCPU
+/// VM at 16 decode rows, context 200 (the kernels' `attention` bench, 15.5 GMAC/s, against
+/// the `quant_matmul` bench, 82 GMAC/s).
+const ATTENTION_MAC_COST: usize = 5;
+
 /// A contiguous run of one step's rows that goes through the layers together: its
 /// sequences' pieces (query rows renumbered from the group's first row) and its activations.
 struct RowGroup<'a> {
@@ -351,35 +369,60 @@ impl<'a> RowGroup<'a> {
         }
     }
 
-    /// The step's rows in `n` groups of equal row counts (up to one). A sequence's query rows
-    /// may be cut between two groups: each piece attends as the last rows of a context that
-    /// ends with it (the causal mask does the rest).
-    fn split(input: &StepInput<'a>, n: usize) -> Vec<Self> {
-        let (t, n) = (input.token_ids.len(), n.max(1));
-        (0..n)
-            .map(|g| {
-                let rows = t * g / n..t * (g + 1) / n;
-                let seqs = input
-                    .seqs
-                    .iter()
-                    .filter_map(|s| {
-                        let (first, end) = (s.query_start, s.query_start + s.query_len);
-                        let (lo, hi) = (first.max(rows.start), end.min(rows.end));
-                        (lo < hi).then(|| SeqAttn {
-                            block_table: s.block_table,
-                            context_len: s.context_len - (end - hi),
-                            query_start: lo - rows.start,
-                            query_len: hi - lo,
-                        })
-                    })
-                    .collect();
-                Self {
-                    rows,
-                    seqs,
-                    a: Activations::default(),
-                }
-            })
+    /// The step's rows in at most `n` contiguous groups of about equal work: a row's work is
+    /// `row_work` (its projections, in context tokens' worth of attention) plus its context
+    /// length. A sequence's query rows may be cut between two groups: each piece attends as
+    /// the last rows of a context that ends with it (the causal mask does the rest).
+    fn split(input: &StepInput<'a>, n: usize, row_work: usize) -> Vec<Self> {
+        let t = input.token_ids.len();
+        let mut work = vec![row_work as u64; t];
+        for s in input.seqs {
+            let first_pos = s.context_len - s.query_len;
+            for (i, w) in work[s.query_start..][..s.query_len].iter_mut().enumerate() {
+                *w += (first_pos + i + 1) as u64;
+            }
+        }
+        let (total, n) = (work.iter().sum::<u64>(), n.max(1) as u64);
+        // Group g ends after the first row where the running work reaches g+1 n-ths.
+        let mut ends = Vec::new();
+        let mut done = 0;
+        for (r, w) in work.iter().enumerate() {
+            done += w;
+            while (ends.len() as u64) < n - 1 && done * n >= total * (ends.len() as u64 + 1) {
+                ends.push(r + 1);
+            }
+        }
+        ends.push(t);
+        ends.dedup();
+        let starts = std::iter::once(0).chain(ends.iter().copied());
+        starts
+            .zip(&ends)
+            .filter(|&(start, &end)| start < end)
+            .map(|(start, &end)| Self::new(input, start..end))
             .collect()
+    }
+
+    /// The group of rows `rows`, with the pieces of the sequences that have query rows there.
+    fn new(input: &StepInput<'a>, rows: Range<usize>) -> Self {
+        let seqs = input
+            .seqs
+            .iter()
+            .filter_map(|s| {
+                let (first, end) = (s.query_start, s.query_start + s.query_len);
+                let (lo, hi) = (first.max(rows.start), end.min(rows.end));
+                (lo < hi).then(|| SeqAttn {
+                    block_table: s.block_table,
+                    context_len: s.context_len - (end - hi),
+                    query_start: lo - rows.start,
+                    query_len: hi - lo,
+                })
+            })
+            .collect();
+        Self {
+            rows,
+            seqs,
+            a: Activations::default(),
+        }
     }
 
     /// Runs `stage` on every group: a lone group on this thread (its loops spread over the
@@ -413,6 +456,9 @@ pub struct LlamaModel {
     /// `[max_position_embeddings, head_dim / 2]` tables, rows read per token position.
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// A row's projections cost as much as attention over this many context tokens; weighs
+    /// rows when a step is split into row groups.
+    row_work: usize,
 }
 
 impl LlamaModel {
@@ -426,6 +472,13 @@ impl LlamaModel {
         rope: RopeStyle,
     ) -> Result<Self, ModelError> {
         let (cos, sin) = rope_tables(config)?;
+        let layers: Vec<Layer<Matmul>> = layers
+            .into_iter()
+            .map(Layer::prepare)
+            .collect::<Result<_, _>>()?;
+        let projection_macs: usize = layers.iter().map(Layer::macs_per_row).sum();
+        let attention_macs = 2 * config.num_heads * config.head_dim * layers.len();
+        let row_work = projection_macs / (ATTENTION_MAC_COST * attention_macs).max(1);
         Ok(Self {
             num_heads: config.num_heads,
             num_kv_heads: config.num_kv_heads,
@@ -433,15 +486,13 @@ impl LlamaModel {
             hidden: config.hidden_size,
             vocab_size: config.vocab_size,
             embed: embed.to_dtype(DType::F32)?.contiguous()?,
-            layers: layers
-                .into_iter()
-                .map(Layer::prepare)
-                .collect::<Result<_, _>>()?,
+            layers,
             norm,
             lm_head: Matmul::new(lm_head)?,
             rope,
             cos,
             sin,
+            row_work,
         })
     }
 
@@ -486,7 +537,7 @@ impl LlamaModel {
     ) -> Result<(), ModelError> {
         let layout = *cache.layout();
         self.validate(input, &layout)?;
-        let mut groups = RowGroup::split(input, groups);
+        let mut groups = RowGroup::split(input, groups, self.row_work);
         with_f32(&self.embed, |embed| {
             for g in &mut groups {
                 for &id in &input.token_ids[g.rows.clone()] {
@@ -1085,6 +1136,54 @@ mod tests {
         assert_eq!(RowGroup::count(512, 1), 1);
         assert_eq!(RowGroup::count(31, 4), 1);
         assert_eq!(RowGroup::count(64, 4), 4);
+    }
+
+    /// Row groups cover the step's rows in order, weighted by work: a prompt's later rows
+    /// (longer contexts) go in smaller groups, equal decode rows in equal ones, and a step
+    /// with fewer rows than groups gets no empty group.
+    #[test]
+    fn row_groups_balance_projections_and_attention() {
+        let table: Vec<u32> = (0..64).collect();
+        let groups = |seqs: &[SeqAttn], t: usize, n: usize, row_work: usize| {
+            let ids = vec![0u32; t];
+            let pos = vec![0usize; t];
+            let input = StepInput {
+                token_ids: &ids,
+                positions: &pos,
+                slots: &pos,
+                seqs,
+                logits_rows: &[],
+            };
+            let split = RowGroup::split(&input, n, row_work);
+            let rows: Vec<_> = split.iter().map(|g| g.rows.clone()).collect();
+            let pieces: Vec<usize> = split.iter().map(|g| g.seqs.len()).collect();
+            (rows, pieces)
+        };
+        let prompt = |len| SeqAttn {
+            block_table: &table,
+            context_len: len,
+            query_start: 0,
+            query_len: len,
+        };
+        // 500 prompt rows, row r's work 500 + r + 1: the first k rows' work, 501k + k(k-1)/2,
+        // first reaches half of all (375,250) at k = 291.
+        let (rows, pieces) = groups(&[prompt(500)], 500, 2, 500);
+        assert_eq!(rows, [0..291, 291..500]);
+        assert_eq!(pieces, [1, 1]);
+        // 16 decode rows at one context: 8 and 8, each sequence whole in one group.
+        let decode: Vec<SeqAttn> = (0..16)
+            .map(|i| SeqAttn {
+                block_table: &table,
+                context_len: 200,
+                query_start: i,
+                query_len: 1,
+            })
+            .collect();
+        let (rows, pieces) = groups(&decode, 16, 2, 600);
+        assert_eq!(rows, [0..8, 8..16]);
+        assert_eq!(pieces, [8, 8]);
+        // More groups than rows: one group per row, none empty.
+        assert_eq!(groups(&decode[..3], 3, 8, 600).0, [0..1, 1..2, 2..3]);
     }
 
     /// In row groups (a big step runs one per thread), a step's logits and K/V writes are
