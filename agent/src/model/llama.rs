@@ -336,13 +336,12 @@ struct Activations {
 }
 
 /// Fewest rows per thread for a step to run as one row group per thread (see
-/// [`LlamaModel::forward`]). A group's matmuls then stream every weight once for its rows
-/// alone, so groups must be big enough to keep the matmuls compute-bound (one row is
-/// memory-bound at a quarter of the 16-row cost per weight byte), and the pool's ~13 forks
-/// and joins per layer shrink to two per layer: on the 2-vCPU VM, two 8-row halves of a
-/// 16-row decode step run single-threaded side by side took 12-17% less time than the
-/// whole step on both threads (forward_step, docs/BENCHMARKS.md).
-const GROUP_MIN_ROWS: usize = 8;
+/// [`LlamaModel::forward`]). Each group's matmuls stream every weight for its rows alone, so
+/// groups must keep them compute-bound (a lone row is memory-bound), while the pool's ~13
+/// forks and joins per layer, and the serial stretches between them, shrink to two joins per
+/// layer. On the 2-vCPU VM (forward_step, decode, docs/BENCHMARKS.md round 6) groups took
+/// 2-4% off an 8-row step, 6% off 10 rows, 6-11% off 16 rows and 9-11% off 32 and 64.
+const GROUP_MIN_ROWS: usize = 4;
 
 /// What one attention multiply-add costs in projection multiply-adds on the CPU path (f16
 /// K/V read from scattered blocks, against the int8 matmul kernels): about 5 on the 2-vCPU
@@ -1132,10 +1131,11 @@ mod tests {
     #[test]
     fn steps_split_into_row_groups_only_with_enough_rows_per_thread() {
         assert_eq!(RowGroup::count(16, 2), 2);
-        assert_eq!(RowGroup::count(15, 2), 1);
+        assert_eq!(RowGroup::count(8, 2), 2);
+        assert_eq!(RowGroup::count(7, 2), 1);
         assert_eq!(RowGroup::count(512, 1), 1);
-        assert_eq!(RowGroup::count(31, 4), 1);
-        assert_eq!(RowGroup::count(64, 4), 4);
+        assert_eq!(RowGroup::count(15, 4), 1);
+        assert_eq!(RowGroup::count(16, 4), 4);
     }
 
     /// Row groups cover the step's rows in order, weighted by work: a prompt's later rows
