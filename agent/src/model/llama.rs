@@ -5,7 +5,7 @@
 //! Q8_0 weights through the kernels' [`QuantMatrix`] (each weight block read once per step for
 //! all rows; each row quantized on its own, so a row's result does not depend on its
 //! batch-mates; equal to candle's `QMatMul` up to float rounding), other weights through
-//! candle. Attention goes through the kernels' [`PagedAttention`] with per-sequence block
+//! candle. Attention goes through the kernels' `PagedAttention` with per-sequence block
 //! tables. The arithmetic is that of candle-transformers' `quantized_llama`, so greedy tokens
 //! match that reference (up to near-ties on quantized weights).
 //!
@@ -14,12 +14,14 @@
 //! candle-tensor version zeroed ~15 MB per 16-row step, ~4% of the engine thread). candle
 //! tensors remain for loading and for the weights the kernels do not take.
 //!
-//! Threads: the kernels run on the kernels' spinning [`pool`]. candle's CPU backend has a pool
-//! of its own (rayon) that it uses for quantized matmuls and for elementwise, norm and rotary
-//! ops on larger inputs; sharing the cores with it halved throughput, so none of those ops
-//! run here: RMSNorm, RoPE, the residual adds and the SwiGLU product are loops of this module
-//! with candle's formulas (the SwiGLU `exp` is a vector one, which may differ from libm's in
-//! the last bit).
+//! Threads: a step with a few rows per thread or more runs as one group of rows per thread,
+//! each group's layer stages on one thread (see [`LlamaModel::forward`]); a smaller step
+//! spreads each kernel loop over the threads. The kernels run on the kernels' spinning
+//! [`pool`]. candle's CPU backend has a pool of its own (rayon) that it uses for quantized
+//! matmuls and for elementwise, norm and rotary ops on larger inputs; sharing the cores with
+//! it halved throughput, so none of those ops run here: RMSNorm, RoPE, the residual adds and
+//! the SwiGLU product are loops of this module with candle's formulas (the SwiGLU `exp` is a
+//! vector one, which may differ from libm's in the last bit).
 
 use std::ops::Range;
 
@@ -511,7 +513,7 @@ impl LlamaModel {
     /// and leaves in `logits` the logits (vocab-sized) of each row listed in `logits_rows`, in
     /// that order.
     ///
-    /// A batch of at least [`GROUP_MIN_ROWS`] rows per thread is split into one contiguous
+    /// A batch of at least `GROUP_MIN_ROWS` (4) rows per thread is split into one contiguous
     /// group of rows per thread, and each group goes through a layer's stages on its own
     /// thread; a smaller batch is one group whose stages spread each loop over the threads.
     /// Either way a row's results are the same bit for bit (every kernel computes a row on
@@ -1038,16 +1040,23 @@ mod tests {
         assert!(agreed >= 24, "only {agreed} of 27 greedy tokens agree");
     }
 
+    /// Four prompts of different lengths (16, 7, 9 and 3 tokens or so) for mixed steps.
+    fn mixed_prompts(m: &LoadedModel) -> [Vec<u32>; 4] {
+        [
+            "Paged attention stores the KV cache in fixed-size blocks, so that memory",
+            "Hello there, how are you?",
+            "One, two, three, four,",
+            "The sky is",
+        ]
+        .map(|s| m.tokenizer.encode(s, false).unwrap())
+    }
+
     /// One step mixing two prefill chunks (one continuing cached blocks, one fresh) and two
     /// decodes gives the same logits as running each on its own.
     #[test]
     fn batched_step_equals_separate_steps() {
         let Some(m) = smollm() else { return };
-        let enc = |s: &str| m.tokenizer.encode(s, false).unwrap();
-        let a = enc("Paged attention stores the KV cache in fixed-size blocks, so that memory");
-        let b = enc("Hello there, how are you?");
-        let c = enc("One, two, three, four,");
-        let d = enc("The sky is");
+        let [a, b, c, d] = mixed_prompts(m);
         let block_size = 4;
         let blocks = shuffled_blocks(64, 42);
         let tables: Vec<&[u32]> = blocks.chunks(16).collect();
@@ -1192,10 +1201,7 @@ mod tests {
     #[test]
     fn row_groups_compute_what_one_group_does() {
         let Some(m) = smollm() else { return };
-        let enc = |s: &str| m.tokenizer.encode(s, false).unwrap();
-        let a = enc("Paged attention stores the KV cache in fixed-size blocks, so that memory");
-        let b = enc("Hello there, how are you?");
-        let c = enc("One, two, three, four,");
+        let [a, b, c, _] = mixed_prompts(m);
         let block_size = 4;
         let blocks = shuffled_blocks(48, 7);
         let tables: Vec<&[u32]> = blocks.chunks(16).collect();
