@@ -337,13 +337,15 @@ struct Activations {
     up: Vec<f32>,
 }
 
-/// Fewest rows per thread for a step to run as one row group per thread (see
-/// [`LlamaModel::forward`]). Each group's matmuls stream every weight for its rows alone, so
-/// groups must keep them compute-bound (a lone row is memory-bound), while the pool's ~13
-/// forks and joins per layer, and the serial stretches between them, shrink to two joins per
-/// layer. On the 2-vCPU VM (forward_step, decode, docs/BENCHMARKS.md round 6) groups took
-/// 2-4% off an 8-row step, 6% off 10 rows, 6-11% off 16 rows and 9-11% off 32 and 64.
-const GROUP_MIN_ROWS: usize = 4;
+/// A step runs as `G` row groups, one per thread (see [`LlamaModel::forward`]), when each
+/// group gets at least `GROUP_ROWS_PER_GROUP · G` rows. Every group streams all the weights
+/// for its own rows, so `G` groups read the weights `G` times per step, and a group's compute
+/// must grow with `G` to cover that. In return the pool's ~13 forks and joins per layer, and
+/// the serial stretches between them, shrink to two joins per layer. On the 2-vCPU VM
+/// (forward_step, decode, docs/BENCHMARKS.md round 6) two groups took 2-4% off an 8-row
+/// step, 6% off 10 rows, 6-11% off 16 rows and 9-11% off 32 and 64. Machines with more
+/// threads were not measured: there groups start at `2 · G²` rows.
+const GROUP_ROWS_PER_GROUP: usize = 2;
 
 /// What one attention multiply-add costs in projection multiply-adds on the CPU path (f16
 /// K/V read from scattered blocks, against the int8 matmul kernels): about 5 on the 2-vCPU
@@ -360,10 +362,10 @@ struct RowGroup<'a> {
 }
 
 impl<'a> RowGroup<'a> {
-    /// How many groups a step of `rows` rows runs in: one per thread when it has at least
-    /// [`GROUP_MIN_ROWS`] rows per thread, else one.
+    /// How many groups a step of `rows` rows runs in: one per thread when each group would
+    /// get at least [`GROUP_ROWS_PER_GROUP`] rows per group, else one.
     fn count(rows: usize, threads: usize) -> usize {
-        if threads > 1 && rows >= GROUP_MIN_ROWS * threads {
+        if threads > 1 && rows >= GROUP_ROWS_PER_GROUP * threads * threads {
             threads
         } else {
             1
@@ -513,7 +515,7 @@ impl LlamaModel {
     /// and leaves in `logits` the logits (vocab-sized) of each row listed in `logits_rows`, in
     /// that order.
     ///
-    /// A batch of at least `GROUP_MIN_ROWS` (4) rows per thread is split into one contiguous
+    /// A batch of at least `2 · threads²` rows (8 on two threads) is split into one contiguous
     /// group of rows per thread, and each group goes through a layer's stages on its own
     /// thread; a smaller batch is one group whose stages spread each loop over the threads.
     /// Either way a row's results are the same bit for bit (every kernel computes a row on
@@ -1143,8 +1145,10 @@ mod tests {
         assert_eq!(RowGroup::count(8, 2), 2);
         assert_eq!(RowGroup::count(7, 2), 1);
         assert_eq!(RowGroup::count(512, 1), 1);
-        assert_eq!(RowGroup::count(15, 4), 1);
-        assert_eq!(RowGroup::count(16, 4), 4);
+        assert_eq!(RowGroup::count(31, 4), 1);
+        assert_eq!(RowGroup::count(32, 4), 4);
+        assert_eq!(RowGroup::count(511, 16), 1);
+        assert_eq!(RowGroup::count(512, 16), 16);
     }
 
     /// Row groups cover the step's rows in order, weighted by work: a prompt's later rows
