@@ -155,7 +155,7 @@ struct Arrays<E> {
     v: Vec<Vec<E>>,
 }
 
-impl<E: KvElem> Arrays<E> {
+impl<E> Arrays<E> {
     /// `layers` pairs of arrays of `len` zeros, from `zeros` (which should get pages lazily
     /// zeroed by the OS: a 1 GiB cache is then not written at start-up).
     fn new(layers: usize, zeros: impl Fn() -> Vec<E>) -> Self {
@@ -165,28 +165,12 @@ impl<E: KvElem> Arrays<E> {
         }
     }
 
+    fn layer(&self, layer: usize) -> (&[E], &[E]) {
+        (&self.k[layer], &self.v[layer])
+    }
+
     fn layer_mut(&mut self, layer: usize) -> (&mut [E], &mut [E]) {
         (&mut self.k[layer], &mut self.v[layer])
-    }
-
-    fn write_kv(&mut self, layout: &KvLayout, layer: usize, slots: &[usize], k: &[f32], v: &[f32]) {
-        let (k_cache, v_cache) = self.layer_mut(layer);
-        CpuPagedAttention.write_kv(layout, k_cache, v_cache, slots, k, v);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn attend(
-        &self,
-        layout: &KvLayout,
-        layer: usize,
-        q: &[f32],
-        num_heads: usize,
-        seqs: &[SeqAttn],
-        scale: f32,
-        out: &mut [f32],
-    ) {
-        let (k, v) = (&self.k[layer], &self.v[layer]);
-        CpuPagedAttention.attend(layout, k, v, q, num_heads, seqs, scale, out);
     }
 }
 
@@ -233,10 +217,11 @@ impl CpuKvCache {
     /// converted to the storage type (see [`PagedAttention::write_kv`]).
     pub fn write_kv(&mut self, layer: usize, slots: &[usize], k: &[f32], v: &[f32]) {
         let layout = self.layout;
-        match &mut self.storage {
-            Storage::F32(a) => a.write_kv(&layout, layer, slots, k, v),
-            Storage::F16(a) => a.write_kv(&layout, layer, slots, k, v),
-            Storage::Bf16(a) => a.write_kv(&layout, layer, slots, k, v),
+        let attention = CpuPagedAttention;
+        match self.layer_mut(layer) {
+            KvLayerMut::F32(kc, vc) => attention.write_kv(&layout, kc, vc, slots, k, v),
+            KvLayerMut::F16(kc, vc) => attention.write_kv(&layout, kc, vc, slots, k, v),
+            KvLayerMut::Bf16(kc, vc) => attention.write_kv(&layout, kc, vc, slots, k, v),
         }
     }
 
@@ -252,11 +237,20 @@ impl CpuKvCache {
         scale: f32,
         out: &mut [f32],
     ) {
-        let layout = &self.layout;
+        let (layout, attention) = (&self.layout, CpuPagedAttention);
         match &self.storage {
-            Storage::F32(a) => a.attend(layout, layer, q, num_heads, seqs, scale, out),
-            Storage::F16(a) => a.attend(layout, layer, q, num_heads, seqs, scale, out),
-            Storage::Bf16(a) => a.attend(layout, layer, q, num_heads, seqs, scale, out),
+            Storage::F32(a) => {
+                let (k, v) = a.layer(layer);
+                attention.attend(layout, k, v, q, num_heads, seqs, scale, out)
+            }
+            Storage::F16(a) => {
+                let (k, v) = a.layer(layer);
+                attention.attend(layout, k, v, q, num_heads, seqs, scale, out)
+            }
+            Storage::Bf16(a) => {
+                let (k, v) = a.layer(layer);
+                attention.attend(layout, k, v, q, num_heads, seqs, scale, out)
+            }
         }
     }
 

@@ -322,16 +322,16 @@ impl Layer<Matmul> {
 /// One row group's activations, `[rows, width]` row-major, reused by every layer of the step.
 #[derive(Default)]
 struct Activations {
-    /// The residual stream, `[T, hidden]`.
+    /// The residual stream, `[rows, hidden]`.
     x: Vec<f32>,
-    /// Normed input of the attention or the MLP, `[T, hidden]`.
+    /// Normed input of the attention or the MLP, `[rows, hidden]`.
     h: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    /// Attention output, `[T, heads · head_dim]`.
+    /// Attention output, `[rows, heads · head_dim]`.
     attn: Vec<f32>,
-    /// Output projection or MLP down projection, `[T, hidden]`, added to `x`.
+    /// Output projection or MLP down projection, `[rows, hidden]`, added to `x`.
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
@@ -378,6 +378,9 @@ impl<'a> RowGroup<'a> {
     /// the last rows of a context that ends with it (the causal mask does the rest).
     fn split(input: &StepInput<'a>, n: usize, row_work: usize) -> Vec<Self> {
         let t = input.token_ids.len();
+        if n <= 1 {
+            return vec![Self::new(input, 0..t)];
+        }
         let mut work = vec![row_work as u64; t];
         for s in input.seqs {
             let first_pos = s.context_len - s.query_len;
@@ -385,7 +388,7 @@ impl<'a> RowGroup<'a> {
                 *w += (first_pos + i + 1) as u64;
             }
         }
-        let (total, n) = (work.iter().sum::<u64>(), n.max(1) as u64);
+        let (total, n) = (work.iter().sum::<u64>(), n as u64);
         // Group g ends after the first row where the running work reaches g+1 n-ths.
         let mut ends = Vec::new();
         let mut done = 0;
