@@ -3,6 +3,11 @@
 //! machine noise hits all three. Prints the median time and the KV bytes read per second.
 //!
 //! cargo bench -p kernels --bench attention -- [--batch N] [--context C] [--rounds R]
+//!     [--tables shuffled|interleaved|contiguous]
+//!
+//! `--tables` says where a sequence's blocks lie: `shuffled` (the default) as a long-running
+//! pool's free queue hands them out, `interleaved` as a fresh pool hands them to sequences that
+//! grow in lockstep (block `b` of sequence `i` is `b · batch + i`), `contiguous` one run each.
 
 mod common;
 
@@ -66,6 +71,7 @@ impl Bench {
 
 fn main() {
     let (mut batch, mut context, mut rounds): (usize, usize, usize) = (16, 200, 20);
+    let mut tables = String::from("shuffled");
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().and_then(|v| v.parse().ok()).expect("a number");
@@ -73,6 +79,7 @@ fn main() {
             "--batch" => batch = value(),
             "--context" => context = value(),
             "--rounds" => rounds = value(),
+            "--tables" => tables = args.next().expect("a table layout"),
             _ => {}
         }
     }
@@ -85,11 +92,20 @@ fn main() {
         head_dim: HEAD_DIM,
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    // Blocks handed out shuffled, as a long-running pool's free queue would.
-    let mut ids: Vec<u32> = (0..layout.num_blocks as u32).collect();
-    for i in (1..ids.len()).rev() {
-        ids.swap(i, rng.random_range(0..=i));
-    }
+    let ids: Vec<u32> = match tables.as_str() {
+        "shuffled" => {
+            let mut ids: Vec<u32> = (0..layout.num_blocks as u32).collect();
+            for i in (1..ids.len()).rev() {
+                ids.swap(i, rng.random_range(0..=i));
+            }
+            ids
+        }
+        "interleaved" => (0..batch)
+            .flat_map(|i| (0..blocks_per_seq).map(move |b| (b * batch + i) as u32))
+            .collect(),
+        "contiguous" => (0..layout.num_blocks as u32).collect(),
+        other => panic!("unknown --tables {other}"),
+    };
     let bench = Bench {
         layout,
         tables: ids.chunks(blocks_per_seq).map(<[u32]>::to_vec).collect(),
@@ -110,7 +126,7 @@ fn main() {
     // K and V of every attended position, every layer.
     let elements = (2 * LAYERS * batch * context * KV_HEADS * HEAD_DIM) as f64;
     println!(
-        "batch {batch}, context {context}, threads {}",
+        "batch {batch}, context {context}, {tables} tables, threads {}",
         kernels::pool::threads()
     );
     for (name, mut times, bytes) in [("f32", a, 4.0), ("f16", b, 2.0), ("bf16", c, 2.0)] {
