@@ -204,12 +204,17 @@ fn serve(args: &ServeArgs) -> Result<()> {
         }
         None => Box::new(NullSink),
     };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     let engine = engine::start(
         config,
         loaded.model,
         tokenizer.clone(),
         metrics.clone(),
         sink,
+        runtime.handle(),
     )
     .context("starting the engine")?;
 
@@ -231,10 +236,6 @@ fn serve(args: &ServeArgs) -> Result<()> {
         },
     );
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     runtime.block_on(run_http(args, state))
 }
 

@@ -1,6 +1,6 @@
 //! The engine loop: one thread owns the model, the KV cache and every request. Each iteration
 //! takes in new commands, schedules a step, runs one batched forward pass, samples, and sends
-//! each request its new tokens.
+//! the requests their new tokens (one batch per iteration, see [`super::outbox`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +17,7 @@ use crate::model::{LlamaModel, Logits, StepInput, Tokenizer};
 use super::config::EngineConfig;
 use super::detokenizer::TokenDecoder;
 use super::handle::{EngineCommand, EngineHandle};
+use super::outbox::Outbox;
 use super::request::Request;
 use super::scheduler::{Scheduler, SchedulerLimits, SchedulerOutput};
 use super::types::{EngineError, Finish, FinishReason, GenerateOutput, GenerateRequest};
@@ -28,14 +29,18 @@ impl TokenDecoder for Tokenizer {
 }
 
 /// Starts the engine thread and returns the handle to it. `sink` receives every cached-block
-/// change (the KV-events publisher plugs in there).
+/// change (the KV-events publisher plugs in there); `runtime` runs the task that delivers the
+/// engine's outputs to the requests' streams.
 pub fn start(
     config: EngineConfig,
     model: LlamaModel,
     tokenizer: Arc<Tokenizer>,
     metrics: Arc<Metrics>,
     sink: Box<dyn KvEventSink>,
+    runtime: &tokio::runtime::Handle,
 ) -> Result<EngineHandle, EngineError> {
+    let (outbox, deliver) = Outbox::new();
+    runtime.spawn(deliver);
     let (tx, rx) = mpsc::channel();
     let alive = Arc::new(AtomicBool::new(true));
     let flag = alive.clone();
@@ -44,7 +49,7 @@ pub fn start(
         .spawn(move || {
             // Marks the engine dead however the thread ends, panics included.
             let _alive = AliveGuard(flag);
-            let mut core = EngineCore::new(config, model, tokenizer, metrics, sink);
+            let mut core = EngineCore::new(config, model, tokenizer, metrics, sink, outbox);
             core.run(rx);
         })
         .map_err(|_| EngineError::Dead)?;
@@ -68,6 +73,7 @@ pub(crate) struct EngineCore {
     kv: KvCacheManager,
     scheduler: Scheduler,
     requests: HashMap<String, Request>,
+    outbox: Outbox,
     tokenizer: Arc<Tokenizer>,
     eos_token_ids: Vec<u32>,
     metrics: Arc<Metrics>,
@@ -80,6 +86,7 @@ impl EngineCore {
         tokenizer: Arc<Tokenizer>,
         metrics: Arc<Metrics>,
         sink: Box<dyn KvEventSink>,
+        outbox: Outbox,
     ) -> Self {
         let cache = CpuKvCache::new(
             model.kv_layout(config.num_blocks, config.block_size),
@@ -107,6 +114,7 @@ impl EngineCore {
             kv,
             scheduler,
             requests: HashMap::new(),
+            outbox,
             tokenizer,
             eos_token_ids,
             metrics,
@@ -130,6 +138,7 @@ impl EngineCore {
                 }
             }
             self.step();
+            self.outbox.flush();
         }
     }
 
@@ -152,7 +161,7 @@ impl EngineCore {
     fn add_request(&mut self, request: GenerateRequest, outputs: UnboundedSender<GenerateOutput>) {
         if self.requests.contains_key(&request.request_id) {
             let prompt_len = request.prompt_token_ids.len();
-            let _ = outputs.send(GenerateOutput {
+            let error = GenerateOutput {
                 token_ids: Vec::new(),
                 text: String::new(),
                 logprobs: Vec::new(),
@@ -162,7 +171,8 @@ impl EngineCore {
                 )),
                 num_prompt_tokens: prompt_len,
                 num_cached_tokens: 0,
-            });
+            };
+            self.outbox.push(&outputs, error);
             return;
         }
         let id = request.request_id.clone();
@@ -179,7 +189,7 @@ impl EngineCore {
         self.scheduler.remove(id);
         self.kv.free(id);
         let reason = finish.reason;
-        req.send_pending(Some(finish));
+        req.send_pending(Some(finish), &mut self.outbox);
         self.record_finished(&req, reason);
     }
 
@@ -366,7 +376,7 @@ impl EngineCore {
             match finish {
                 Some(f) => finished.push((id.clone(), f)),
                 None => {
-                    if !req.send_pending(None) {
+                    if !req.send_pending(None, &mut self.outbox) {
                         finished.push((id.clone(), Finish::new(FinishReason::Abort, None)));
                     }
                 }

@@ -5,6 +5,7 @@ pub mod config;
 mod core;
 pub mod detokenizer;
 pub mod handle;
+mod outbox;
 mod request;
 pub mod sampling;
 mod scheduler;

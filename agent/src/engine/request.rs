@@ -6,6 +6,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::detokenizer::{IncrementalDetokenizer, TokenDecoder};
+use super::outbox::Outbox;
 use super::sampling::{Sampled, SequenceSampler};
 use super::stop_checker::StopChecker;
 use super::types::{
@@ -148,16 +149,16 @@ impl Request {
         finish
     }
 
-    /// Sends what this step produced (if anything) to the client. Returns false when the client
-    /// is gone, so the caller can abort the request.
-    pub fn send_pending(&mut self, finish: Option<Finish>) -> bool {
+    /// Queues what this step produced (if anything) for the client. Returns false when the
+    /// client is gone, so the caller can abort the request.
+    pub fn send_pending(&mut self, finish: Option<Finish>, outbox: &mut Outbox) -> bool {
         if self.pending.token_ids.is_empty() && finish.is_none() {
             return true;
         }
         let mut out = std::mem::replace(&mut self.pending, empty_output(self.prompt_len));
         out.finish = finish;
         out.num_cached_tokens = self.num_cached_tokens.unwrap_or(0);
-        self.outputs.send(out).is_ok()
+        outbox.push(&self.outputs, out)
     }
 
     /// Whether the receiving side has gone away (client disconnected).
