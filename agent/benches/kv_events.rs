@@ -229,14 +229,15 @@ fn engine_round(
         hash_algo: HashAlgo::Sha256Cbor,
         hash_seed: None,
     };
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
     let handle = engine::start(
         config,
         loaded.model,
         Arc::new(loaded.tokenizer),
         metrics,
         sink,
+        rt.handle(),
     )?;
-    let rt = tokio::runtime::Builder::new_current_thread().build()?;
     let start = Instant::now();
     rt.block_on(async {
         let mut streams = Vec::new();
