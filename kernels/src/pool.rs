@@ -7,9 +7,13 @@
 //! microsecond or two; after 1 ms (`SPIN`) without work they park, so an idle server burns
 //! nothing.
 //!
-//! One loop runs at a time: a loop started while another is running (another thread's), or
-//! from inside a loop's task, runs on its calling thread alone. The caller always works on its
-//! own loop, so a loop never waits for a helper to wake.
+//! One loop runs at a time: a loop started while another is running (another thread's) runs
+//! on its calling thread alone. A loop started from inside a loop's task (the model's row
+//! groups run each group as one task, whose kernels then loop) runs on that task's thread, but
+//! open to the pool's threads that ran out of tasks of their own ([`Shared`]): groups rarely
+//! finish together (measured serving 16 streams on 2 threads: ~3 ms of one-thread idling in a
+//! ~30 ms step), and this way the first to finish helps the other. The caller always works on
+//! its own loop, so a loop never waits for a helper to wake.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -55,9 +59,15 @@ pub fn task_len(len: usize, min: usize, align: usize) -> usize {
 /// once every claimed task has finished.
 pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
     let run_here = |f: &dyn Fn(usize)| (0..n).for_each(f);
-    let Some(pool) = pool().filter(|_| n > 1 && n < MAX_TASKS && !IN_TASK.get()) else {
+    let Some(pool) = pool().filter(|_| n > 1 && n < MAX_TASKS) else {
         return run_here(&f);
     };
+    if IN_TASK.get() {
+        return match SLOT.get() {
+            Some(slot) if !IN_SHARED.get() => pool.share(slot, n, &f),
+            _ => run_here(&f),
+        };
+    }
     // A poisoned lock only means an earlier loop's task panicked (and said so).
     let _running = match pool.running.try_lock() {
         Ok(guard) => guard,
@@ -83,8 +93,52 @@ struct SendPtr<T>(*mut T);
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 thread_local! {
-    /// Set while this thread runs a task (or, on helpers, always): nested loops run serially.
+    /// Set while this thread runs a task (or, on helpers, always): nested loops run on it
+    /// (shared, see [`SLOT`]).
     static IN_TASK: Cell<bool> = const { Cell::new(false) };
+    /// This thread's slot for sharing the loops its tasks start: helpers always have one, the
+    /// thread whose loop is running has slot 0 meanwhile.
+    static SLOT: Cell<Option<usize>> = const { Cell::new(None) };
+    /// Set while this thread runs a task of a shared loop: loops those start run serially.
+    static IN_SHARED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A loop started inside a task, open to other pool threads (see the module docs). Lives on
+/// its starter's stack; others reach it only through a [`Slot`].
+struct Shared<'a> {
+    task: &'a Task,
+    tasks: usize,
+    next: AtomicUsize,
+    done: AtomicUsize,
+    panicked: AtomicBool,
+}
+
+impl Shared<'_> {
+    /// Claims and runs tasks until none is left.
+    fn work(&self) {
+        IN_SHARED.set(true);
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= self.tasks {
+                break;
+            }
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.task)(i)));
+            if ran.is_err() {
+                self.panicked.store(true, Ordering::Relaxed);
+            }
+            self.done.fetch_add(1, Ordering::Release);
+        }
+        IN_SHARED.set(false);
+    }
+}
+
+/// Where a pool thread publishes the shared loop it is running. `visitors` counts threads
+/// that may be looking at `job`: its starter retracts it and waits for none before the loop's
+/// closure goes out of scope.
+#[repr(align(128))]
+struct Slot {
+    job: AtomicPtr<Shared<'static>>,
+    visitors: AtomicUsize,
 }
 
 /// The loop being run, as helpers see it: lifetime erased, valid while its loop runs.
@@ -104,6 +158,8 @@ struct Pool {
     panicked: AtomicBool,
     /// Held by the thread whose loop is running.
     running: Mutex<()>,
+    /// Shared loops: slot 0 for the thread whose loop is running, then one per helper.
+    slots: Box<[Slot]>,
     /// Parked helpers wait here; `sleepers` counts them.
     parked: Mutex<()>,
     wake: Condvar,
@@ -129,6 +185,12 @@ fn pool() -> Option<&'static Pool> {
             done: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             running: Mutex::new(()),
+            slots: (0..threads)
+                .map(|_| Slot {
+                    job: AtomicPtr::new(std::ptr::null_mut()),
+                    visitors: AtomicUsize::new(0),
+                })
+                .collect(),
             parked: Mutex::new(()),
             wake: Condvar::new(),
             sleepers: AtomicUsize::new(0),
@@ -136,7 +198,7 @@ fn pool() -> Option<&'static Pool> {
         for i in 0..pool.helpers {
             let spawned = std::thread::Builder::new()
                 .name(format!("kernel-{i}"))
-                .spawn(move || pool.help());
+                .spawn(move || pool.help(i + 1));
             if spawned.is_err() {
                 // Fewer helpers than hoped only means less parallelism; none at all, none.
                 return None;
@@ -166,11 +228,14 @@ impl Pool {
             self.wake.notify_all();
         }
         IN_TASK.set(true);
+        SLOT.set(Some(0));
         self.work(epoch);
-        IN_TASK.set(false);
         while self.done.load(Ordering::Acquire) < n {
+            self.visit(0);
             std::hint::spin_loop();
         }
+        SLOT.set(None);
+        IN_TASK.set(false);
         if self.panicked.load(Ordering::Relaxed) {
             panic!("a kernel task panicked");
         }
@@ -209,9 +274,56 @@ impl Pool {
         }
     }
 
-    /// A helper thread: waits for loops (spinning, then parked) and works on them.
-    fn help(&self) {
+    /// Runs loop `f` of `n` tasks, started inside a task on the thread of slot `slot`, with any
+    /// pool thread that visits it.
+    fn share(&self, slot: usize, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        // SAFETY (lifetime erasure): visitors reach `job` only between its publication and its
+        // retraction below, counted in `visitors`, and this function returns only when none is
+        // left (so every task a visitor claimed has finished).
+        let task: &'static Task = unsafe { std::mem::transmute(f) };
+        let job = Shared {
+            task,
+            tasks: n,
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+        };
+        let slot = &self.slots[slot];
+        slot.job
+            .store(&job as *const Shared as *mut Shared, Ordering::SeqCst);
+        job.work();
+        slot.job.store(std::ptr::null_mut(), Ordering::SeqCst);
+        while slot.visitors.load(Ordering::SeqCst) > 0 || job.done.load(Ordering::Acquire) < n {
+            std::hint::spin_loop();
+        }
+        if job.panicked.load(Ordering::Relaxed) {
+            panic!("a kernel task panicked");
+        }
+    }
+
+    /// Works on the shared loops of threads other than slot `own`'s, if any.
+    fn visit(&self, own: usize) {
+        for (i, slot) in self.slots.iter().enumerate() {
+            if i == own || slot.job.load(Ordering::Relaxed).is_null() {
+                continue;
+            }
+            // Counted before looking: the loop's starter, retracting it, waits for us.
+            slot.visitors.fetch_add(1, Ordering::SeqCst);
+            let job = slot.job.load(Ordering::SeqCst);
+            if !job.is_null() {
+                // SAFETY: published and not yet retracted when loaded, and kept alive until
+                // `visitors` drops back (see `share`).
+                unsafe { (*job).work() };
+            }
+            slot.visitors.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A helper thread (slot `slot`): waits for loops (spinning, then parked) and works on
+    /// them, and on shared loops while it has nothing else.
+    fn help(&self, slot: usize) {
         IN_TASK.set(true);
+        SLOT.set(Some(slot));
         let mut seen = 0;
         let mut idle_since = Instant::now();
         let mut spins = 0u32;
@@ -223,6 +335,7 @@ impl Pool {
                 idle_since = Instant::now();
                 continue;
             }
+            self.visit(slot);
             spins = spins.wrapping_add(1);
             if !spins.is_multiple_of(SPINS_PER_CLOCK) {
                 std::hint::spin_loop();
@@ -277,7 +390,7 @@ mod tests {
     fn mutable_elements_and_nested_loops() {
         let mut rows: Vec<Vec<u64>> = (0..40).map(|i| vec![i; 8]).collect();
         for_each_mut(&mut rows, |row| {
-            // A loop inside a task runs on that task's thread.
+            // A loop inside a task (shared with idle threads, if any).
             let sum = AtomicU64::new(0);
             for_each(row.len(), |j| {
                 sum.fetch_add(row[j], Ordering::Relaxed);
@@ -287,6 +400,35 @@ mod tests {
         for (i, row) in rows.iter().enumerate() {
             assert_eq!(row[8], 8 * i as u64);
         }
+    }
+
+    /// A task's loop is taken up by threads that finished their own tasks; loops nested deeper
+    /// still run, once each. (Tries a few times: the other tests' loops, run at the same time,
+    /// may hold the pool, and then this one's outer loop runs on its thread alone.)
+    #[test]
+    fn threads_without_tasks_help_with_a_task_s_loop() {
+        if threads() < 2 {
+            return;
+        }
+        let helped = (0..50).any(|_| {
+            let workers = Mutex::new(std::collections::HashSet::new());
+            let inner = AtomicUsize::new(0);
+            for_each(2, |t| {
+                if t == 0 {
+                    return;
+                }
+                for_each(16, |_| {
+                    workers.lock().unwrap().insert(std::thread::current().id());
+                    for_each(4, |_| {
+                        inner.fetch_add(1, Ordering::Relaxed);
+                    });
+                    std::thread::sleep(Duration::from_millis(1));
+                });
+            });
+            assert_eq!(inner.into_inner(), 64);
+            workers.into_inner().unwrap().len() >= 2
+        });
+        assert!(helped, "no thread helped");
     }
 
     #[test]
