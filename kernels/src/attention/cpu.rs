@@ -227,7 +227,7 @@ impl<E: KvElem> CacheView<'_, E> {
     /// a block's regions one after another (6 KiB for 3 heads); a burst of that many lines stalls
     /// on the core's few outstanding-miss slots, so `next` is then the same head's region of the
     /// next block, for `f` to prefetch alongside its reads (see [`prefetch_alongside`]); the
-    /// attention bench at 16 rows ran 15-20% faster so than with whole-block bursts.
+    /// attention bench at 16 rows ran 9-17% faster so than with whole-block bursts.
     #[inline(always)]
     fn for_each_block<'d>(
         &self,
