@@ -122,14 +122,20 @@ impl Shared<'_> {
             if i >= self.tasks {
                 break;
             }
-            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.task)(i)));
-            if ran.is_err() {
-                self.panicked.store(true, Ordering::Relaxed);
-            }
-            self.done.fetch_add(1, Ordering::Release);
+            run_task(self.task, i, &self.panicked, &self.done);
         }
         IN_SHARED.set(false);
     }
+}
+
+/// Runs task `i` of a loop, noting a panic in `panicked` (raised later by the loop's starter)
+/// and its end in `done`.
+fn run_task(task: &Task, i: usize, panicked: &AtomicBool, done: &AtomicUsize) {
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task(i)));
+    if ran.is_err() {
+        panicked.store(true, Ordering::Relaxed);
+    }
+    done.fetch_add(1, Ordering::Release);
 }
 
 /// Where a pool thread publishes the shared loop it is running. `visitors` counts threads
@@ -260,13 +266,7 @@ impl Pool {
                     // SAFETY: the claim succeeded under `epoch` with a task left, so the loop
                     // has not finished and its closure is alive (see `run`).
                     let task = unsafe { *self.task.load(Ordering::Acquire) };
-                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        task(next as usize)
-                    }));
-                    if ran.is_err() {
-                        self.panicked.store(true, Ordering::Relaxed);
-                    }
-                    self.done.fetch_add(1, Ordering::Release);
+                    run_task(task, next as usize, &self.panicked, &self.done);
                     state = self.state.load(Ordering::Acquire);
                 }
                 Err(now) => state = now,

@@ -243,11 +243,11 @@ impl<E: KvElem> CacheView<'_, E> {
                 [..block_size * self.layout.head_dim]
         };
         let blocks = &block_table[..len.div_ceil(block_size)];
+        let alongside = kv_heads.len() > 1;
         for (b, &block) in blocks.iter().enumerate() {
             let first = b * block_size;
             for (h, kv_head) in kv_heads.clone().enumerate() {
                 let next = blocks.get(b + 1).map(|&next| region(next, kv_head));
-                let alongside = kv_heads.len() > 1;
                 if !alongside {
                     prefetch_alongside(next, 0..block_size * self.layout.head_dim);
                 }
