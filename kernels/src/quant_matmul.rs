@@ -10,12 +10,11 @@
 //! one pass.
 //!
 //! Every output is computed by one fixed sequence of operations, whatever the batch, the thread
-//! count and the instruction set: exact integer block sums, then per block, in block order,
-//! `acc = fma(sumi, dx·dy, acc)`; Q4_1's minimum terms gather apart, `mins = fma(mx, sy, mins)`,
-//! and the result is `acc + mins`. So a row's result does not depend on which rows share a
-//! call, and the AVX2 and scalar kernels agree bit for bit. Against candle's `QMatMul` (same
-//! quantization, the same integer sums, unfused float updates in another order) results differ
-//! only by float rounding.
+//! count and the instruction set: exact integer block sums, then per block
+//! `acc = fma(sumi, dx·dy, acc)` (Q4_1 also `acc = fma(mx, sy, acc)`, its minimum term). So a
+//! row's result does not depend on which rows share a call, and the AVX2 and scalar kernels
+//! agree bit for bit. Against candle's `QMatMul` (same quantization, the same integer sums,
+//! unfused float updates in another order) results differ only by float rounding.
 
 use half::f16;
 
@@ -329,16 +328,16 @@ impl UnitBlock for Q80x8 {
 /// `row`, in the kernels' order (see the module doc): the machines without AVX2, and the
 /// reference the AVX2 kernels are tested against.
 fn scalar_row<U: UnitBlock>(w: &[U], j: usize, acts: &QuantRows, row: usize) -> f32 {
-    let (mut acc, mut mins) = (0f32, 0f32);
+    let mut acc = 0f32;
     for (b, blk) in w.iter().enumerate() {
         let y = &acts.qs[row + b];
         let sumi: i32 = (0..BLOCK).map(|i| blk.quant(j, i) * y[i] as i32).sum();
         acc = (sumi as f32).mul_add(blk.scale(j) * acts.d[row + b], acc);
         if let Some(m) = blk.min(j) {
-            mins = m.mul_add(acts.s[row + b], mins);
+            acc = m.mul_add(acts.s[row + b], acc);
         }
     }
-    acc + mins
+    acc
 }
 
 /// One unit (blocks `w`) against activation rows `a0 .. a0 + count` (`count` <= [`ACT_TILE`]):
@@ -534,71 +533,9 @@ mod avx2 {
         )
     }
 
-    /// Integer block sums of Q4_1 block `blk` against block `b` of each activation row: lane `j`
-    /// of `isum[a]` gathers weight row `j`'s products 4 elements at a time (u8 × i8 pairs in
-    /// i16: at most 8 · 2 · 15 · 127 = 30480, no overflow), as i16 pairs (`madd` with ones
-    /// finishes the exact sum).
-    #[inline(always)]
-    unsafe fn q4_1_isums<const A: usize>(
-        blk: &Q41x8,
-        ys: &[*const [i8; BLOCK]; A],
-        b: usize,
-    ) -> [__m256i; A] {
-        let mask = _mm256_set1_epi8(0x0F);
-        let mut isum = [_mm256_setzero_si256(); A];
-        for t in 0..4 {
-            let p = _mm256_load_si256(blk.qs.as_ptr().add(32 * t) as *const __m256i);
-            let lo = _mm256_and_si256(p, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(p), mask);
-            for (s, y) in isum.iter_mut().zip(ys) {
-                // SAFETY (caller): `b` < blocks per row, checked by `act_rows`.
-                let y = &*y.add(b);
-                let s_lo = _mm256_maddubs_epi16(lo, broadcast4(y, 4 * t));
-                let s_hi = _mm256_maddubs_epi16(hi, broadcast4(y, 16 + 4 * t));
-                *s = _mm256_add_epi16(*s, _mm256_add_epi16(s_lo, s_hi));
-            }
-        }
-        isum
-    }
-
-    /// Block `b`'s (`blk`) scaled sums into every activation row's `acc`: `acc += sumi · dx·dy`.
-    #[inline(always)]
-    unsafe fn q4_1_scaled<const A: usize>(
-        blk: &Q41x8,
-        b: usize,
-        isum: &[__m256i; A],
-        yd: &[*const f32; A],
-        acc: &mut [__m256; A],
-    ) {
-        let ones = _mm256_set1_epi16(1);
-        let dx = _mm256_load_ps(blk.d.as_ptr());
-        for a in 0..A {
-            let sumi = _mm256_cvtepi32_ps(_mm256_madd_epi16(isum[a], ones));
-            let d = _mm256_mul_ps(dx, _mm256_broadcast_ss(&*yd[a].add(b)));
-            acc[a] = _mm256_fmadd_ps(sumi, d, acc[a]);
-        }
-    }
-
-    /// Block `b`'s (`blk`) minimum terms into every activation row's `mins`: `mins += mx · sy`.
-    #[inline(always)]
-    unsafe fn q4_1_min_terms<const A: usize>(
-        blk: &Q41x8,
-        b: usize,
-        ysum: &[*const f32; A],
-        mins: &mut [__m256; A],
-    ) {
-        let mx = _mm256_load_ps(blk.m.as_ptr());
-        for a in 0..A {
-            mins[a] = _mm256_fmadd_ps(mx, _mm256_broadcast_ss(&*ysum[a].add(b)), mins[a]);
-        }
-    }
-
-    /// 8 Q4_1 rows × `A` activation rows. Blocks go in pairs, both pairs' integer sums before
-    /// their float updates, and a full tile (`A` = 4) gathers the minimum terms in a second
-    /// pass over the blocks: measured 3-6% off a 16-row decode step (either change alone: no
-    /// gain), while a lone row, bound by reading the weights, lost ~4% to the second pass and
-    /// keeps its minimum terms in the loop (in their own accumulator, so the sums are the same
-    /// either way).
+    /// 8 Q4_1 rows × `A` activation rows. Per block, lane `j` of `isum` gathers row `j`'s
+    /// products 4 elements at a time (u8 × i8 pairs in i16: at most 8 · 2 · 15 · 127 = 30480,
+    /// no overflow), giving the exact integer block sum; the float update is lane-wise.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn q4_1_unit<const A: usize>(
         w: &[Q41x8],
@@ -608,38 +545,34 @@ mod avx2 {
     ) {
         let (ys, yd, ysum) = act_rows::<A>(acts, a0);
         assert_eq!(w.len(), acts.blocks);
-        let mins_apart = A == ACT_TILE;
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); A];
-        let mut mins = [_mm256_setzero_ps(); A];
-        // No closures here: they would not inherit this function's target features.
-        let mut b = 0;
-        while b < w.len() {
-            let first = q4_1_isums::<A>(&w[b], &ys, b);
-            let pair = b + 1 < w.len();
-            let second = if pair {
-                q4_1_isums::<A>(&w[b + 1], &ys, b + 1)
-            } else {
-                [_mm256_setzero_si256(); A]
-            };
-            q4_1_scaled(&w[b], b, &first, &yd, &mut acc);
-            if !mins_apart {
-                q4_1_min_terms(&w[b], b, &ysum, &mut mins);
-            }
-            if pair {
-                q4_1_scaled(&w[b + 1], b + 1, &second, &yd, &mut acc);
-                if !mins_apart {
-                    q4_1_min_terms(&w[b + 1], b + 1, &ysum, &mut mins);
+        for (b, blk) in w.iter().enumerate() {
+            let mut isum = [_mm256_setzero_si256(); A];
+            for t in 0..4 {
+                let p = _mm256_load_si256(blk.qs.as_ptr().add(32 * t) as *const __m256i);
+                let lo = _mm256_and_si256(p, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(p), mask);
+                for (s, y) in isum.iter_mut().zip(ys) {
+                    // SAFETY: `b` < blocks per row, checked by `act_rows`.
+                    let y = &*y.add(b);
+                    let s_lo = _mm256_maddubs_epi16(lo, broadcast4(y, 4 * t));
+                    let s_hi = _mm256_maddubs_epi16(hi, broadcast4(y, 16 + 4 * t));
+                    *s = _mm256_add_epi16(*s, _mm256_add_epi16(s_lo, s_hi));
                 }
             }
-            b += 2;
-        }
-        if mins_apart {
-            for (b, blk) in w.iter().enumerate() {
-                q4_1_min_terms(blk, b, &ysum, &mut mins);
+            let dx = _mm256_load_ps(blk.d.as_ptr());
+            let mx = _mm256_load_ps(blk.m.as_ptr());
+            for a in 0..A {
+                let sumi = _mm256_cvtepi32_ps(_mm256_madd_epi16(isum[a], ones));
+                let d = _mm256_mul_ps(dx, _mm256_broadcast_ss(&*yd[a].add(b)));
+                acc[a] = _mm256_fmadd_ps(sumi, d, acc[a]);
+                acc[a] = _mm256_fmadd_ps(mx, _mm256_broadcast_ss(&*ysum[a].add(b)), acc[a]);
             }
         }
-        for ((r, acc), mins) in res.iter_mut().zip(acc).zip(mins) {
-            _mm256_storeu_ps(r.as_mut_ptr(), _mm256_add_ps(acc, mins));
+        for (r, acc) in res.iter_mut().zip(acc) {
+            _mm256_storeu_ps(r.as_mut_ptr(), acc);
         }
     }
 
