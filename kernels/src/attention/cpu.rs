@@ -341,26 +341,21 @@ impl<E: KvElem> CacheView<'_, E> {
                     let weights =
                         |h: usize| &scores[(heads.start + h) * padded_len + first..][..count];
                     match heads.len() {
-                        2 if head_dim.is_multiple_of(JOINT_V_LEN) => weighted_v_joint::<2, HD, E>(
+                        2 => weighted_v_heads::<2, HD, E>(
                             v,
                             next,
                             head_dim,
                             [weights(0), weights(1)],
                             out,
                         ),
-                        3 if head_dim.is_multiple_of(JOINT_V_LEN) => weighted_v_joint::<3, HD, E>(
+                        3 => weighted_v_heads::<3, HD, E>(
                             v,
                             next,
                             head_dim,
                             [weights(0), weights(1), weights(2)],
                             out,
                         ),
-                        n => {
-                            for (h, out) in out.chunks_exact_mut(head_dim).take(n).enumerate() {
-                                let next = next.filter(|_| h == 0);
-                                weighted_v::<HD, E>(v, next, head_dim, weights(h), out);
-                            }
-                        }
+                        n => weighted_v_each::<HD, E>(v, next, head_dim, (0..n).map(weights), out),
                     }
                 }
             },
@@ -369,11 +364,9 @@ impl<E: KvElem> CacheView<'_, E> {
 }
 
 /// Query heads of one GQA group computed together (see [`CacheView::attend_groups`]): 3 heads'
-/// accumulators (6 score vectors, or 6 V vectors) plus the shared loads fit the 16 AVX
+/// accumulators (12 score vectors, or 12 V vectors) plus the shared loads fit the 16 AVX
 /// registers.
 const JOINT_HEADS: usize = 3;
-/// Dimensions of V accumulated per pass in [`weighted_v_joint`]: 2 vectors per head.
-const JOINT_V_LEN: usize = 2 * LANES;
 
 /// Scores of some query heads against one block's dim-major K region.
 struct QkTile<'a, E> {
@@ -442,24 +435,41 @@ impl<E: KvElem> QkTile<'_, E> {
 
     /// Scaled scores `q_h · k[t] · scale` of positions `t0 .. t0 + N·8` for the `H` heads
     /// (`t0 + N·8 <= block_size`): per query dim, one load of 8·N positions, then one broadcast
-    /// of each head's query dim times it, so no horizontal sums.
+    /// of each head's query dim times it, so no horizontal sums. The loop reads through raw
+    /// pointers after one bounds check: with per-step slice checks and span arithmetic it ran
+    /// about twice the instructions and spilled registers (attention bench, 16 rows: 10-20%
+    /// slower).
     #[inline(always)]
     fn tile<const N: usize, const H: usize, const P: usize, const HD: usize>(
         &self,
         t0: usize,
     ) -> [[f32x8; N]; H] {
         let head_dim = if HD == 0 { self.head_dim } else { HD };
-        let qs: [&[f32]; H] = std::array::from_fn(|h| &self.q[h * head_dim..][..head_dim]);
+        let bs = self.bs;
+        assert!(
+            self.q.len() >= H * head_dim && self.k.len() >= head_dim * bs && t0 + N * LANES <= bs
+        );
+        let (k, q) = (self.k.as_ptr(), self.q.as_ptr());
+        let next = self
+            .next
+            .filter(|next| next.len() >= head_dim * bs)
+            .map(<[E]>::as_ptr);
         let mut acc = [[[f32x8::ZERO; N]; H]; P];
         let step = |acc: &mut [[f32x8; N]; H], d: usize| {
-            let span = d * self.bs + t0..d * self.bs + t0 + N * LANES;
-            prefetch_alongside(self.next, span.clone());
-            let (row, _) = self.k[span].as_chunks::<LANES>();
-            let kv: [f32x8; N] = std::array::from_fn(|n| E::load8(&row[n]));
-            for (acc, q) in acc.iter_mut().zip(&qs) {
-                let x = f32x8::splat(q[d]);
-                for (a, k) in acc.iter_mut().zip(&kv) {
-                    *a = k.mul_add(x, *a);
+            let at = d * bs + t0;
+            // SAFETY: `d < head_dim`, so `at + N·8 <= head_dim · bs`, within `k` and `next`, and
+            // `h · head_dim + d` within `q` (all checked above).
+            unsafe {
+                if let Some(next) = next {
+                    prefetch(next.add(at));
+                }
+                let kv: [f32x8; N] =
+                    std::array::from_fn(|n| E::load8(&*k.add(at + n * LANES).cast::<[E; LANES]>()));
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let x = f32x8::splat(*q.add(h * head_dim + d));
+                    for (a, k) in acc.iter_mut().zip(&kv) {
+                        *a = k.mul_add(x, *a);
+                    }
                 }
             }
         };
@@ -521,10 +531,49 @@ fn weighted_v<const HD: usize, E: KvElem>(
     }
 }
 
-/// [`weighted_v`] for `H` heads at once (`out` is `[H, head_dim]`, `head_dim` a multiple of
-/// [`JOINT_V_LEN`]): each V vector is loaded once and multiplied by every head's weight.
+/// [`weighted_v`] for the `H` heads of a chunk (`out` is `[H, head_dim]`): jointly where the
+/// head dimension is a multiple of 2 or 4 vectors, else one head at a time.
 #[inline(always)]
-fn weighted_v_joint<const H: usize, const HD: usize, E: KvElem>(
+fn weighted_v_heads<const H: usize, const HD: usize, E: KvElem>(
+    v: &[E],
+    next: Option<&[E]>,
+    head_dim: usize,
+    weights: [&[f32]; H],
+    out: &mut [f32],
+) {
+    let head_dim = if HD == 0 { head_dim } else { HD };
+    if head_dim.is_multiple_of(4 * LANES) {
+        weighted_v_joint::<H, 4, HD, E>(v, next, head_dim, weights, out);
+    } else if head_dim.is_multiple_of(2 * LANES) {
+        weighted_v_joint::<H, 2, HD, E>(v, next, head_dim, weights, out);
+    } else {
+        weighted_v_each::<HD, E>(v, next, head_dim, weights.into_iter(), out);
+    }
+}
+
+/// [`weighted_v`] for each head of a chunk in turn (`out` is `[heads, head_dim]`); the first
+/// prefetches the next region.
+#[inline(always)]
+fn weighted_v_each<'w, const HD: usize, E: KvElem>(
+    v: &[E],
+    next: Option<&[E]>,
+    head_dim: usize,
+    weights: impl Iterator<Item = &'w [f32]>,
+    out: &mut [f32],
+) {
+    for (h, (out, weights)) in out.chunks_exact_mut(head_dim).zip(weights).enumerate() {
+        weighted_v::<HD, E>(v, next.filter(|_| h == 0), head_dim, weights, out);
+    }
+}
+
+/// [`weighted_v`] for `H` heads at once (`out` is `[H, head_dim]`, `head_dim` a multiple of
+/// `V·8`), `V` vectors of each head per pass over the tokens: each V vector is loaded once and
+/// multiplied by every head's weight. With `V = 4` the 12 accumulators of 3 heads are
+/// independent enough to keep both FMA pipes busy (2 vectors left the pass bound by FMA latency:
+/// attention bench, 16 rows, 20-30% slower), and raw pointers keep the loop free of bounds
+/// checks.
+#[inline(always)]
+fn weighted_v_joint<const H: usize, const V: usize, const HD: usize, E: KvElem>(
     v: &[E],
     next: Option<&[E]>,
     head_dim: usize,
@@ -533,27 +582,54 @@ fn weighted_v_joint<const H: usize, const HD: usize, E: KvElem>(
 ) {
     let head_dim = if HD == 0 { head_dim } else { HD };
     let count = weights[0].len();
-    for piece in (0..head_dim).step_by(JOINT_V_LEN) {
-        let mut acc = [[f32x8::ZERO; 2]; H];
+    assert!(
+        v.len() >= count * head_dim
+            && out.len() >= H * head_dim
+            && head_dim.is_multiple_of(V * LANES)
+            && weights.iter().all(|w| w.len() >= count)
+    );
+    let next = next
+        .filter(|next| next.len() >= count * head_dim)
+        .map(<[E]>::as_ptr);
+    let (vp, wp) = (v.as_ptr(), weights.map(<[f32]>::as_ptr));
+    for piece in (0..head_dim).step_by(V * LANES) {
+        let mut acc = [[f32x8::ZERO; V]; H];
         for t in 0..count {
-            let span = t * head_dim + piece..t * head_dim + piece + JOINT_V_LEN;
-            prefetch_alongside(next, span.clone());
-            let (row, _) = v[span].as_chunks::<LANES>();
-            let vv = [E::load8(&row[0]), E::load8(&row[1])];
-            for (acc, w) in acc.iter_mut().zip(&weights) {
-                let w = f32x8::splat(w[t]);
-                for (a, v) in acc.iter_mut().zip(&vv) {
-                    *a = v.mul_add(w, *a);
+            let at = t * head_dim + piece;
+            // SAFETY: `t < count` and `piece + V·8 <= head_dim`, so every read is within `v`,
+            // `next` and the weights (checked above).
+            unsafe {
+                if let Some(next) = next {
+                    prefetch(next.add(at));
+                }
+                let w: [f32x8; H] = std::array::from_fn(|h| f32x8::splat(*wp[h].add(t)));
+                for n in 0..V {
+                    let x = E::load8(&*vp.add(at + n * LANES).cast::<[E; LANES]>());
+                    for (acc, w) in acc.iter_mut().zip(&w) {
+                        acc[n] = x.mul_add(*w, acc[n]);
+                    }
                 }
             }
         }
         for (h, acc) in acc.iter().enumerate() {
-            let (out, _) = out[h * head_dim + piece..][..JOINT_V_LEN].as_chunks_mut::<LANES>();
+            let (out, _) = out[h * head_dim + piece..][..V * LANES].as_chunks_mut::<LANES>();
             for (o, a) in out.iter_mut().zip(acc) {
                 *o = (f32x8::new(*o) + *a).to_array();
             }
         }
     }
+}
+
+/// Hints the cache to load the line holding `p`.
+#[inline(always)]
+fn prefetch<E>(p: *const E) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch only hints the cache; it never faults.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// Starts loading the lines of `next` that begin (counting 64-byte lines from its start)
