@@ -340,22 +340,15 @@ impl<E: KvElem> CacheView<'_, E> {
                     let out = &mut out[heads.start * head_dim..heads.end * head_dim];
                     let weights =
                         |h: usize| &scores[(heads.start + h) * padded_len + first..][..count];
+                    let region = VRegion { v, next, head_dim };
                     match heads.len() {
-                        2 => weighted_v_heads::<2, HD, E>(
-                            v,
-                            next,
-                            head_dim,
-                            [weights(0), weights(1)],
-                            out,
-                        ),
+                        2 => weighted_v_heads::<2, HD, E>(region, [weights(0), weights(1)], out),
                         3 => weighted_v_heads::<3, HD, E>(
-                            v,
-                            next,
-                            head_dim,
+                            region,
                             [weights(0), weights(1), weights(2)],
                             out,
                         ),
-                        n => weighted_v_each::<HD, E>(v, next, head_dim, (0..n).map(weights), out),
+                        n => weighted_v_each::<HD, E>(region, (0..n).map(weights), out),
                     }
                 }
             },
@@ -493,18 +486,37 @@ impl<E: KvElem> QkTile<'_, E> {
     }
 }
 
+/// One block's token-major V region of one KV head (`[block_size, head_dim]`), and the next
+/// region, to prefetch alongside the reads.
+#[derive(Clone, Copy)]
+struct VRegion<'a, E> {
+    v: &'a [E],
+    next: Option<&'a [E]>,
+    head_dim: usize,
+}
+
+impl<E> VRegion<'_, E> {
+    /// The head dimension: `HD` where known at compile time (non-zero), so loops unroll.
+    #[inline(always)]
+    fn dim<const HD: usize>(&self) -> usize {
+        if HD == 0 {
+            self.head_dim
+        } else {
+            HD
+        }
+    }
+}
+
 /// `out += Σ_t weights[t] · v[t]` over one block's token-major V region (`[block_size,
 /// head_dim]`) for one head, up to [`ACC_VECTORS`] vectors of the head at a time, in a local
 /// array the compiler keeps in registers when `HD` is known.
 #[inline(always)]
 fn weighted_v<const HD: usize, E: KvElem>(
-    v: &[E],
-    next: Option<&[E]>,
-    head_dim: usize,
+    region: VRegion<'_, E>,
     weights: &[f32],
     out: &mut [f32],
 ) {
-    let head_dim = if HD == 0 { head_dim } else { HD };
+    let (v, next, head_dim) = (region.v, region.next, region.dim::<HD>());
     for (piece, out_piece) in out[..head_dim].chunks_mut(ACC_LEN).enumerate() {
         let offset = piece * ACC_LEN;
         let mut acc = [f32x8::ZERO; ACC_VECTORS];
@@ -535,19 +547,17 @@ fn weighted_v<const HD: usize, E: KvElem>(
 /// head dimension is a multiple of 2 or 4 vectors, else one head at a time.
 #[inline(always)]
 fn weighted_v_heads<const H: usize, const HD: usize, E: KvElem>(
-    v: &[E],
-    next: Option<&[E]>,
-    head_dim: usize,
+    region: VRegion<'_, E>,
     weights: [&[f32]; H],
     out: &mut [f32],
 ) {
-    let head_dim = if HD == 0 { head_dim } else { HD };
+    let head_dim = region.dim::<HD>();
     if head_dim.is_multiple_of(4 * LANES) {
-        weighted_v_joint::<H, 4, HD, E>(v, next, head_dim, weights, out);
+        weighted_v_joint::<H, 4, HD, E>(region, weights, out);
     } else if head_dim.is_multiple_of(2 * LANES) {
-        weighted_v_joint::<H, 2, HD, E>(v, next, head_dim, weights, out);
+        weighted_v_joint::<H, 2, HD, E>(region, weights, out);
     } else {
-        weighted_v_each::<HD, E>(v, next, head_dim, weights.into_iter(), out);
+        weighted_v_each::<HD, E>(region, weights.into_iter(), out);
     }
 }
 
@@ -555,14 +565,14 @@ fn weighted_v_heads<const H: usize, const HD: usize, E: KvElem>(
 /// prefetches the next region.
 #[inline(always)]
 fn weighted_v_each<'w, const HD: usize, E: KvElem>(
-    v: &[E],
-    next: Option<&[E]>,
-    head_dim: usize,
+    region: VRegion<'_, E>,
     weights: impl Iterator<Item = &'w [f32]>,
     out: &mut [f32],
 ) {
-    for (h, (out, weights)) in out.chunks_exact_mut(head_dim).zip(weights).enumerate() {
-        weighted_v::<HD, E>(v, next.filter(|_| h == 0), head_dim, weights, out);
+    let chunks = out.chunks_exact_mut(region.dim::<HD>());
+    for (h, (out, weights)) in chunks.zip(weights).enumerate() {
+        let next = region.next.filter(|_| h == 0);
+        weighted_v::<HD, E>(VRegion { next, ..region }, weights, out);
     }
 }
 
@@ -574,13 +584,11 @@ fn weighted_v_each<'w, const HD: usize, E: KvElem>(
 /// checks.
 #[inline(always)]
 fn weighted_v_joint<const H: usize, const V: usize, const HD: usize, E: KvElem>(
-    v: &[E],
-    next: Option<&[E]>,
-    head_dim: usize,
+    region: VRegion<'_, E>,
     weights: [&[f32]; H],
     out: &mut [f32],
 ) {
-    let head_dim = if HD == 0 { head_dim } else { HD };
+    let (v, next, head_dim) = (region.v, region.next, region.dim::<HD>());
     let count = weights[0].len();
     assert!(
         v.len() >= count * head_dim
