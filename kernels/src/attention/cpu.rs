@@ -649,18 +649,10 @@ fn prefetch_alongside<E>(next: Option<&[E]>, span: Range<usize>) {
     let per_line = 64 / std::mem::size_of::<E>();
     let end = span.end.min(next.len());
     let mut i = span.start.next_multiple_of(per_line);
-    #[cfg(target_arch = "x86_64")]
     while i < end {
-        // SAFETY: a prefetch only hints the cache (and `i` is in bounds anyway).
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                next.as_ptr().add(i).cast(),
-            )
-        };
+        prefetch(next.as_ptr().wrapping_add(i));
         i += per_line;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (end, i);
 }
 
 /// f32 lanes of one SIMD vector (AVX: 8).
