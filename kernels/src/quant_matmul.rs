@@ -16,6 +16,10 @@
 //! agree bit for bit. Against candle's `QMatMul` (same quantization, the same integer sums,
 //! unfused float updates in another order) results differ only by float rounding.
 
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::__m256;
+use std::ops::Range;
+
 use half::f16;
 
 use crate::pool;
@@ -226,41 +230,13 @@ impl QuantMatrix {
     /// Weight rows `8·unit ..` (the valid ones) against every row `a` of `acts`, into
     /// `out[a][j - first]` (`out[a]` covers this task's rows from `first`).
     fn unit_rows(&self, unit: usize, acts: &QuantRows, first: usize, out: &mut [&mut [f32]]) {
-        let row0 = unit * UNIT_ROWS;
-        let valid = UNIT_ROWS.min(self.rows - row0);
-        let mut a0 = 0;
-        while a0 < out.len() {
-            let count = ACT_TILE.min(out.len() - a0);
-            let mut res = [[0f32; UNIT_ROWS]; ACT_TILE];
-            self.unit_tile(unit, acts, a0, count, &mut res);
-            for (a, r) in res.iter().take(count).enumerate() {
-                let dst = &mut out[a0 + a][row0 - first..row0 - first + valid];
-                // A whole unit as a fixed-size copy: a variable-length one is a libc call,
-                // which for these 32 bytes cost more than the copy (perf).
-                match <&mut [f32; UNIT_ROWS]>::try_from(&mut *dst) {
-                    Ok(whole) => *whole = *r,
-                    Err(_) => dst.copy_from_slice(&r[..valid]),
-                }
-            }
-            a0 += count;
-        }
-    }
-
-    /// Results of weight rows `8·unit ..` (the valid ones) against activation rows
-    /// `a0 .. a0 + count` (`count` at most [`ACT_TILE`]): `res[a][j]`.
-    fn unit_tile(
-        &self,
-        unit: usize,
-        acts: &QuantRows,
-        a0: usize,
-        count: usize,
-        res: &mut [[f32; UNIT_ROWS]; ACT_TILE],
-    ) {
         let nb = acts.blocks;
         let blocks = unit * nb..(unit + 1) * nb;
+        let row0 = unit * UNIT_ROWS;
+        let cols = row0 - first..row0 - first + UNIT_ROWS.min(self.rows - row0);
         match &self.packed {
-            Packed::Q4_1(packed) => tile(&packed[blocks], self.simd, acts, a0, count, res),
-            Packed::Q8_0(packed) => tile(&packed[blocks], self.simd, acts, a0, count, res),
+            Packed::Q4_1(packed) => unit_all_rows(&packed[blocks], self.simd, acts, out, cols),
+            Packed::Q8_0(packed) => unit_all_rows(&packed[blocks], self.simd, acts, out, cols),
         }
     }
 }
@@ -274,15 +250,14 @@ trait UnitBlock: Sized {
     /// Row `j`'s minimum, for formats that have one (Q4_1's `m`).
     fn min(&self, j: usize) -> Option<f32>;
 
-    /// The AVX2 kernel for 1, 2, 3 and 4 activation rows.
+    /// The unit's 8 rows (blocks `w`) against activation rows `a0 .. a0 + A` (`A` at most
+    /// [`ACT_TILE`]): one vector of the 8 rows' results per activation row.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
-    const AVX2: [Avx2Kernel<Self>; ACT_TILE];
+    unsafe fn avx2_tile<const A: usize>(w: &[Self], acts: &QuantRows, a0: usize) -> [__m256; A];
 }
-
-/// All 8 rows of a unit (blocks `w`) against activation rows `a0 ..`, into `res[a][j]`.
-/// Unsafe to call: the CPU must have AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-type Avx2Kernel<U> = unsafe fn(&[U], &QuantRows, usize, &mut [[f32; UNIT_ROWS]; ACT_TILE]);
 
 impl UnitBlock for Q41x8 {
     fn quant(&self, j: usize, i: usize) -> i32 {
@@ -297,12 +272,10 @@ impl UnitBlock for Q41x8 {
         Some(self.m[j])
     }
     #[cfg(target_arch = "x86_64")]
-    const AVX2: [Avx2Kernel<Self>; ACT_TILE] = [
-        avx2::q4_1_unit::<1>,
-        avx2::q4_1_unit::<2>,
-        avx2::q4_1_unit::<3>,
-        avx2::q4_1_unit::<4>,
-    ];
+    #[inline(always)]
+    unsafe fn avx2_tile<const A: usize>(w: &[Self], acts: &QuantRows, a0: usize) -> [__m256; A] {
+        avx2::q4_1_unit::<A>(w, acts, a0)
+    }
 }
 
 impl UnitBlock for Q80x8 {
@@ -316,12 +289,10 @@ impl UnitBlock for Q80x8 {
         None
     }
     #[cfg(target_arch = "x86_64")]
-    const AVX2: [Avx2Kernel<Self>; ACT_TILE] = [
-        avx2::q8_0_unit::<1>,
-        avx2::q8_0_unit::<2>,
-        avx2::q8_0_unit::<3>,
-        avx2::q8_0_unit::<4>,
-    ];
+    #[inline(always)]
+    unsafe fn avx2_tile<const A: usize>(w: &[Self], acts: &QuantRows, a0: usize) -> [__m256; A] {
+        avx2::q8_0_unit::<A>(w, acts, a0)
+    }
 }
 
 /// Row `j` of the unit whose blocks are `w` against the activation row starting at block
@@ -340,27 +311,26 @@ fn scalar_row<U: UnitBlock>(w: &[U], j: usize, acts: &QuantRows, row: usize) -> 
     acc
 }
 
-/// One unit (blocks `w`) against activation rows `a0 .. a0 + count` (`count` <= [`ACT_TILE`]):
-/// `res[a][j]`, by the AVX2 kernel where `simd`, else the scalar one.
-fn tile<U: UnitBlock>(
+/// One unit (blocks `w`) against every activation row: the unit's row `j` into
+/// `out[a][cols.start + j]` for its valid rows (`cols`), by the AVX2 kernels where `simd`, else
+/// the scalar one.
+fn unit_all_rows<U: UnitBlock>(
     w: &[U],
     simd: bool,
     acts: &QuantRows,
-    a0: usize,
-    count: usize,
-    res: &mut [[f32; UNIT_ROWS]; ACT_TILE],
+    out: &mut [&mut [f32]],
+    cols: Range<usize>,
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is set only where AVX2 and FMA were detected.
-        unsafe { U::AVX2[count.clamp(1, ACT_TILE) - 1](w, acts, a0, res) };
+        unsafe { avx2::unit_all_rows(w, acts, out, cols) };
         return;
     }
     let _ = simd;
-    for (a, r) in res.iter_mut().take(count).enumerate() {
-        let row = (a0 + a) * acts.blocks;
-        for (j, out) in r.iter_mut().enumerate() {
-            *out = scalar_row(w, j, acts, row);
+    for (a, out) in out.iter_mut().enumerate() {
+        for (j, out) in out[cols.clone()].iter_mut().enumerate() {
+            *out = scalar_row(w, j, acts, a * acts.blocks);
         }
     }
 }
@@ -504,7 +474,50 @@ fn quantize_block(xs: &[f32], qs: &mut [i8; BLOCK], simd: bool) -> (f32, i32) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Q41x8, Q80x8, QuantRows, ACT_TILE, BLOCK, UNIT_ROWS};
+    use std::ops::Range;
+
+    use super::{Q41x8, Q80x8, QuantRows, UnitBlock, ACT_TILE, BLOCK, UNIT_ROWS};
+
+    /// [`super::unit_all_rows`]: full tiles of [`ACT_TILE`] activation rows, then the rest
+    /// in one smaller tile, each kernel's vectors stored straight into the output rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn unit_all_rows<U: UnitBlock>(
+        w: &[U],
+        acts: &QuantRows,
+        out: &mut [&mut [f32]],
+        cols: Range<usize>,
+    ) {
+        let mut tiles = out.chunks_exact_mut(ACT_TILE);
+        let mut a0 = 0;
+        for tile in &mut tiles {
+            put(U::avx2_tile::<ACT_TILE>(w, acts, a0), tile, &cols);
+            a0 += ACT_TILE;
+        }
+        let rest = tiles.into_remainder();
+        match rest.len() {
+            1 => put(U::avx2_tile::<1>(w, acts, a0), rest, &cols),
+            2 => put(U::avx2_tile::<2>(w, acts, a0), rest, &cols),
+            3 => put(U::avx2_tile::<3>(w, acts, a0), rest, &cols),
+            _ => {}
+        }
+    }
+
+    /// Activation row `a`'s 8 results into `cols` of `out[a]` (fewer where the unit has
+    /// fewer valid rows).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn put<const A: usize>(res: [__m256; A], out: &mut [&mut [f32]], cols: &Range<usize>) {
+        for (v, out) in res.into_iter().zip(out) {
+            let dst = &mut out[cols.clone()];
+            if dst.len() == UNIT_ROWS {
+                _mm256_storeu_ps(dst.as_mut_ptr(), v);
+            } else {
+                let mut all = [0f32; UNIT_ROWS];
+                _mm256_storeu_ps(all.as_mut_ptr(), v);
+                dst.copy_from_slice(&all[..dst.len()]);
+            }
+        }
+    }
 
     /// Bytes `at..at + 4` of an activation block, in every 32-bit lane.
     #[inline(always)]
@@ -537,12 +550,12 @@ mod avx2 {
     /// products 4 elements at a time (u8 × i8 pairs in i16: at most 8 · 2 · 15 · 127 = 30480,
     /// no overflow), giving the exact integer block sum; the float update is lane-wise.
     #[target_feature(enable = "avx2,fma")]
+    #[inline]
     pub(super) unsafe fn q4_1_unit<const A: usize>(
         w: &[Q41x8],
         acts: &QuantRows,
         a0: usize,
-        res: &mut [[f32; UNIT_ROWS]; ACT_TILE],
-    ) {
+    ) -> [__m256; A] {
         let (ys, yd, ysum) = act_rows::<A>(acts, a0);
         assert_eq!(w.len(), acts.blocks);
         let mask = _mm256_set1_epi8(0x0F);
@@ -571,21 +584,19 @@ mod avx2 {
                 acc[a] = _mm256_fmadd_ps(mx, _mm256_broadcast_ss(&*ysum[a].add(b)), acc[a]);
             }
         }
-        for (r, acc) in res.iter_mut().zip(acc) {
-            _mm256_storeu_ps(r.as_mut_ptr(), acc);
-        }
+        acc
     }
 
     /// 8 Q8_0 rows × `A` activation rows. `maddubs` needs an unsigned operand, so each
     /// product is taken as `|w| · (y · sign w)` (exact; pairs stay within i16: at most
     /// 2 · 128 · 127); lane `j` of `isum` gathers row `j`'s exact integer block sum.
     #[target_feature(enable = "avx2,fma")]
+    #[inline]
     pub(super) unsafe fn q8_0_unit<const A: usize>(
         w: &[Q80x8],
         acts: &QuantRows,
         a0: usize,
-        res: &mut [[f32; UNIT_ROWS]; ACT_TILE],
-    ) {
+    ) -> [__m256; A] {
         let (ys, yd, _) = act_rows::<A>(acts, a0);
         assert_eq!(w.len(), acts.blocks);
         let ones = _mm256_set1_epi16(1);
@@ -608,9 +619,7 @@ mod avx2 {
                 acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[a]), d, acc[a]);
             }
         }
-        for (r, acc) in res.iter_mut().zip(acc) {
-            _mm256_storeu_ps(r.as_mut_ptr(), acc);
-        }
+        acc
     }
 
     /// [`super::quantize_block`]: the same max, division and products, and the same
