@@ -255,16 +255,8 @@ impl RmsNorm {
                 }
             }
             for (out, x) in out.chunks_mut(SUM_ROWS * n).zip(x.chunks(SUM_ROWS * n)) {
-                let mut sums = [0f32; SUM_ROWS];
-                let sums = &mut sums[..x.len() / n];
-                for i in 0..n {
-                    for (r, sum) in sums.iter_mut().enumerate() {
-                        let v = x[r * n + i];
-                        *sum += v * v;
-                    }
-                }
-                for ((out, x), &sum2) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)).zip(&*sums)
-                {
+                let sums = sums_of_squares(x, n);
+                for ((out, x), &sum2) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)).zip(&sums) {
                     let m = (sum2 / n as f32 + eps).sqrt();
                     for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
                         *o = x / m * w;
@@ -275,8 +267,40 @@ impl RmsNorm {
     }
 }
 
-/// Rows whose sums of squares [`RmsNorm::run`] accumulates together.
+/// Rows whose sums of squares [`RmsNorm::run`] accumulates together: one per lane of a vector.
 const SUM_ROWS: usize = 8;
+
+/// The sums of squares of the (at most [`SUM_ROWS`]) `n`-wide rows of `x`, each summed in
+/// order, one product at a time (see [`RmsNorm::run`]). A full set of rows goes 8 columns at a
+/// time through a transpose, so that lane `r` of one vector adds row `r`'s squares in order.
+fn sums_of_squares(x: &[f32], n: usize) -> [f32; SUM_ROWS] {
+    let rows = x.len() / n;
+    let mut sums = [0f32; SUM_ROWS];
+    let mut done = 0;
+    if rows == SUM_ROWS {
+        let mut acc = f32x8::ZERO;
+        let at = |r: usize, i: usize| -> [f32; 8] {
+            let mut v = [0f32; 8];
+            v.copy_from_slice(&x[r * n + i..][..8]);
+            v
+        };
+        while done + 8 <= n {
+            let columns = f32x8::transpose(std::array::from_fn(|r| f32x8::new(at(r, done))));
+            for c in columns {
+                acc = acc + c * c;
+            }
+            done += 8;
+        }
+        sums.copy_from_slice(&acc.to_array());
+    }
+    for i in done..n {
+        for (r, sum) in sums[..rows].iter_mut().enumerate() {
+            let v = x[r * n + i];
+            *sum += v * v;
+        }
+    }
+    sums
+}
 
 /// One decoder block's weights.
 pub(crate) struct Layer<M = QMatMul> {
@@ -797,6 +821,7 @@ mod tests {
     use candle_transformers::models::quantized_llama::ModelWeights;
     use kernels::KvDtype;
     use rand::seq::SliceRandom;
+    use rand::Rng;
     use rand::SeedableRng;
 
     /// One sequence's part of a test step.
@@ -981,6 +1006,24 @@ mod tests {
             run.tokens.push((ours_tokens, oracle_tokens));
         }
         run
+    }
+
+    /// A full set of rows (the transposed path) sums each row's squares exactly as one row
+    /// alone does: in order, one rounded product at a time; widths off multiples of 8 too.
+    #[test]
+    fn sums_of_squares_are_each_rows_sequential_sum() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for n in [576, 61, 8, 3] {
+            let x: Vec<f32> = (0..SUM_ROWS * n)
+                .map(|_| (rng.random::<f32>() - 0.5) * 10f32.powi(rng.random_range(-3..3)))
+                .collect();
+            let sums = sums_of_squares(&x, n);
+            for (r, row) in x.chunks_exact(n).enumerate() {
+                let alone = row.iter().fold(0f32, |s, v| s + v * v);
+                assert_eq!(sums[r].to_bits(), sums_of_squares(row, n)[0].to_bits());
+                assert_eq!(sums[r].to_bits(), alone.to_bits(), "n={n} row {r}");
+            }
+        }
     }
 
     /// On F16-stored weights (f32 matmuls) both implementations compute the same function and
