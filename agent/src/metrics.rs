@@ -87,9 +87,13 @@ impl Metrics {
         cache: &CacheConfigInfo,
     ) -> prometheus::Result<Self> {
         let registry = Registry::new();
-        let labels = |opts: Opts| opts.const_label("model_name", model_name).const_label("engine", "0");
+        let labels = |opts: Opts| {
+            opts.const_label("model_name", model_name)
+                .const_label("engine", "0")
+        };
         let hlabels = |opts: HistogramOpts| {
-            opts.const_label("model_name", model_name).const_label("engine", "0")
+            opts.const_label("model_name", model_name)
+                .const_label("engine", "0")
         };
         let gauge = |name: &str, help: &str| -> prometheus::Result<Gauge> {
             let g = Gauge::with_opts(labels(Opts::new(name, help)))?;
@@ -103,28 +107,45 @@ impl Metrics {
         };
         let histogram =
             |name: &str, help: &str, buckets: Vec<f64>| -> prometheus::Result<Histogram> {
-                let h = Histogram::with_opts(hlabels(HistogramOpts::new(name, help).buckets(buckets)))?;
+                let h =
+                    Histogram::with_opts(hlabels(HistogramOpts::new(name, help).buckets(buckets)))?;
                 registry.register(Box::new(h.clone()))?;
                 Ok(h)
             };
 
         let cache_info = GaugeVec::new(
-            labels(Opts::new("vllm:cache_config_info", "Information of the LLMEngine CacheConfig")),
-            &["block_size", "num_gpu_blocks", "enable_prefix_caching", "prefix_caching_hash_algo", "cache_dtype"],
+            labels(Opts::new(
+                "vllm:cache_config_info",
+                "Information of the LLMEngine CacheConfig",
+            )),
+            &[
+                "block_size",
+                "num_gpu_blocks",
+                "enable_prefix_caching",
+                "prefix_caching_hash_algo",
+                "cache_dtype",
+            ],
         )?;
         registry.register(Box::new(cache_info.clone()))?;
         cache_info
             .with_label_values(&[
                 cache.block_size.to_string().as_str(),
                 cache.num_gpu_blocks.to_string().as_str(),
-                if cache.enable_prefix_caching { "True" } else { "False" },
+                if cache.enable_prefix_caching {
+                    "True"
+                } else {
+                    "False"
+                },
                 cache.prefix_caching_hash_algo.as_str(),
                 cache.cache_dtype.as_str(),
             ])
             .set(1.0);
 
         let request_success = IntCounterVec::new(
-            labels(Opts::new("vllm:request_success_total", "Count of successfully processed requests.")),
+            labels(Opts::new(
+                "vllm:request_success_total",
+                "Count of successfully processed requests.",
+            )),
             &["finished_reason"],
         )?;
         registry.register(Box::new(request_success.clone()))?;
@@ -134,26 +155,92 @@ impl Metrics {
         let token_buckets = one_two_five_buckets(max_model_len);
 
         Ok(Self {
-            num_requests_running: gauge("vllm:num_requests_running", "Number of requests in model execution batches.")?,
-            num_requests_waiting: gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")?,
-            kv_cache_usage_perc: gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")?,
-            prompt_tokens: counter("vllm:prompt_tokens_total", "Number of prefill tokens processed.")?,
-            generation_tokens: counter("vllm:generation_tokens_total", "Number of generation tokens processed.")?,
-            prefix_cache_queries: counter("vllm:prefix_cache_queries_total", "Prefix cache queries, in terms of number of queried tokens.")?,
-            prefix_cache_hits: counter("vllm:prefix_cache_hits_total", "Prefix cache hits, in terms of number of cached tokens.")?,
-            num_preemptions: counter("vllm:num_preemptions_total", "Cumulative number of preemption from the engine.")?,
+            num_requests_running: gauge(
+                "vllm:num_requests_running",
+                "Number of requests in model execution batches.",
+            )?,
+            num_requests_waiting: gauge(
+                "vllm:num_requests_waiting",
+                "Number of requests waiting to be processed.",
+            )?,
+            kv_cache_usage_perc: gauge(
+                "vllm:kv_cache_usage_perc",
+                "KV-cache usage. 1 means 100 percent usage.",
+            )?,
+            prompt_tokens: counter(
+                "vllm:prompt_tokens_total",
+                "Number of prefill tokens processed.",
+            )?,
+            generation_tokens: counter(
+                "vllm:generation_tokens_total",
+                "Number of generation tokens processed.",
+            )?,
+            prefix_cache_queries: counter(
+                "vllm:prefix_cache_queries_total",
+                "Prefix cache queries, in terms of number of queried tokens.",
+            )?,
+            prefix_cache_hits: counter(
+                "vllm:prefix_cache_hits_total",
+                "Prefix cache hits, in terms of number of cached tokens.",
+            )?,
+            num_preemptions: counter(
+                "vllm:num_preemptions_total",
+                "Cumulative number of preemption from the engine.",
+            )?,
             request_success,
-            time_to_first_token: histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS.to_vec())?,
-            inter_token_latency: histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS.to_vec())?,
-            e2e_request_latency: histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS.to_vec())?,
-            request_queue_time: histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", REQUEST_LATENCY_BUCKETS.to_vec())?,
-            request_prefill_time: histogram("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.", REQUEST_LATENCY_BUCKETS.to_vec())?,
-            request_decode_time: histogram("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.", REQUEST_LATENCY_BUCKETS.to_vec())?,
-            request_prompt_tokens: histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", token_buckets.clone())?,
-            request_generation_tokens: histogram("vllm:request_generation_tokens", "Number of generation tokens processed.", token_buckets)?,
-            iteration_tokens: histogram("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", ITERATION_TOKEN_BUCKETS.to_vec())?,
-            kv_events_published: counter("agent_kv_events_published_batches_total", "KV cache event batches queued for publishing.")?,
-            kv_events_dropped: counter("agent_kv_events_dropped_batches_total", "KV cache event batches dropped because the publisher queue was full.")?,
+            time_to_first_token: histogram(
+                "vllm:time_to_first_token_seconds",
+                "Histogram of time to first token in seconds.",
+                TTFT_BUCKETS.to_vec(),
+            )?,
+            inter_token_latency: histogram(
+                "vllm:inter_token_latency_seconds",
+                "Histogram of inter-token latency in seconds.",
+                ITL_BUCKETS.to_vec(),
+            )?,
+            e2e_request_latency: histogram(
+                "vllm:e2e_request_latency_seconds",
+                "Histogram of e2e request latency in seconds.",
+                REQUEST_LATENCY_BUCKETS.to_vec(),
+            )?,
+            request_queue_time: histogram(
+                "vllm:request_queue_time_seconds",
+                "Histogram of time spent in WAITING phase for request.",
+                REQUEST_LATENCY_BUCKETS.to_vec(),
+            )?,
+            request_prefill_time: histogram(
+                "vllm:request_prefill_time_seconds",
+                "Histogram of time spent in PREFILL phase for request.",
+                REQUEST_LATENCY_BUCKETS.to_vec(),
+            )?,
+            request_decode_time: histogram(
+                "vllm:request_decode_time_seconds",
+                "Histogram of time spent in DECODE phase for request.",
+                REQUEST_LATENCY_BUCKETS.to_vec(),
+            )?,
+            request_prompt_tokens: histogram(
+                "vllm:request_prompt_tokens",
+                "Number of prefill tokens processed.",
+                token_buckets.clone(),
+            )?,
+            request_generation_tokens: histogram(
+                "vllm:request_generation_tokens",
+                "Number of generation tokens processed.",
+                token_buckets,
+            )?,
+            iteration_tokens: histogram(
+                "vllm:iteration_tokens_total",
+                "Histogram of number of tokens per engine_step.",
+                ITERATION_TOKEN_BUCKETS.to_vec(),
+            )?,
+            kv_events_published: counter(
+                "agent_kv_events_published_batches_total",
+                "KV cache event batches queued for publishing.",
+            )?,
+            kv_events_dropped: counter(
+                "agent_kv_events_dropped_batches_total",
+                "KV cache event batches dropped because the publisher queue was full.",
+            )?,
             registry,
             model_name: model_name.to_string(),
         })
@@ -184,7 +271,10 @@ mod tests {
 
     #[test]
     fn one_two_five_buckets_stop_at_limit() {
-        assert_eq!(one_two_five_buckets(100), vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]);
+        assert_eq!(
+            one_two_five_buckets(100),
+            vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]
+        );
         assert_eq!(one_two_five_buckets(8192).last(), Some(&5000.0));
     }
 
@@ -201,9 +291,16 @@ mod tests {
         m.prompt_tokens.inc_by(3);
         m.record_finished("stop");
         let text = m.render();
-        assert!(text.contains("vllm:prompt_tokens_total{engine=\"0\",model_name=\"m\"} 3"), "{text}");
-        assert!(text.contains("vllm:request_success_total{engine=\"0\",finished_reason=\"stop\",model_name=\"m\"} 1"));
-        assert!(text.contains("vllm:time_to_first_token_seconds_bucket{engine=\"0\",model_name=\"m\",le=\"2560\"}"));
+        assert!(
+            text.contains("vllm:prompt_tokens_total{engine=\"0\",model_name=\"m\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "vllm:request_success_total{engine=\"0\",finished_reason=\"stop\",model_name=\"m\"} 1"
+        ));
+        assert!(text.contains(
+            "vllm:time_to_first_token_seconds_bucket{engine=\"0\",model_name=\"m\",le=\"2560\"}"
+        ));
         assert!(text.contains("num_gpu_blocks=\"100\""));
     }
 }

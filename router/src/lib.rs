@@ -9,4 +9,3 @@ pub mod metrics;
 pub mod pods;
 pub mod proxy;
 pub mod scoring;
-pub mod tokenize;

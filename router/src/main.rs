@@ -16,7 +16,6 @@ use router::metrics::RouterMetrics;
 use router::pods::{self, IndexHooks, Origin, PodSet};
 use router::proxy::{self, RouterState};
 use router::scoring::Scheduler;
-use router::tokenize::PromptTokenizer;
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -37,12 +36,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         !args.pods.is_empty() || args.pod_discovery.is_some(),
         "no pods: give --pod (repeatable) or --pod-discovery dns:SERVICE:PORT"
     );
-    let tokenizer = PromptTokenizer::load(&args.model)
+    let tokenizer = prompt::load(&args.model)
         .with_context(|| format!("loading the tokenizer of {}", args.model.display()))?;
     let model = args
         .served_model_name
         .clone()
-        .unwrap_or_else(|| tokenizer.default_name().to_string());
+        .unwrap_or_else(|| tokenizer.name.clone());
     let scheduling = config::scheduling(&args, &model)?;
     let index = Arc::new(PrefixIndex::new(scheduling.index.clone())?);
     let topic_filter = scheduling

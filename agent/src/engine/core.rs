@@ -8,11 +8,12 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use kernels::{CpuKvCache, SeqAttn};
+use prompt::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::kv_cache::{BlockHasher, BlockPool, KvCacheManager, KvEventSink};
 use crate::metrics::Metrics;
-use crate::model::{LlamaModel, Logits, StepInput, Tokenizer};
+use crate::model::{LlamaModel, Logits, StepInput};
 
 use super::config::EngineConfig;
 use super::detokenizer::TokenDecoder;

@@ -49,7 +49,8 @@ impl Request {
         let sampler = SequenceSampler::new(&req.params, &req.prompt_token_ids);
         let detokenizer =
             IncrementalDetokenizer::new(&req.prompt_token_ids, req.params.skip_special_tokens);
-        let stop_checker = StopChecker::new(&req.params.stop, req.params.include_stop_str_in_output);
+        let stop_checker =
+            StopChecker::new(&req.params.stop, req.params.include_stop_str_in_output);
         Self {
             id: req.request_id,
             prompt_len,
@@ -90,8 +91,11 @@ impl Request {
         max_model_len: usize,
         decoder: &dyn TokenDecoder,
     ) -> Option<Finish> {
-        let sampled =
-            self.sampler.sample(logits, &self.all_token_ids[self.prompt_len..], eos_token_ids);
+        let sampled = self.sampler.sample(
+            logits,
+            &self.all_token_ids[self.prompt_len..],
+            eos_token_ids,
+        );
         self.append_token(sampled, eos_token_ids, max_model_len, decoder)
     }
 
@@ -109,7 +113,11 @@ impl Request {
             self.pending.logprobs.push(logprobs);
         }
         let stop = |reason: Option<StopReason>| {
-            Some(Finish { reason: FinishReason::Stop, stop_reason: reason, error: None })
+            Some(Finish {
+                reason: FinishReason::Stop,
+                stop_reason: reason,
+                error: None,
+            })
         };
         let past_min_tokens = self.num_output_tokens() > self.params.min_tokens;
 
@@ -141,7 +149,10 @@ impl Request {
             finish = Some(Finish::new(FinishReason::Length, None));
         }
         if let Some(f) = &finish {
-            if f.stop_reason.as_ref().map_or(true, |r| matches!(r, StopReason::Token(_))) {
+            if f.stop_reason
+                .as_ref()
+                .map_or(true, |r| matches!(r, StopReason::Token(_)))
+            {
                 let rest = self.stop_checker.flush();
                 self.pending.text.push_str(&rest);
             }

@@ -52,7 +52,11 @@ pub(crate) struct Scheduler {
 
 impl Scheduler {
     pub fn new(limits: SchedulerLimits) -> Self {
-        Self { limits, waiting: VecDeque::new(), running: Vec::new() }
+        Self {
+            limits,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
     }
 
     pub fn add(&mut self, request_id: String) {
@@ -103,7 +107,9 @@ impl Scheduler {
             let mut scheduled = true;
             while kv.allocate_slots(&id, target, &[]).is_err() {
                 // Out of blocks: recompute the most recently admitted request later.
-                let Some(victim) = self.running.pop() else { break };
+                let Some(victim) = self.running.pop() else {
+                    break;
+                };
                 kv.free(&victim);
                 if let Some(v) = requests.get_mut(&victim) {
                     v.num_computed_tokens = 0;
@@ -120,7 +126,10 @@ impl Scheduler {
                 break;
             }
             budget -= num_new;
-            out.scheduled.push(ScheduledRequest { request_id: id, num_new_tokens: num_new });
+            out.scheduled.push(ScheduledRequest {
+                request_id: id,
+                num_new_tokens: num_new,
+            });
             i += 1;
         }
 
@@ -129,7 +138,9 @@ impl Scheduler {
             && budget > 0
             && self.running.len() < self.limits.max_num_seqs
         {
-            let Some(id) = self.waiting.front().cloned() else { break };
+            let Some(id) = self.waiting.front().cloned() else {
+                break;
+            };
             let Some(req) = requests.get_mut(&id) else {
                 self.waiting.pop_front();
                 continue;
@@ -140,7 +151,10 @@ impl Scheduler {
                 (Vec::new(), 0)
             };
             let num_new = (req.num_tokens() - num_cached).min(budget);
-            if kv.allocate_slots(&id, num_cached + num_new, &cached_blocks).is_err() {
+            if kv
+                .allocate_slots(&id, num_cached + num_new, &cached_blocks)
+                .is_err()
+            {
                 break;
             }
             self.waiting.pop_front();
@@ -155,7 +169,10 @@ impl Scheduler {
                 req.timings.first_scheduled = Some(Instant::now());
             }
             budget -= num_new;
-            out.scheduled.push(ScheduledRequest { request_id: id, num_new_tokens: num_new });
+            out.scheduled.push(ScheduledRequest {
+                request_id: id,
+                num_new_tokens: num_new,
+            });
         }
         out
     }
@@ -174,15 +191,13 @@ mod tests {
         KvCacheManager::new(pool, BS, BlockHasher::new(HashAlgo::Sha256Cbor, None), true)
     }
 
-    fn add(
-        sched: &mut Scheduler,
-        reqs: &mut HashMap<String, Request>,
-        id: &str,
-        prompt: Vec<u32>,
-    ) {
+    fn add(sched: &mut Scheduler, reqs: &mut HashMap<String, Request>, id: &str, prompt: Vec<u32>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         std::mem::forget(rx); // keep the channel open for the test's lifetime
-        let params = SamplingParams { temperature: 0.0, ..SamplingParams::default() };
+        let params = SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        };
         let req = GenerateRequest {
             request_id: id.to_string(),
             prompt_token_ids: prompt,
@@ -195,7 +210,11 @@ mod tests {
 
     /// Plays the model's part: marks scheduled tokens computed and appends a token to every
     /// request whose prefill is done.
-    fn run_step(plan: &SchedulerOutput, reqs: &mut HashMap<String, Request>, kv: &mut KvCacheManager) {
+    fn run_step(
+        plan: &SchedulerOutput,
+        reqs: &mut HashMap<String, Request>,
+        kv: &mut KvCacheManager,
+    ) {
         for s in &plan.scheduled {
             let r = reqs.get_mut(&s.request_id).unwrap();
             r.num_computed_tokens += s.num_new_tokens;
@@ -207,7 +226,11 @@ mod tests {
     }
 
     fn limits(max_num_seqs: usize, max_num_batched_tokens: usize) -> SchedulerLimits {
-        SchedulerLimits { max_num_seqs, max_num_batched_tokens, enable_prefix_caching: true }
+        SchedulerLimits {
+            max_num_seqs,
+            max_num_batched_tokens,
+            enable_prefix_caching: true,
+        }
     }
 
     #[test]
@@ -237,7 +260,11 @@ mod tests {
         run_step(&plan, &mut reqs, &mut kv);
         add(&mut s, &mut reqs, "b", (100..150).collect());
         let plan = s.schedule(&mut reqs, &mut kv);
-        let got: Vec<_> = plan.scheduled.iter().map(|x| (x.request_id.as_str(), x.num_new_tokens)).collect();
+        let got: Vec<_> = plan
+            .scheduled
+            .iter()
+            .map(|x| (x.request_id.as_str(), x.num_new_tokens))
+            .collect();
         assert_eq!(got, vec![("a", 1), ("b", 19)]);
     }
 
@@ -267,7 +294,13 @@ mod tests {
         run_step(&plan, &mut reqs, &mut kv); // both now hold 33 tokens: a third block each
         let plan = s.schedule(&mut reqs, &mut kv);
         assert_eq!(plan.num_preemptions, 1);
-        assert_eq!(plan.scheduled, vec![ScheduledRequest { request_id: "a".into(), num_new_tokens: 1 }]);
+        assert_eq!(
+            plan.scheduled,
+            vec![ScheduledRequest {
+                request_id: "a".into(),
+                num_new_tokens: 1
+            }]
+        );
         assert_eq!(reqs["b"].num_computed_tokens, 0);
         assert!(kv.block_table("b").is_empty());
         assert_eq!((s.num_running(), s.num_waiting()), (1, 1));
@@ -279,14 +312,33 @@ mod tests {
         let mut reqs = HashMap::new();
         let mut s = Scheduler::new(limits(8, 1000));
         let prefix: Vec<u32> = (0..48).collect();
-        add(&mut s, &mut reqs, "a", prefix.iter().copied().chain([500, 501]).collect());
+        add(
+            &mut s,
+            &mut reqs,
+            "a",
+            prefix.iter().copied().chain([500, 501]).collect(),
+        );
         let plan = s.schedule(&mut reqs, &mut kv);
         run_step(&plan, &mut reqs, &mut kv);
-        add(&mut s, &mut reqs, "b", prefix.iter().copied().chain([900]).collect());
+        add(
+            &mut s,
+            &mut reqs,
+            "b",
+            prefix.iter().copied().chain([900]).collect(),
+        );
         let plan = s.schedule(&mut reqs, &mut kv);
-        assert_eq!(plan.scheduled[1], ScheduledRequest { request_id: "b".into(), num_new_tokens: 1 });
+        assert_eq!(
+            plan.scheduled[1],
+            ScheduledRequest {
+                request_id: "b".into(),
+                num_new_tokens: 1
+            }
+        );
         assert_eq!(reqs["b"].num_cached_tokens, Some(48));
-        assert_eq!((plan.prefix_cache_queries, plan.prefix_cache_hits), (49, 48));
+        assert_eq!(
+            (plan.prefix_cache_queries, plan.prefix_cache_hits),
+            (49, 48)
+        );
         assert_eq!(kv.block_table("a")[..3], kv.block_table("b")[..3]);
     }
 }

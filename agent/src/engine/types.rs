@@ -134,7 +134,11 @@ pub struct Finish {
 impl Finish {
     /// A finish without a stop reason (length, abort, error, EOS).
     pub fn new(reason: FinishReason, error: Option<String>) -> Self {
-        Self { reason, stop_reason: None, error }
+        Self {
+            reason,
+            stop_reason: None,
+            error,
+        }
     }
 }
 

@@ -1,6 +1,6 @@
-//! GGUF loading: hyper-parameters from `<arch>.*` metadata, weights kept quantized (as
-//! candle-transformers' `quantized_llama::from_gguf` does), tokenizer and chat template from
-//! `tokenizer.*` metadata.
+//! GGUF loading: hyper-parameters from `<arch>.*` metadata and weights kept quantized (as
+//! candle-transformers' `quantized_llama::from_gguf` does), through candle's GGUF reader; the
+//! tokenizer and chat template from `tokenizer.*` metadata, through the `prompt` crate.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -8,40 +8,35 @@ use std::path::Path;
 
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
+use prompt::LoadError;
 
 use super::llama::{Layer, Linear, RmsNorm};
 use super::{
-    check_architecture, check_shape, malformed, served_name, ChatTemplate, LlamaModel, LoadedModel,
-    ModelConfig, ModelError, RopeStyle, Tokenizer,
+    check_architecture, check_shape, malformed, LlamaModel, LoadedModel, ModelConfig, ModelError,
+    RopeStyle,
 };
 
 pub(super) fn load(path: &Path) -> Result<LoadedModel, ModelError> {
-    let file = File::open(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = File::open(path).map_err(LoadError::io(path))?;
     load_from(BufReader::new(file), path)
 }
 
 /// Checks the GGUF magic and reads the header (metadata and tensor infos, no tensor data).
-pub(super) fn read_content<R: Read + Seek>(
+fn read_content<R: Read + Seek>(
     reader: &mut R,
     path: &Path,
 ) -> Result<gguf_file::Content, ModelError> {
-    let io = |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let not_gguf = || ModelError::from(LoadError::NotGguf(path.to_path_buf()));
     let mut magic = [0u8; 4];
     match reader.read_exact(&mut magic) {
         Ok(()) if &magic == b"GGUF" => {}
-        Ok(()) => return Err(ModelError::NotGguf(path.to_path_buf())),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(ModelError::NotGguf(path.to_path_buf()))
-        }
-        Err(e) => return Err(io(e)),
+        Ok(()) => return Err(not_gguf()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(not_gguf()),
+        Err(e) => return Err(LoadError::io(path)(e).into()),
     }
-    reader.seek(SeekFrom::Start(0)).map_err(io)?;
+    reader
+        .seek(SeekFrom::Start(0))
+        .map_err(LoadError::io(path))?;
     gguf_file::Content::read(reader).map_err(|e| malformed(path, e.to_string()))
 }
 
@@ -94,32 +89,18 @@ pub(super) fn load_from<R: Read + Seek>(
     }
     let mut w = Weights { ct: &ct, reader };
     let model = load_weights(&mut w, &config)?;
-    let (tokenizer, chat_template) = tokenizer_and_template(&ct, path)?;
+    // The text side: the same header again, read by the prompt crate (metadata only).
+    w.reader
+        .seek(SeekFrom::Start(0))
+        .map_err(LoadError::io(path))?;
+    let text = prompt::load_gguf(&mut w.reader, path)?;
     Ok(LoadedModel {
         config,
         model,
-        tokenizer,
-        chat_template,
-        name: served_name(path, true),
+        tokenizer: text.tokenizer,
+        chat_template: text.chat_template,
+        name: text.name,
     })
-}
-
-/// The tokenizer and chat template of `tokenizer.*` metadata (no tensor data is read).
-pub(super) fn tokenizer_and_template(
-    ct: &gguf_file::Content,
-    path: &Path,
-) -> Result<(Tokenizer, Option<ChatTemplate>), ModelError> {
-    let tokenizer = Tokenizer::from_gguf(ct)?;
-    let chat_template = match ct.metadata.get("tokenizer.chat_template") {
-        Some(v) => Some(ChatTemplate::new(
-            v.to_string()
-                .map_err(|e| malformed(path, format!("tokenizer.chat_template: {e}")))?,
-            tokenizer.bos_token().map(str::to_string),
-            tokenizer.eos_token().map(str::to_string),
-        )?),
-        None => None,
-    };
-    Ok((tokenizer, chat_template))
 }
 
 fn load_weights<R: Read + Seek>(
@@ -282,7 +263,7 @@ impl Meta<'_> {
 }
 
 /// Any GGUF integer type as i64 (writers differ in the integer width they use).
-pub(super) fn int_value(v: &gguf_file::Value) -> Option<i64> {
+fn int_value(v: &gguf_file::Value) -> Option<i64> {
     use gguf_file::Value as V;
     match v {
         V::U8(x) => Some((*x).into()),

@@ -1,20 +1,21 @@
-//! Hugging Face checkpoint directories: `config.json`, `*.safetensors` (single file or sharded
-//! through `model.safetensors.index.json`, loaded as f32), `tokenizer.json`, and the special
-//! tokens / chat template of `tokenizer_config.json` (+ `generation_config.json`,
-//! `chat_template.jinja`).
+//! Hugging Face checkpoint directories: `config.json` and `*.safetensors` (single file or sharded
+//! through `model.safetensors.index.json`, loaded as f32); the tokenizer files through the
+//! `prompt` crate.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
+use prompt::hf::read_required;
+use prompt::LoadError;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::llama::{Layer, Linear, RmsNorm};
 use super::{
-    check_architecture, check_shape, malformed, served_name, ChatTemplate, LlamaModel, LoadedModel,
-    ModelConfig, ModelError, RopeStyle, Tokenizer,
+    check_architecture, check_shape, malformed, LlamaModel, LoadedModel, ModelConfig, ModelError,
+    RopeStyle,
 };
 
 /// The `config.json` fields llama and qwen2 use.
@@ -61,13 +62,13 @@ pub(super) fn load(dir: &Path) -> Result<LoadedModel, ModelError> {
     let config = model_config(&hf, &config_path)?;
     let mut weights = Weights::load(dir)?;
     let model = load_weights(&mut weights, &config, &hf)?;
-    let (tokenizer, chat_template) = load_tokenizer(dir)?;
+    let text = prompt::load_hf(dir)?;
     Ok(LoadedModel {
         config,
         model,
-        tokenizer,
-        chat_template,
-        name: served_name(dir, false),
+        tokenizer: text.tokenizer,
+        chat_template: text.chat_template,
+        name: text.name,
     })
 }
 
@@ -207,12 +208,12 @@ impl Weights {
             let shards: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
             shards.into_iter().map(|f| dir.join(f)).collect()
         } else {
-            return Err(ModelError::MissingFile(single));
+            return Err(LoadError::MissingFile(single).into());
         };
         let mut tensors = HashMap::new();
         for file in files {
             if !file.is_file() {
-                return Err(ModelError::MissingFile(file));
+                return Err(LoadError::MissingFile(file).into());
             }
             let shard = candle_core::safetensors::load(&file, &Device::Cpu)
                 .map_err(|e| malformed(&file, e.to_string()))?;
@@ -230,78 +231,6 @@ impl Weights {
         check_shape(name, t.dims(), shape)?;
         Ok(t.to_dtype(DType::F32)?)
     }
-}
-
-/// Tokenizer (`tokenizer.json`) plus special tokens and chat template from the side files.
-pub(super) fn load_tokenizer(dir: &Path) -> Result<(Tokenizer, Option<ChatTemplate>), ModelError> {
-    let tok_path = dir.join("tokenizer.json");
-    if !tok_path.is_file() {
-        return Err(ModelError::MissingFile(tok_path));
-    }
-    let inner = tokenizers::Tokenizer::from_file(&tok_path)
-        .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
-
-    let tc = read_json_opt(&dir.join("tokenizer_config.json"))?;
-    let token = |key: &str| -> Option<String> {
-        match tc.get(key)? {
-            Value::String(s) => Some(s.clone()),
-            Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
-            _ => None,
-        }
-    };
-    let bos = token("bos_token");
-    let eos = token("eos_token");
-
-    let mut eos_ids: Vec<u32> = eos.iter().filter_map(|t| inner.token_to_id(t)).collect();
-    let gen = read_json_opt(&dir.join("generation_config.json"))?;
-    let gen_eos = match gen.get("eos_token_id") {
-        Some(Value::Array(ids)) => ids.iter().filter_map(Value::as_u64).collect(),
-        Some(v) => v.as_u64().into_iter().collect(),
-        None => Vec::new(),
-    };
-    for id in gen_eos.into_iter().filter_map(|id| u32::try_from(id).ok()) {
-        if !eos_ids.contains(&id) {
-            eos_ids.push(id);
-        }
-    }
-
-    let source = match tc.get("chat_template") {
-        Some(Value::String(s)) => Some(s.clone()),
-        // Named templates: [{"name": "default", "template": "..."}, {"name": "tool_use", ...}]
-        Some(Value::Array(list)) => list
-            .iter()
-            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
-        _ => None,
-    };
-    let jinja = dir.join("chat_template.jinja");
-    let source = match source {
-        Some(s) => Some(s),
-        None if jinja.is_file() => Some(read_required(&jinja)?),
-        None => None,
-    };
-    let template = source
-        .map(|s| ChatTemplate::new(&s, bos.clone(), eos.clone()))
-        .transpose()?;
-    Ok((Tokenizer::new(inner, eos_ids, bos, eos), template))
-}
-
-fn read_required(path: &Path) -> Result<String, ModelError> {
-    if !path.is_file() {
-        return Err(ModelError::MissingFile(path.to_path_buf()));
-    }
-    std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// A JSON object file, or `null` when the file does not exist.
-fn read_json_opt(path: &Path) -> Result<Value, ModelError> {
-    if !path.is_file() {
-        return Ok(Value::Null);
-    }
-    serde_json::from_str(&read_required(path)?).map_err(|e| malformed(path, e.to_string()))
 }
 
 #[cfg(test)]
@@ -525,14 +454,14 @@ mod tests {
         let config = dir.join("config.json");
         let err = load(&dir).err().unwrap();
         assert!(
-            matches!(&err, ModelError::MissingFile(p) if *p == config),
+            matches!(&err, ModelError::Files(LoadError::MissingFile(p)) if *p == config),
             "{err}"
         );
 
         std::fs::write(&config, "{ not json").unwrap();
         assert!(matches!(
             load(&dir),
-            Err(ModelError::MalformedConfig { .. })
+            Err(ModelError::Files(LoadError::MalformedConfig { .. }))
         ));
 
         let mistral = json!({"model_type": "mistral", "vocab_size": 8, "hidden_size": 8,
@@ -560,7 +489,7 @@ mod tests {
         std::fs::remove_file(dir.join("model.safetensors")).unwrap();
         let err = load(&dir).err().unwrap();
         assert!(
-            matches!(&err, ModelError::MissingFile(p) if p.ends_with("model.safetensors")),
+            matches!(&err, ModelError::Files(LoadError::MissingFile(p)) if p.ends_with("model.safetensors")),
             "{err}"
         );
 
@@ -568,7 +497,7 @@ mod tests {
         write_checkpoint(&dir, "llama", true);
         let err = load(&dir).err().unwrap();
         assert!(
-            matches!(&err, ModelError::MissingFile(p) if p.ends_with("tokenizer.json")),
+            matches!(&err, ModelError::Files(LoadError::MissingFile(p)) if p.ends_with("tokenizer.json")),
             "{err}"
         );
 

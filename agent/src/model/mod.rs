@@ -1,21 +1,18 @@
-//! Model files (GGUF, Hugging Face directories), tokenizer, chat template and the forward pass.
+//! Model files (GGUF, Hugging Face directories) and the forward pass.
 //!
 //! [`load`] picks the loader from the path: a file is read as GGUF (`gguf`), a directory as a
 //! Hugging Face checkpoint (`hf`). Both produce the same [`LlamaModel`] (llama and qwen2
-//! architectures), a [`Tokenizer`] and, when the model ships one, a [`ChatTemplate`].
+//! architectures); the tokenizer and chat template come from the `prompt` crate, which reads
+//! the same files without the weights.
 
-pub mod chat_template;
 mod gguf;
 mod hf;
 pub mod llama;
-pub mod preprocess;
-pub mod tokenizer;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-pub use chat_template::ChatTemplate;
 pub use llama::{LlamaModel, Logits, RopeStyle, StepInput};
-pub use tokenizer::Tokenizer;
+use prompt::{ChatTemplate, LoadError, Tokenizer};
 
 /// Architecture hyper-parameters, whichever file format they came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,24 +67,13 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("model path {0} does not exist")]
-    NotFound(PathBuf),
-    #[error("missing file {0}")]
-    MissingFile(PathBuf),
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0} is not a GGUF file (no GGUF magic at its start)")]
-    NotGguf(PathBuf),
+    /// A file of the model path is missing, unreadable or malformed.
+    #[error(transparent)]
+    Files(#[from] LoadError),
     #[error("unsupported architecture \"{0}\" (supported: {list})", list = SUPPORTED_ARCHITECTURES.join(", "))]
     UnsupportedArchitecture(String),
     #[error("unsupported model: {0}")]
     Unsupported(String),
-    #[error("malformed {path}: {reason}")]
-    MalformedConfig { path: PathBuf, reason: String },
     #[error("missing tensor {0}")]
     MissingTensor(String),
     #[error("tensor {name} has shape {actual:?}, expected {expected:?}")]
@@ -96,10 +82,6 @@ pub enum ModelError {
         expected: Vec<usize>,
         actual: Vec<usize>,
     },
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-    #[error("chat template: {0}")]
-    Template(String),
     #[error("invalid step input: {0}")]
     InvalidInput(String),
     #[error("tensor op: {0}")]
@@ -110,7 +92,7 @@ pub enum ModelError {
 /// tokenizer.json).
 pub fn load(path: &Path) -> Result<LoadedModel, ModelError> {
     if !path.exists() {
-        return Err(ModelError::NotFound(path.to_path_buf()));
+        return Err(LoadError::NotFound(path.to_path_buf()).into());
     }
     if path.is_dir() {
         hf::load(path)
@@ -142,22 +124,8 @@ fn check_shape(name: &str, actual: &[usize], expected: &[usize]) -> Result<(), M
     }
 }
 
-/// The last path component as a served model name.
-fn served_name(path: &Path, strip_extension: bool) -> String {
-    let name = if strip_extension {
-        path.file_stem()
-    } else {
-        path.file_name()
-    };
-    name.map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".to_string())
-}
-
 fn malformed(path: &Path, reason: String) -> ModelError {
-    ModelError::MalformedConfig {
-        path: path.to_path_buf(),
-        reason,
-    }
+    LoadError::malformed(path, reason).into()
 }
 
 #[cfg(test)]
@@ -327,11 +295,16 @@ mod tests {
     fn load_errors_are_specific() {
         let dir = scratch_dir("load-errors");
         let missing = dir.join("nope.gguf");
-        assert!(matches!(load(&missing), Err(ModelError::NotFound(p)) if p == missing));
+        assert!(
+            matches!(load(&missing), Err(ModelError::Files(LoadError::NotFound(p))) if p == missing)
+        );
 
         let junk = dir.join("junk.gguf");
         std::fs::write(&junk, b"not a model at all").unwrap();
-        assert!(matches!(load(&junk), Err(ModelError::NotGguf(_))));
+        assert!(matches!(
+            load(&junk),
+            Err(ModelError::Files(LoadError::NotGguf(_)))
+        ));
 
         let mamba = dir.join("mamba.gguf");
         write_gguf(&mamba, "mamba", true);

@@ -1,27 +1,27 @@
 //! `POST /v1/chat/completions`: messages → the model's chat template → one prompt → `n`
 //! choices, as a JSON response or an SSE stream, following vLLM's `OpenAIServingChat`.
-//! Also the chat rendering `/tokenize` uses.
 
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::{BoxStream, Stream, StreamExt};
-use serde_json::{Map, Value};
+use prompt::chat::{content_text, render, ChatRender};
+use prompt::Endpoint;
+use protocol::request::{ChatCompletionRequest, Generation};
+use protocol::response::{
+    ChatChoice, ChatCompletionResponse, ChatLogprobs, ChatMessageOut, ChatStreamChoice,
+    ChatStreamResponse, Delta, StopReasonWire, UsageInfo,
+};
+use protocol::ApiError;
+use serde_json::Value;
 
 use crate::engine::FinishReason;
-use crate::model::ChatTemplate;
 
-use super::errors::ApiError;
 use super::extract::VllmJson;
 use super::generate::{self, ChoiceEvent, ChoiceOutput, PreparedPrompt};
 use super::logprobs::{chat_logprobs, TokenNamer};
-use super::prompt::{self, Plan, PromptInput};
-use super::protocol::{
-    ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessageIn,
-    ChatMessageOut, ChatStreamChoice, ChatStreamResponse, ContentPart, Delta, Dict, Generation,
-    MessageContent, StopReasonWire, UsageInfo,
-};
+use super::prepare::{self, Plan, PromptInput};
 use super::response::{request_id_base, UsagePolicy};
 use super::state::{unix_now, AppState};
 use super::streaming::{chunk_json, sse_response};
@@ -29,122 +29,6 @@ use super::validation;
 
 /// The role of generated messages (vLLM's `--response-role` default).
 const RESPONSE_ROLE: &str = "assistant";
-
-/// One rendering of a conversation with the model's chat template.
-pub struct ChatRender<'a> {
-    pub messages: &'a [ChatMessageIn],
-    pub add_generation_prompt: bool,
-    pub continue_final_message: bool,
-    pub chat_template_kwargs: Option<&'a Dict>,
-    pub documents: Option<&'a [Dict]>,
-    pub tools: Option<&'a [Dict]>,
-}
-
-/// A message's content as the template sees it: text parts joined by newlines (vLLM's
-/// "string" content format).
-pub fn content_text(message: &ChatMessageIn) -> Result<String, ApiError> {
-    match &message.content {
-        None => Ok(String::new()),
-        Some(MessageContent::Text(text)) => Ok(text.clone()),
-        Some(MessageContent::Parts(parts)) => {
-            let texts = parts
-                .iter()
-                .map(|part| match part {
-                    ContentPart::Text(t) => Ok(t.as_str()),
-                    ContentPart::Other(kind) => Err(ApiError::bad_request(format!(
-                        "Content part type '{kind}' is not supported: this model only accepts \
-                         text."
-                    ))),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(texts.join("\n"))
-        }
-    }
-}
-
-/// Renders the conversation to the prompt text.
-pub fn render(template: Option<&ChatTemplate>, r: &ChatRender<'_>) -> Result<String, ApiError> {
-    let template = template.ok_or_else(|| {
-        ApiError::bad_request(
-            "As of transformers v4.44, default chat template is no longer allowed, so you must \
-             provide a chat template if the tokenizer does not define one.",
-        )
-    })?;
-    if r.continue_final_message && r.add_generation_prompt {
-        return Err(ApiError::bad_request(
-            "continue_final_message and add_generation_prompt are not compatible. Use \
-             continue_final_message when you want the model to continue the final message, and \
-             add_generation_prompt when you want to add a header that will prompt it to start a \
-             new assistant message instead.",
-        ));
-    }
-    let mut conversation = Vec::with_capacity(r.messages.len());
-    for message in r.messages {
-        let mut m = Map::new();
-        m.insert("role".into(), Value::String(message.role.clone()));
-        m.insert("content".into(), Value::String(content_text(message)?));
-        m.extend(message.extra.clone());
-        conversation.push(Value::Object(m));
-    }
-    let mut kwargs = r
-        .chat_template_kwargs
-        .map(|d| d.0.clone())
-        .unwrap_or_default();
-    kwargs.insert(
-        "continue_final_message".into(),
-        Value::Bool(r.continue_final_message),
-    );
-    if let Some(documents) = r.documents {
-        kwargs.insert(
-            "documents".into(),
-            Value::Array(
-                documents
-                    .iter()
-                    .map(|d| Value::Object(d.0.clone()))
-                    .collect(),
-            ),
-        );
-    }
-    if let Some(tools) = r.tools {
-        kwargs.insert(
-            "tools".into(),
-            Value::Array(tools.iter().map(|d| Value::Object(d.0.clone())).collect()),
-        );
-    }
-    let rendered = template
-        .render(
-            &Value::Array(conversation),
-            r.add_generation_prompt,
-            Some(&kwargs),
-        )
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    if !r.continue_final_message {
-        return Ok(rendered);
-    }
-    // transformers: cut everything the template put after the final message's content.
-    let last = r
-        .messages
-        .last()
-        .map(content_text)
-        .transpose()?
-        .unwrap_or_default();
-    let not_found = || {
-        ApiError::bad_request(
-            "continue_final_message is set but the final message does not appear in the chat \
-             after applying the chat template! This can happen if the chat template deletes \
-             portions of the final message. Please verify the chat template and final message \
-             in your chat to ensure they are compatible.",
-        )
-    };
-    let stripped = last.trim();
-    let at = rendered.rfind(stripped).ok_or_else(not_found)?;
-    let keep = if rendered[at..].starts_with(last.trim_start()) {
-        last.trim_start().len()
-    } else {
-        stripped.len()
-    };
-    Ok(rendered[..at + keep].to_string())
-}
 
 /// What shapes the response of one chat request.
 struct Chat {
@@ -212,7 +96,7 @@ pub async fn create_chat_completion(
             "messages",
         ));
     };
-    let add_generation_prompt = fields.add_generation_prompt.is_none_or(|b| b.0);
+    let add_generation_prompt = ChatRender::of_chat(&fields).add_generation_prompt;
     let role = if add_generation_prompt {
         RESPONSE_ROLE.to_string()
     } else {
@@ -235,24 +119,17 @@ pub async fn create_chat_completion(
             .logprobs
             .is_some_and(|b| b.0)
             .then(|| fields.top_logprobs.map_or(0, |t| t.0)),
-        add_special_tokens: common.add_special_tokens.is_some_and(|b| b.0),
+        add_special_tokens: Endpoint::ChatCompletions.add_special_tokens(common.add_special_tokens),
         need_text: false,
     };
     let mut prompts = {
         let (state, common) = (state.clone(), common.clone());
-        prompt::run_blocking(move || {
+        prepare::run_blocking(move || {
             let text = render(
                 state.chat_template.as_deref(),
-                &ChatRender {
-                    messages: &fields.messages,
-                    add_generation_prompt,
-                    continue_final_message: fields.continue_final_message.is_some_and(|b| b.0),
-                    chat_template_kwargs: fields.chat_template_kwargs.as_ref(),
-                    documents: fields.documents.as_deref(),
-                    tools: fields.tools.as_deref(),
-                },
+                &ChatRender::of_chat(&fields),
             )?;
-            prompt::prepare(&state, &common, &plan, vec![PromptInput::Text(text)])
+            prepare::prepare(&state, &common, &plan, vec![PromptInput::Text(text)])
         })
         .await?
     };
@@ -463,63 +340,9 @@ fn stream_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::test_support::test_config;
-    use crate::server::test_support::test_state;
-
-    fn msgs(v: Value) -> Vec<ChatMessageIn> {
-        serde_json::from_value(v).unwrap()
-    }
-
-    fn plain(
-        messages: &[ChatMessageIn],
-        add_generation_prompt: bool,
-        cont: bool,
-    ) -> ChatRender<'_> {
-        ChatRender {
-            messages,
-            add_generation_prompt,
-            continue_final_message: cont,
-            chat_template_kwargs: None,
-            documents: None,
-            tools: None,
-        }
-    }
 
     #[test]
-    fn renders_chatml() {
-        let (state, _rx) = test_state(test_config(), true);
-        let m = msgs(serde_json::json!([
-            {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]}
-        ]));
-        let text = render(state.chat_template.as_deref(), &plain(&m, true, false)).unwrap();
-        assert_eq!(
-            text,
-            "<|im_start|>user\nhello\nworld<|im_end|>\n<|im_start|>assistant\n"
-        );
-    }
-
-    #[test]
-    fn continue_final_message_cuts_the_turn_end() {
-        let (state, _rx) = test_state(test_config(), true);
-        let m = msgs(serde_json::json!([
-            {"role": "user", "content": "hello"},
-            {"role": "assistant", "content": "foo bar"}
-        ]));
-        let text = render(state.chat_template.as_deref(), &plain(&m, false, true)).unwrap();
-        assert_eq!(
-            text,
-            "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\nfoo bar"
-        );
-        assert!(render(state.chat_template.as_deref(), &plain(&m, true, true)).is_err());
-    }
-
-    #[test]
-    fn refusals() {
-        let (state, _rx) = test_state(test_config(), true);
-        let m = msgs(serde_json::json!([{"role": "user", "content": [{"type": "image_url"}]}]));
-        let e = render(state.chat_template.as_deref(), &plain(&m, true, false)).unwrap_err();
-        assert!(e.message.contains("image_url"));
-        assert!(render(None, &plain(&m, true, false)).is_err());
+    fn tool_choice_refusals() {
         assert!(check_tool_choice(None, true).is_err());
         assert!(check_tool_choice(Some(&Value::String("required".into())), true).is_err());
         check_tool_choice(Some(&Value::String("none".into())), true).unwrap();

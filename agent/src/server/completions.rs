@@ -6,16 +6,18 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::{BoxStream, Stream, StreamExt};
+use prompt::Endpoint;
+use protocol::request::{CompletionRequest, Generation, Prompt};
+use protocol::response::{
+    CompletionChoice, CompletionResponse, CompletionStreamChoice, CompletionStreamResponse,
+    StopReasonWire, UsageInfo,
+};
+use protocol::ApiError;
 
-use super::errors::ApiError;
 use super::extract::VllmJson;
 use super::generate::{self, ChoiceEvent, ChoiceOutput, PreparedPrompt};
 use super::logprobs::{completion_logprobs, TokenNamer};
-use super::prompt::{self, Plan, PromptInput};
-use super::protocol::{
-    CompletionChoice, CompletionRequest, CompletionResponse, CompletionStreamChoice,
-    CompletionStreamResponse, Generation, Prompt, StopReasonWire, UsageInfo,
-};
+use super::prepare::{self, Plan, PromptInput};
 use super::response::{request_id_base, UsagePolicy};
 use super::state::{unix_now, AppState};
 use super::streaming::{chunk_json, sse_response};
@@ -80,12 +82,12 @@ pub async fn create_completion(
         requested_max_tokens: Some(if echo_only { 1 } else { max_tokens }),
         max_tokens_param: "max_tokens",
         logprobs: fields.logprobs.map(|l| l.0),
-        add_special_tokens: common.add_special_tokens.is_none_or(|b| b.0),
+        add_special_tokens: Endpoint::Completions.add_special_tokens(common.add_special_tokens),
         need_text: echo,
     };
     let prompts = {
         let (state, common) = (state.clone(), common.clone());
-        prompt::run_blocking(move || prompt::prepare(&state, &common, &plan, inputs)).await?
+        prepare::run_blocking(move || prepare::prepare(&state, &common, &plan, inputs)).await?
     };
 
     let id = format!(

@@ -7,13 +7,13 @@
 //! stream drops every [`RequestStream`], which aborts unfinished requests and frees their blocks.
 
 use futures::stream::{self, BoxStream, StreamExt};
+use protocol::ApiError;
 
 use crate::engine::{
     EngineHandle, Finish, FinishReason, GenerateOutput, GenerateRequest, RequestStream,
     SamplingParams, TokenLogprob,
 };
 
-use super::errors::ApiError;
 use super::validation::child_params;
 
 /// One prompt, ready for the engine.

@@ -6,10 +6,10 @@
 //! are each id decoded on its own (special tokens kept), or `token_id:<id>` with
 //! `return_tokens_as_token_ids`. Logprobs are floored at -9999.0.
 
-use crate::engine::TokenLogprob;
-use crate::model::Tokenizer;
+use prompt::Tokenizer;
+use protocol::response::{ChatLogprobEntry, ChatTopLogprob, CompletionLogprobs, TopLogprobMap};
 
-use super::protocol::{ChatLogprobEntry, ChatTopLogprob, CompletionLogprobs, TopLogprobMap};
+use crate::engine::TokenLogprob;
 
 /// vLLM's floor for `-inf` logprobs (JSON cannot carry infinities).
 const MIN_LOGPROB: f64 = -9999.0;

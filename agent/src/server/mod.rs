@@ -1,8 +1,8 @@
 //! HTTP server: the OpenAI-compatible API as vLLM serves it (routes, errors in vLLM's shape,
 //! SSE streaming, /metrics).
 //!
-//! Request flow: [`extract`] reads the body like FastAPI + pydantic ([`protocol`] types),
-//! [`validation`] and [`prompt`] check it and build engine parameters, [`generate`] fans the
+//! Request flow: [`extract`] reads the body like FastAPI + pydantic (the `protocol` crate's
+//! types), [`validation`] and [`prepare`] check it and build engine parameters, [`generate`] fans the
 //! sequences out to the engine, and [`completions`] / [`chat`] shape the JSON or SSE
 //! ([`streaming`]) answer. [`routes`] assembles the router.
 
@@ -12,8 +12,7 @@ pub mod errors;
 pub mod extract;
 pub mod generate;
 pub mod logprobs;
-pub mod prompt;
-pub mod protocol;
+pub mod prepare;
 pub mod response;
 pub mod routes;
 pub mod state;

@@ -1,11 +1,24 @@
 //! What the two generation endpoints' responses share: the request id and vLLM's usage rules
 //! (`stream_options`, `--enable-force-include-usage`, `--enable-prompt-tokens-details`, where
-//! the `system_fingerprint` goes in a stream).
+//! the `system_fingerprint` goes in a stream), and the engine's stop reason on the wire.
 
 use axum::http::HeaderMap;
+use protocol::fields::Str;
+use protocol::request::StreamOptions;
+use protocol::response::{PromptTokensDetails, StopReasonWire};
 
-use super::protocol::{PromptTokensDetails, Str, StreamOptions};
+use crate::engine::StopReason;
+
 use super::state::AppState;
+
+impl From<&StopReason> for StopReasonWire {
+    fn from(r: &StopReason) -> Self {
+        match r {
+            StopReason::Token(t) => Self::Token(*t),
+            StopReason::Text(s) => Self::Text(s.clone()),
+        }
+    }
+}
 
 /// The id a response is built on: the `X-Request-Id` header, else the body's `request_id`,
 /// else a random UUID (hex, as vLLM's `random_uuid`).
@@ -74,8 +87,20 @@ impl UsagePolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::protocol::LaxBool;
     use crate::server::test_support::{test_config, test_state};
+    use protocol::fields::LaxBool;
+
+    #[test]
+    fn stop_reasons_keep_their_kind() {
+        assert_eq!(
+            StopReasonWire::from(&StopReason::Token(2)),
+            StopReasonWire::Token(2)
+        );
+        assert_eq!(
+            StopReasonWire::from(&StopReason::Text("\n".into())),
+            StopReasonWire::Text("\n".into())
+        );
+    }
 
     #[test]
     fn usage_policy_follows_vllm() {

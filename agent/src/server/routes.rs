@@ -10,10 +10,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use protocol::response::{ModelCard, ModelList, ModelPermission, VersionResponse};
+use protocol::ApiError;
 use sha2::{Digest, Sha256};
 
-use super::errors::ApiError;
-use super::protocol::{ModelCard, ModelList, ModelPermission, VersionResponse};
 use super::state::{unix_now, AppState};
 use super::{chat, completions, tokenize};
 

@@ -4,13 +4,12 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use prompt::{ChatTemplate, Tokenizer};
+use protocol::ApiError;
 use sha2::{Digest, Sha256};
 
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
-use crate::model::{ChatTemplate, Tokenizer};
-
-use super::errors::ApiError;
 
 /// Server settings (from the command line and the loaded model).
 #[derive(Debug, Clone)]
@@ -89,7 +88,7 @@ impl AppState {
 
     /// The checks every generation request passes before its own validation: the model is
     /// served, the engine is alive, and no unsupported field is set.
-    pub fn admit(&self, common: &super::protocol::CommonFields) -> Result<(), ApiError> {
+    pub fn admit(&self, common: &protocol::request::CommonFields) -> Result<(), ApiError> {
         self.check_model(common.model.as_ref().map(|m| m.0.as_str()))?;
         if !self.engine.is_alive() {
             return Err(ApiError::engine_dead());

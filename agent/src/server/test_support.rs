@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
 
+use prompt::{ChatTemplate, Tokenizer};
 use tokenizers::models::wordlevel::WordLevel;
 use tokenizers::pre_tokenizers::whitespace::Whitespace;
 use tokenizers::AddedToken;
@@ -13,7 +14,6 @@ use tokenizers::AddedToken;
 use crate::engine::handle::EngineCommand;
 use crate::engine::EngineHandle;
 use crate::metrics::{CacheConfigInfo, Metrics};
-use crate::model::{ChatTemplate, Tokenizer};
 
 use super::state::{AppState, ServerConfig};
 

@@ -3,12 +3,14 @@
 
 use axum::extract::State;
 use axum::Json;
+use prompt::chat::{render, ChatRender};
+use prompt::Endpoint;
+use protocol::request::{DetokenizeRequest, TokenizeRequest};
+use protocol::response::{DetokenizeResponse, TokenizeResponse};
+use protocol::ApiError;
 
-use super::chat::{render, ChatRender};
-use super::errors::ApiError;
 use super::extract::VllmJson;
-use super::prompt::run_blocking;
-use super::protocol::{DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse};
+use super::prepare::run_blocking;
 use super::state::AppState;
 use super::validation;
 
@@ -18,22 +20,13 @@ pub async fn tokenize(
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     state.check_model(request.model.as_ref().map(|m| m.0.as_str()))?;
     let response = run_blocking(move || {
-        let (text, add_special_tokens_default) = match (&request.messages, &request.prompt) {
+        let (text, endpoint) = match (&request.messages, &request.prompt) {
             (Some(messages), _) => {
-                let text = render(
-                    state.chat_template.as_deref(),
-                    &ChatRender {
-                        messages,
-                        add_generation_prompt: request.add_generation_prompt.is_none_or(|b| b.0),
-                        continue_final_message: request.continue_final_message.is_some_and(|b| b.0),
-                        chat_template_kwargs: request.chat_template_kwargs.as_ref(),
-                        documents: None,
-                        tools: request.tools.as_deref(),
-                    },
-                )?;
-                (text, false)
+                let render_as = ChatRender::of_tokenize(&request, messages);
+                let text = render(state.chat_template.as_deref(), &render_as)?;
+                (text, Endpoint::ChatCompletions)
             }
-            (None, Some(prompt)) => (prompt.0.clone(), true),
+            (None, Some(prompt)) => (prompt.0.clone(), Endpoint::Completions),
             (None, None) => {
                 return Err(ApiError::invalid(
                     "Either `prompt` or `messages` must be provided.",
@@ -41,9 +34,7 @@ pub async fn tokenize(
                 ))
             }
         };
-        let add_special_tokens = request
-            .add_special_tokens
-            .map_or(add_special_tokens_default, |b| b.0);
+        let add_special_tokens = endpoint.add_special_tokens(request.add_special_tokens);
         let tokens = state
             .tokenizer
             .encode(&text, add_special_tokens)

@@ -9,8 +9,9 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
+use protocol::ApiError;
 
-use super::{has_body, unavailable, Decision, RouterState};
+use super::{has_body, Decision, RouterState};
 
 /// Response header naming the pod that served the request.
 pub const POD_HEADER: &str = "x-router-pod";
@@ -42,7 +43,8 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 
 pub async fn send(s: &RouterState, mut decision: Decision, attempt: Attempt) -> Response {
     if decision.order.is_empty() {
-        return unavailable("No pods are available to serve the request.").into_response();
+        return ApiError::service_unavailable("No pods are available to serve the request.")
+            .into_response();
     }
     let mut last_failure = String::new();
     let mut first = decision.first_in_flight.take();
@@ -88,7 +90,7 @@ pub async fn send(s: &RouterState, mut decision: Decision, attempt: Attempt) -> 
             }
         }
     }
-    unavailable(format!(
+    ApiError::service_unavailable(format!(
         "No pod could serve the request (last: {last_failure})"
     ))
     .into_response()

@@ -7,12 +7,13 @@ mod forward;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::server::errors::ApiError;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use prompt::{Endpoint, Preprocessor, PromptKey};
+use protocol::ApiError;
 use serde_json::{Map, Value};
 
 use crate::events::IngestStats;
@@ -20,7 +21,6 @@ use crate::index::PrefixIndex;
 use crate::metrics::RouterMetrics;
 use crate::pods::PodSet;
 use crate::scoring::{PodView, Scheduler};
-use crate::tokenize::{Endpoint, PromptKey, PromptTokenizer};
 
 pub use forward::{Attempt, POD_HEADER};
 
@@ -33,7 +33,7 @@ pub struct RouterState {
     pub pods: Arc<PodSet>,
     pub index: Arc<PrefixIndex>,
     pub scheduler: Scheduler,
-    pub tokenizer: Arc<PromptTokenizer>,
+    pub tokenizer: Arc<Preprocessor>,
     pub metrics: RouterMetrics,
     /// Client for forwarded requests (no overall timeout: streams last as long as they last).
     pub client: reqwest::Client,
@@ -152,11 +152,11 @@ async fn route(s: AppState, endpoint: Option<Endpoint>, req: Request) -> Respons
 }
 
 async fn prompt_key(
-    tokenizer: &Arc<PromptTokenizer>,
+    tokenizer: &Arc<Preprocessor>,
     endpoint: Endpoint,
     body: &Bytes,
 ) -> Option<PromptKey> {
-    let parse = move |bytes: &[u8], t: &PromptTokenizer| {
+    let parse = move |bytes: &[u8], t: &Preprocessor| {
         let obj: Map<String, Value> = serde_json::from_slice(bytes).ok()?;
         t.prompt(endpoint, &obj)
     };
@@ -200,16 +200,6 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 fn path_and_query(uri: &axum::http::Uri) -> String {
     uri.path_and_query()
         .map_or_else(|| uri.path().to_string(), |pq| pq.as_str().to_string())
-}
-
-/// A 503 in vLLM's error shape.
-pub(crate) fn unavailable(message: impl Into<String>) -> ApiError {
-    ApiError {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        message: message.into(),
-        kind: "ServiceUnavailableError",
-        param: None,
-    }
 }
 
 /// Whether a method carries a body worth forwarding.

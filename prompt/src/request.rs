@@ -1,17 +1,15 @@
-//! The prompt tokens of a request, exactly as the agent computes them: the same tokenizer and
-//! chat template (loaded from the same model path without its weights), the agent's request
-//! types, its chat rendering and its `add_special_tokens` defaults (on for completions, off
-//! for chat). A request the agent would reject yields no tokens; the pod then answers it.
-//! The request's `cache_salt` comes along: the engine keys the first block with it.
+//! Request → prompt token ids without the engine: the defaults the agent applies to each endpoint
+//! (one place, used by the agent's handlers and by the router), and the whole path for a
+//! process that only needs the tokens a request will prefill (the router keys its prefix index
+//! with them).
 
-use std::path::Path;
-
-use agent::model::preprocess::{load_preprocessor, Preprocessor};
-use agent::model::ModelError;
-use agent::server::chat::{render, ChatRender};
-use agent::server::extract::typed;
-use agent::server::protocol::{ChatFields, CommonFields, CompletionFields, Prompt};
+use protocol::body::typed;
+use protocol::fields::LaxBool;
+use protocol::request::{ChatFields, CommonFields, CompletionFields, Prompt};
 use serde_json::{Map, Value};
+
+use crate::chat::{render, ChatRender};
+use crate::Preprocessor;
 
 /// Which OpenAI endpoint a body is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,7 +18,20 @@ pub enum Endpoint {
     ChatCompletions,
 }
 
-/// What the router keys a request's prompt by.
+impl Endpoint {
+    /// vLLM's `add_special_tokens` default: on for completions (the tokenizer's BOS), off for
+    /// chat (the template writes its own special tokens).
+    fn add_special_tokens_default(self) -> bool {
+        self == Self::Completions
+    }
+
+    /// A request's `add_special_tokens`, or the endpoint's default.
+    pub fn add_special_tokens(self, requested: Option<LaxBool>) -> bool {
+        requested.map_or(self.add_special_tokens_default(), |b| b.0)
+    }
+}
+
+/// What a request's prompt is keyed by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptKey {
     pub tokens: Vec<u32>,
@@ -28,25 +39,9 @@ pub struct PromptKey {
     pub cache_salt: Option<String>,
 }
 
-pub struct PromptTokenizer {
-    pre: Preprocessor,
-}
-
-impl PromptTokenizer {
-    /// Loads the tokenizer and chat template of a GGUF file or HF directory.
-    pub fn load(model: &Path) -> Result<Self, ModelError> {
-        Ok(Self {
-            pre: load_preprocessor(model)?,
-        })
-    }
-
-    /// The served name the model path implies (the agent's default).
-    pub fn default_name(&self) -> &str {
-        &self.pre.name
-    }
-
+impl Preprocessor {
     /// The token ids the agent would prefill for `body` (the first prompt of a batch) and its
-    /// cache salt, or `None` when the body is not a request the agent would accept.
+    /// cache salt, or `None` when the body is not a request the agent would accept as read.
     pub fn prompt(&self, endpoint: Endpoint, body: &Map<String, Value>) -> Option<PromptKey> {
         let common: CommonFields = typed(body).ok()?;
         let mut ids = match endpoint {
@@ -67,10 +62,10 @@ impl PromptTokenizer {
 
     fn completion(&self, body: &Map<String, Value>, common: &CommonFields) -> Option<Vec<u32>> {
         let fields: CompletionFields = typed(body).ok()?;
-        let add_special = common.add_special_tokens.is_none_or(|b| b.0);
+        let add_special = Endpoint::Completions.add_special_tokens(common.add_special_tokens);
         match fields.prompt? {
-            Prompt::Text(text) => self.pre.tokenizer.encode(&text, add_special).ok(),
-            Prompt::Texts(texts) => self.pre.tokenizer.encode(texts.first()?, add_special).ok(),
+            Prompt::Text(text) => self.tokenizer.encode(&text, add_special).ok(),
+            Prompt::Texts(texts) => self.tokenizer.encode(texts.first()?, add_special).ok(),
             Prompt::Tokens(ids) => to_u32(&ids),
             Prompt::TokenBatches(batches) => to_u32(batches.first()?),
         }
@@ -78,20 +73,9 @@ impl PromptTokenizer {
 
     fn chat(&self, body: &Map<String, Value>, common: &CommonFields) -> Option<Vec<u32>> {
         let fields: ChatFields = typed(body).ok()?;
-        let text = render(
-            self.pre.chat_template.as_ref(),
-            &ChatRender {
-                messages: &fields.messages,
-                add_generation_prompt: fields.add_generation_prompt.is_none_or(|b| b.0),
-                continue_final_message: fields.continue_final_message.is_some_and(|b| b.0),
-                chat_template_kwargs: fields.chat_template_kwargs.as_ref(),
-                documents: fields.documents.as_deref(),
-                tools: fields.tools.as_deref(),
-            },
-        )
-        .ok()?;
-        let add_special = common.add_special_tokens.is_some_and(|b| b.0);
-        self.pre.tokenizer.encode(&text, add_special).ok()
+        let text = render(self.chat_template.as_ref(), &ChatRender::of_chat(&fields)).ok()?;
+        let add_special = Endpoint::ChatCompletions.add_special_tokens(common.add_special_tokens);
+        self.tokenizer.encode(&text, add_special).ok()
     }
 }
 
@@ -102,31 +86,35 @@ fn to_u32(ids: &[i64]) -> Option<Vec<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::smollm;
     use serde_json::json;
-
-    fn model() -> Option<PromptTokenizer> {
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        if !path.is_file() {
-            eprintln!("SKIPPED: {} not found", path.display());
-            return None;
-        }
-        Some(PromptTokenizer::load(&path).unwrap())
-    }
 
     fn obj(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
     }
 
-    impl PromptTokenizer {
-        fn prompt_tokens(&self, endpoint: Endpoint, body: &Map<String, Value>) -> Option<Vec<u32>> {
-            self.prompt(endpoint, body).map(|p| p.tokens)
-        }
+    fn prompt_tokens(t: &Preprocessor, endpoint: Endpoint, body: Value) -> Option<Vec<u32>> {
+        t.prompt(endpoint, &obj(body)).map(|p| p.tokens)
+    }
+
+    #[test]
+    fn special_token_defaults_per_endpoint() {
+        let requested = |v: Value| {
+            serde_json::from_value::<CommonFields>(v)
+                .unwrap()
+                .add_special_tokens
+        };
+        assert!(Endpoint::Completions.add_special_tokens(requested(json!({}))));
+        assert!(!Endpoint::ChatCompletions.add_special_tokens(requested(json!({}))));
+        let off = requested(json!({"add_special_tokens": false}));
+        assert!(!Endpoint::Completions.add_special_tokens(off));
+        let on = requested(json!({"add_special_tokens": "yes"}));
+        assert!(Endpoint::ChatCompletions.add_special_tokens(on));
     }
 
     #[test]
     fn cache_salt_comes_with_the_tokens() {
-        let Some(t) = model() else { return };
+        let Some(t) = smollm() else { return };
         for endpoint in [Endpoint::Completions, Endpoint::ChatCompletions] {
             let body = |salt: Value| {
                 obj(
@@ -153,24 +141,22 @@ mod tests {
 
     #[test]
     fn completion_prompts() {
-        let Some(t) = model() else { return };
-        assert_eq!(t.default_name(), "SmolLM2-135M-Instruct.Q4_1");
-        let text = t
-            .prompt_tokens(
-                Endpoint::Completions,
-                &obj(json!({"prompt": "Hello world"})),
-            )
-            .unwrap();
-        assert_eq!(text, t.pre.tokenizer.encode("Hello world", true).unwrap());
+        let Some(t) = smollm() else { return };
+        assert_eq!(t.name, "SmolLM2-135M-Instruct.Q4_1");
+        let text = prompt_tokens(t, Endpoint::Completions, json!({"prompt": "Hello world"}));
+        assert_eq!(
+            text.unwrap(),
+            t.tokenizer.encode("Hello world", true).unwrap()
+        );
         let batch = json!({"prompt": [[5, 6, 7], [8]], "truncate_prompt_tokens": 2});
         assert_eq!(
-            t.prompt_tokens(Endpoint::Completions, &obj(batch)),
+            prompt_tokens(t, Endpoint::Completions, batch),
             Some(vec![6, 7])
         );
         let texts = json!({"prompt": ["a b", "c"]});
         assert_eq!(
-            t.prompt_tokens(Endpoint::Completions, &obj(texts)),
-            Some(t.pre.tokenizer.encode("a b", true).unwrap())
+            prompt_tokens(t, Endpoint::Completions, texts),
+            Some(t.tokenizer.encode("a b", true).unwrap())
         );
         // What the agent refuses gives no tokens.
         for bad in [
@@ -178,33 +164,29 @@ mod tests {
             json!({"prompt": 3}),
             json!({"prompt": "x", "stream": "maybe"}),
         ] {
-            assert_eq!(t.prompt_tokens(Endpoint::Completions, &obj(bad)), None);
+            assert_eq!(prompt_tokens(t, Endpoint::Completions, bad), None);
         }
     }
 
     #[test]
     fn chat_prompts_use_the_template_without_special_tokens() {
-        let Some(t) = model() else { return };
+        let Some(t) = smollm() else { return };
         let body = json!({"messages": [{"role": "user", "content": "What is 2+2?"}]});
-        let ids = t
-            .prompt_tokens(Endpoint::ChatCompletions, &obj(body))
-            .unwrap();
+        let ids = prompt_tokens(t, Endpoint::ChatCompletions, body).unwrap();
         let expected =
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by \
                         Hugging Face<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n\
                         <|im_start|>assistant\n";
-        assert_eq!(ids, t.pre.tokenizer.encode(expected, false).unwrap());
+        assert_eq!(ids, t.tokenizer.encode(expected, false).unwrap());
         assert_eq!(ids[0], 1, "<|im_start|> is one special token");
         let no_gen = json!({"messages": [{"role": "user", "content": "Hi"}],
                             "add_generation_prompt": false});
-        let ids = t
-            .prompt_tokens(Endpoint::ChatCompletions, &obj(no_gen))
-            .unwrap();
+        let ids = prompt_tokens(t, Endpoint::ChatCompletions, no_gen).unwrap();
         let expected = expected.replace("What is 2+2?", "Hi");
         let expected = expected.trim_end_matches("<|im_start|>assistant\n");
-        assert_eq!(ids, t.pre.tokenizer.encode(expected, false).unwrap());
+        assert_eq!(ids, t.tokenizer.encode(expected, false).unwrap());
         assert_eq!(
-            t.prompt_tokens(Endpoint::ChatCompletions, &obj(json!({"messages": "hi"}))),
+            prompt_tokens(t, Endpoint::ChatCompletions, json!({"messages": "hi"})),
             None
         );
     }

@@ -5,7 +5,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
-use candle_core::quantized::gguf_file;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -17,7 +16,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
-use super::ModelError;
+use crate::gguf::{MetaValue, Metadata};
+use crate::LoadError;
 
 /// `token_type` value llama.cpp uses for control (special) tokens.
 const TOKEN_TYPE_CONTROL: u32 = 3;
@@ -66,10 +66,10 @@ impl Tokenizer {
 
     /// Builds the tokenizer llama.cpp describes in GGUF metadata (`tokenizer.ggml.*`). Only
     /// byte-level BPE (`tokenizer.ggml.model = gpt2`) is supported.
-    pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self, ModelError> {
+    pub fn from_gguf(ct: &Metadata) -> Result<Self, LoadError> {
         let model = gguf_string(ct, "tokenizer.ggml.model")?;
         if model != "gpt2" {
-            return Err(ModelError::Tokenizer(format!(
+            return Err(LoadError::Tokenizer(format!(
                 "unsupported GGUF tokenizer model \"{model}\" (supported: gpt2 byte-level BPE)"
             )));
         }
@@ -83,28 +83,28 @@ impl Tokenizer {
             .into_iter()
             .map(|m| match m.split_once(' ') {
                 Some((a, b)) => Ok((a.to_string(), b.to_string())),
-                None => Err(ModelError::Tokenizer(format!("malformed merge \"{m}\""))),
+                None => Err(LoadError::Tokenizer(format!("malformed merge \"{m}\""))),
             })
             .collect::<Result<Vec<_>, _>>()?;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
-            .map_err(|e| ModelError::Tokenizer(format!("building BPE: {e}")))?;
+            .map_err(|e| LoadError::Tokenizer(format!("building BPE: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
 
-        let pre = match ct.metadata.contains_key("tokenizer.ggml.pre") {
+        let pre = match ct.contains_key("tokenizer.ggml.pre") {
             true => gguf_string(ct, "tokenizer.ggml.pre")?,
             false => "gpt2".to_string(),
         };
         let byte_level =
             |use_regex| PreTokenizerWrapper::from(ByteLevel::new(false, true, use_regex));
-        let split = |regex: &str| -> Result<PreTokenizerWrapper, ModelError> {
+        let split = |regex: &str| -> Result<PreTokenizerWrapper, LoadError> {
             let split = Split::new(
                 SplitPattern::Regex(regex.to_string()),
                 SplitDelimiterBehavior::Isolated,
                 false,
             )
-            .map_err(|e| ModelError::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
+            .map_err(|e| LoadError::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
             Ok(split.into())
         };
         let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
@@ -112,7 +112,7 @@ impl Tokenizer {
             "qwen2" => {
                 inner
                     .with_normalizer(Some(NFC))
-                    .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+                    .map_err(|e| LoadError::Tokenizer(e.to_string()))?;
                 Sequence::new(vec![split(REGEX_QWEN2)?, byte_level(false)]).into()
             }
             "llama3" | "llama-bpe" | "smaug-bpe" => {
@@ -123,10 +123,12 @@ impl Tokenizer {
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
 
-        let types = match ct.metadata.get("tokenizer.ggml.token_type") {
+        let types = match ct.get("tokenizer.ggml.token_type") {
             Some(v) => v
-                .to_vec()
-                .map_err(|e| ModelError::Tokenizer(format!("tokenizer.ggml.token_type: {e}")))?
+                .as_array()
+                .ok_or_else(|| {
+                    LoadError::Tokenizer("tokenizer.ggml.token_type: not an array".into())
+                })?
                 .iter()
                 .map(gguf_u32)
                 .collect::<Result<Vec<_>, _>>()?,
@@ -142,19 +144,19 @@ impl Tokenizer {
         };
         inner
             .add_special_tokens(added(TOKEN_TYPE_CONTROL, true))
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+            .map_err(|e| LoadError::Tokenizer(e.to_string()))?;
         inner
             .add_tokens(added(TOKEN_TYPE_USER_DEFINED, false))
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+            .map_err(|e| LoadError::Tokenizer(e.to_string()))?;
 
-        let token_of = |key: &str| -> Result<Option<(u32, String)>, ModelError> {
-            let Some(v) = ct.metadata.get(key) else {
+        let token_of = |key: &str| -> Result<Option<(u32, String)>, LoadError> {
+            let Some(v) = ct.get(key) else {
                 return Ok(None);
             };
             let id = gguf_u32(v)?;
             match tokens.get(id as usize) {
                 Some(t) => Ok(Some((id, t.clone()))),
-                None => Err(ModelError::Tokenizer(format!(
+                None => Err(LoadError::Tokenizer(format!(
                     "{key} = {id} is outside the vocabulary"
                 ))),
             }
@@ -170,11 +172,11 @@ impl Tokenizer {
         ))
     }
 
-    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ModelError> {
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, LoadError> {
         let enc = self
             .inner
             .encode_fast(text, add_special_tokens)
-            .map_err(|e| ModelError::Tokenizer(format!("encode: {e}")))?;
+            .map_err(|e| LoadError::Tokenizer(format!("encode: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -275,37 +277,35 @@ fn char_to_byte() -> &'static HashMap<char, u8> {
     })
 }
 
-fn gguf_string(ct: &gguf_file::Content, key: &str) -> Result<String, ModelError> {
-    ct.metadata
-        .get(key)
-        .ok_or_else(|| ModelError::Tokenizer(format!("GGUF metadata has no {key}")))?
-        .to_string()
-        .cloned()
-        .map_err(|e| ModelError::Tokenizer(format!("{key}: {e}")))
+fn gguf_string(ct: &Metadata, key: &str) -> Result<String, LoadError> {
+    ct.get(key)
+        .ok_or_else(|| LoadError::Tokenizer(format!("GGUF metadata has no {key}")))?
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| LoadError::Tokenizer(format!("{key}: not a string")))
 }
 
-fn gguf_strings(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>, ModelError> {
-    let bad = |e: candle_core::Error| ModelError::Tokenizer(format!("{key}: {e}"));
-    ct.metadata
-        .get(key)
-        .ok_or_else(|| ModelError::Tokenizer(format!("GGUF metadata has no {key}")))?
-        .to_vec()
-        .map_err(bad)?
+fn gguf_strings(ct: &Metadata, key: &str) -> Result<Vec<String>, LoadError> {
+    let bad = || LoadError::Tokenizer(format!("{key}: not an array of strings"));
+    ct.get(key)
+        .ok_or_else(|| LoadError::Tokenizer(format!("GGUF metadata has no {key}")))?
+        .as_array()
+        .ok_or_else(bad)?
         .iter()
-        .map(|v| v.to_string().cloned().map_err(bad))
+        .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
         .collect()
 }
 
-fn gguf_u32(v: &gguf_file::Value) -> Result<u32, ModelError> {
-    super::gguf::int_value(v)
+fn gguf_u32(v: &MetaValue) -> Result<u32, LoadError> {
+    v.as_int()
         .and_then(|n| u32::try_from(n).ok())
-        .ok_or_else(|| ModelError::Tokenizer(format!("expected a token id/type, got {v:?}")))
+        .ok_or_else(|| LoadError::Tokenizer(format!("expected a token id/type, got {v:?}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_support::{gguf_path, smollm};
+    use crate::test_support::{gguf_path, smollm};
 
     /// Expected ids from HF `tokenizers` 0.23.3 (Python) on the equivalent tokenizer built from
     /// the GGUF metadata (`pip install tokenizers gguf`):
@@ -385,10 +385,10 @@ mod tests {
             eprintln!("SKIPPED: default GGUF not found");
             return;
         };
-        let mut ct = gguf_file::Content::read(&mut std::fs::File::open(path).unwrap()).unwrap();
+        let mut ct = Metadata::read_path(&path).unwrap();
         let mut splits = |pre: &str, text: &str| -> Vec<String> {
-            let v = gguf_file::Value::String(pre.to_string());
-            ct.metadata.insert("tokenizer.ggml.pre".into(), v);
+            let v = MetaValue::String(pre.to_string());
+            ct.entries.insert("tokenizer.ggml.pre".into(), v);
             let tok = Tokenizer::from_gguf(&ct).unwrap();
             let mut s = PreTokenizedString::from(text);
             tok.inner()
@@ -418,8 +418,8 @@ mod tests {
         let gpt2 = ["Hello", "'", "Ve", "Ġworld", "Ġ123", "ĊĊĠ", "Ġfoo"];
         assert_eq!(splits("some-other-bpe", text), gpt2);
 
-        let llama = gguf_file::Value::String("llama".into());
-        ct.metadata.insert("tokenizer.ggml.model".into(), llama);
+        let llama = MetaValue::String("llama".into());
+        ct.entries.insert("tokenizer.ggml.model".into(), llama);
         let err = Tokenizer::from_gguf(&ct).err().unwrap();
         assert!(
             err.to_string()

@@ -6,7 +6,7 @@ use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, Error, ErrorKind};
 use serde_json::Map;
 
-use super::ModelError;
+use crate::LoadError;
 
 const TEMPLATE_NAME: &str = "chat";
 
@@ -29,7 +29,7 @@ impl ChatTemplate {
         source: &str,
         bos_token: Option<String>,
         eos_token: Option<String>,
-    ) -> Result<Self, ModelError> {
+    ) -> Result<Self, LoadError> {
         let mut env = Environment::new();
         // transformers renders with trim_blocks and lstrip_blocks; templates rely on it.
         env.set_trim_blocks(true);
@@ -39,7 +39,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| ModelError::Template(format!("compiling chat template: {e:#}")))?;
+            .map_err(|e| LoadError::Template(format!("compiling chat template: {e:#}")))?;
         Ok(Self {
             env,
             bos_token,
@@ -55,7 +55,7 @@ impl ChatTemplate {
         messages: &serde_json::Value,
         add_generation_prompt: bool,
         extra_kwargs: Option<&Map<String, serde_json::Value>>,
-    ) -> Result<String, ModelError> {
+    ) -> Result<String, LoadError> {
         let mut ctx = Map::new();
         // Like transformers: an unset special token is undefined (renders empty), not None.
         for (key, token) in [
@@ -74,10 +74,10 @@ impl ChatTemplate {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
-            .map_err(|e| ModelError::Template(e.to_string()))?;
+            .map_err(|e| LoadError::Template(e.to_string()))?;
         template
             .render(Value::from_serialize(&ctx))
-            .map_err(|e| ModelError::Template(format!("rendering chat template: {e:#}")))
+            .map_err(|e| LoadError::Template(format!("rendering chat template: {e:#}")))
     }
 }
 
@@ -221,6 +221,6 @@ mod tests {
     #[test]
     fn syntax_error_is_a_template_error() {
         let err = ChatTemplate::new("{% for m in messages %}", None, None).unwrap_err();
-        assert!(matches!(err, ModelError::Template(_)), "{err}");
+        assert!(matches!(err, LoadError::Template(_)), "{err}");
     }
 }

@@ -2,11 +2,11 @@
 //! and truncation, and each prompt's engine [`SamplingParams`] (output budget clamped to what
 //! is left of the context).
 
-use super::errors::ApiError;
 use super::generate::PreparedPrompt;
-use super::protocol::CommonFields;
 use super::state::AppState;
 use super::validation::{self, Limits};
+use protocol::request::CommonFields;
+use protocol::ApiError;
 
 /// One prompt as the request gave it.
 #[derive(Debug, Clone, PartialEq)]
