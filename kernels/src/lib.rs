@@ -18,9 +18,11 @@
 
 pub mod attention;
 pub mod kv_cache;
+pub mod kv_layout;
 pub mod pool;
 pub mod quant_matmul;
 
 pub use attention::{cpu::CpuPagedAttention, PagedAttention, SeqAttn};
-pub use kv_cache::{CpuKvCache, KvDtype, KvElem, KvLayerMut, KvLayout};
+pub use kv_cache::{CpuKvCache, KvLayerMut};
+pub use kv_layout::{KvDtype, KvElem, KvLayout};
 pub use quant_matmul::{matmul_many, BlockFormat, QuantMatmulError, QuantMatrix};

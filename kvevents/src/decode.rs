@@ -2,26 +2,9 @@
 //! order) or positional arrays, hashes as integers or bin, fields missing at the end (older
 //! releases) and fields or event types it does not know (newer ones, skipped).
 
-use rmp::Marker;
-
+use crate::error::DecodeError;
 use crate::msgpack::Reader;
 use crate::types::{BlockRemoved, BlockStored, EventBatch, ExternalBlockHash, ExtraKey, KvEvent};
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum DecodeError {
-    #[error("payload ends in the middle of a value")]
-    Truncated,
-    #[error("expected {0}, found msgpack marker {1:?}")]
-    Unexpected(&'static str, Marker),
-    #[error("string is not UTF-8")]
-    Utf8,
-    #[error("{0} is out of range")]
-    OutOfRange(&'static str),
-    #[error("{0} is missing")]
-    Missing(&'static str),
-    #[error("bytes left after the batch")]
-    TrailingBytes,
-}
 
 /// Decodes the msgpack payload of one live message or replayed batch.
 pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, DecodeError> {

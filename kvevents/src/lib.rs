@@ -5,12 +5,14 @@
 
 mod decode;
 mod encode;
+mod error;
 mod frames;
 mod msgpack;
 mod types;
 
-pub use decode::{decode_batch, DecodeError};
+pub use decode::decode_batch;
 pub use encode::encode_batch;
+pub use error::DecodeError;
 pub use frames::{decode_seq, encode_seq, ReplayReply, REPLAY_END_SEQ};
 pub use types::{
     BlockRemoved, BlockStored, Encoding, EventBatch, ExternalBlockHash, ExtraKey, KvEvent,

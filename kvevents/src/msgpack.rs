@@ -5,7 +5,7 @@
 use rmp::encode::{self, ByteBuf};
 use rmp::Marker;
 
-use crate::decode::DecodeError;
+use crate::error::DecodeError;
 
 /// Writes msgpack into memory; writing to a growable buffer cannot fail.
 pub(crate) struct Writer(ByteBuf);

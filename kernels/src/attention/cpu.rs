@@ -13,7 +13,7 @@ use std::ops::Range;
 use wide::f32x8;
 
 use super::{PagedAttention, SeqAttn};
-use crate::kv_cache::{KvElem, KvLayout};
+use crate::kv_layout::{KvElem, KvLayout};
 use crate::pool;
 
 /// CPU implementation of [`PagedAttention`].

@@ -2,7 +2,7 @@
 
 pub mod cpu;
 
-use crate::kv_cache::{KvElem, KvLayout};
+use crate::kv_layout::{KvElem, KvLayout};
 
 /// One sequence's part of a batched attention call.
 ///
