@@ -65,6 +65,25 @@ impl MetaValue {
     }
 }
 
+const MAGIC: &[u8; 4] = b"GGUF";
+
+/// Checks that `reader` starts with the GGUF magic and leaves it at the start again, so that a
+/// caller with its own header parser (the agent's weight loader) refuses the same files we do.
+pub fn check_magic<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<(), LoadError> {
+    let mut magic = [0u8; 4];
+    reader.seek(SeekFrom::Start(0)).map_err(LoadError::io(path))?;
+    match reader.read_exact(&mut magic) {
+        Ok(()) if &magic == MAGIC => {}
+        Ok(()) => return Err(LoadError::NotGguf(path.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(LoadError::NotGguf(path.to_path_buf()))
+        }
+        Err(e) => return Err(LoadError::io(path)(e)),
+    }
+    reader.seek(SeekFrom::Start(0)).map_err(LoadError::io(path))?;
+    Ok(())
+}
+
 /// The metadata of one GGUF file.
 #[derive(Debug, Clone, Default)]
 pub struct Metadata {
@@ -80,19 +99,15 @@ impl Metadata {
 
     /// Reads the metadata from the start of `reader`; `path` names the file in errors.
     pub fn read<R: Read + Seek>(mut reader: R, path: &Path) -> Result<Self, LoadError> {
-        let io = LoadError::io(path);
         let size = reader.seek(SeekFrom::End(0)).map_err(LoadError::io(path))?;
-        reader.seek(SeekFrom::Start(0)).map_err(io)?;
+        check_magic(&mut reader, path)?;
         let mut r = Cursor {
             reader,
             left: size,
             path,
             wide_lengths: true,
         };
-        let mut magic = [0u8; 4];
-        if size < 4 || r.bytes(&mut magic).is_err() || &magic != b"GGUF" {
-            return Err(LoadError::NotGguf(path.to_path_buf()));
-        }
+        r.array::<4>()?;
         r.wide_lengths = match r.u32()? {
             1 => false,
             2 | 3 => true,

@@ -87,15 +87,17 @@ fn served_name(path: &Path, strip_extension: bool) -> String {
         .unwrap_or_else(|| "model".to_string())
 }
 
-#[cfg(test)]
-pub(crate) mod test_support {
-    //! The default model's text side, loaded once per test binary.
+/// Test helpers shared with the agent's tests (feature `test-support`).
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support {
+    //! The default model's file and its text side, loaded once per test binary.
 
     use std::path::PathBuf;
     use std::sync::OnceLock;
 
     use super::Preprocessor;
 
+    /// The default model (installed by scripts/install.sh), from the workspace root.
     pub fn gguf_path() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
     }
@@ -114,9 +116,9 @@ pub(crate) mod test_support {
         model.as_ref()
     }
 
-    /// A fresh scratch directory under the system temp dir.
+    /// A fresh scratch directory under the system temp dir, unique to this process.
     pub fn scratch_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("prompt-{}-{name}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating a scratch dir");
         dir
@@ -142,7 +144,7 @@ mod tests {
     #[test]
     fn hf_directory_needs_only_the_tokenizer_files() {
         let Some(full) = smollm() else { return };
-        let dir = scratch_dir("preprocess-hf");
+        let dir = scratch_dir("prompt-preprocess-hf");
         full.tokenizer
             .inner()
             .save(dir.join("tokenizer.json"), false)
@@ -166,7 +168,7 @@ mod tests {
 
     #[test]
     fn errors() {
-        let dir = scratch_dir("preprocess-errors");
+        let dir = scratch_dir("prompt-preprocess-errors");
         assert!(matches!(
             load(&dir.join("missing.gguf")),
             Err(LoadError::NotFound(_))

@@ -26,17 +26,7 @@ fn read_content<R: Read + Seek>(
     reader: &mut R,
     path: &Path,
 ) -> Result<gguf_file::Content, ModelError> {
-    let not_gguf = || ModelError::from(LoadError::NotGguf(path.to_path_buf()));
-    let mut magic = [0u8; 4];
-    match reader.read_exact(&mut magic) {
-        Ok(()) if &magic == b"GGUF" => {}
-        Ok(()) => return Err(not_gguf()),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(not_gguf()),
-        Err(e) => return Err(LoadError::io(path)(e).into()),
-    }
-    reader
-        .seek(SeekFrom::Start(0))
-        .map_err(LoadError::io(path))?;
+    prompt::gguf::check_magic(reader, path)?;
     gguf_file::Content::read(reader).map_err(|e| malformed(path, e.to_string()))
 }
 

@@ -380,7 +380,7 @@ mod tests {
 
     #[test]
     fn tiny_llama_matches_candle_llama() {
-        let dir = scratch_dir("hf-llama");
+        let dir = scratch_dir("agent-hf-llama");
         if !write_tokenizer_files(&dir) {
             return;
         }
@@ -424,7 +424,7 @@ mod tests {
 
     #[test]
     fn tiny_qwen2_matches_candle_qwen2() {
-        let dir = scratch_dir("hf-qwen2");
+        let dir = scratch_dir("agent-hf-qwen2");
         if !write_tokenizer_files(&dir) {
             return;
         }
@@ -450,7 +450,7 @@ mod tests {
 
     #[test]
     fn hf_load_errors() {
-        let dir = scratch_dir("hf-errors");
+        let dir = scratch_dir("agent-hf-errors");
         let config = dir.join("config.json");
         let err = load(&dir).err().unwrap();
         assert!(

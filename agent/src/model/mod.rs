@@ -132,14 +132,11 @@ fn malformed(path: &Path, reason: String) -> ModelError {
 pub(crate) mod test_support {
     //! The real default model, loaded once per test binary.
 
-    use std::path::PathBuf;
     use std::sync::OnceLock;
 
-    use super::LoadedModel;
+    pub use prompt::test_support::{gguf_path, scratch_dir};
 
-    pub fn gguf_path() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    }
+    use super::LoadedModel;
 
     /// The SmolLM2 GGUF, or `None` (after saying so) when the file is not there.
     pub fn smollm() -> Option<&'static LoadedModel> {
@@ -206,14 +203,6 @@ pub(crate) mod test_support {
                 Some(super::gguf::load_from(std::io::Cursor::new(bytes), path).unwrap())
             })
             .as_ref()
-    }
-
-    /// A fresh scratch directory under the system temp dir.
-    pub fn scratch_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("agent-model-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating a scratch dir");
-        dir
     }
 }
 
@@ -293,7 +282,7 @@ mod tests {
 
     #[test]
     fn load_errors_are_specific() {
-        let dir = scratch_dir("load-errors");
+        let dir = scratch_dir("agent-load-errors");
         let missing = dir.join("nope.gguf");
         assert!(
             matches!(load(&missing), Err(ModelError::Files(LoadError::NotFound(p))) if p == missing)
