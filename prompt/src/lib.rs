@@ -87,10 +87,10 @@ fn served_name(path: &Path, strip_extension: bool) -> String {
         .unwrap_or_else(|| "model".to_string())
 }
 
-/// Test helpers shared with the agent's tests (feature `test-support`).
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support {
-    //! The default model's file and its text side, loaded once per test binary.
+    //! Test helpers, shared with the agent's tests through the `test-support` feature: the
+    //! default model's file and its text side, loaded once per test binary.
 
     use std::path::PathBuf;
     use std::sync::OnceLock;
