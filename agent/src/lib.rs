@@ -3,7 +3,8 @@
 //!
 //! Layering (each layer knows nothing of the ones above it):
 //! - [`kv_cache`]: block pool, prefix-cache hashing, per-request block tables, cache events.
-//! - [`model`]: model files (GGUF / HF), tokenizer, chat template, the forward pass.
+//! - [`model`]: weights from GGUF / HF files and the forward pass (the tokenizer and chat
+//!   template come from the `prompt` crate).
 //! - [`engine`]: scheduler, sampling, the engine loop and the handle the server talks to.
 //! - [`server`]: HTTP (OpenAI protocol, errors, streaming); [`metrics`]: Prometheus.
 
