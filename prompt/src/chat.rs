@@ -127,6 +127,23 @@ pub fn render(template: Option<&ChatTemplate>, r: &ChatRender<'_>) -> Result<Str
 }
 
 impl<'a> ChatRender<'a> {
+    /// The characters of the messages' text, which the rendered prompt contains at least: a
+    /// conversation that cannot fit is refused on this count before the template copies it.
+    pub fn content_chars(&self) -> usize {
+        let text_chars = |m: &ChatMessageIn| match &m.content {
+            None => 0,
+            Some(MessageContent::Text(t)) => t.chars().count(),
+            Some(MessageContent::Parts(parts)) => parts
+                .iter()
+                .map(|p| match p {
+                    ContentPart::Text(t) => t.chars().count(),
+                    ContentPart::Other(_) => 0,
+                })
+                .sum(),
+        };
+        self.messages.iter().map(text_chars).sum()
+    }
+
     /// The rendering a chat request asks for, with vLLM's defaults (a generation prompt, no
     /// continued final message).
     pub fn of_chat(fields: &'a ChatFields) -> Self {

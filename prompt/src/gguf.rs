@@ -71,7 +71,9 @@ const MAGIC: &[u8; 4] = b"GGUF";
 /// caller with its own header parser (the agent's weight loader) refuses the same files we do.
 pub fn check_magic<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<(), LoadError> {
     let mut magic = [0u8; 4];
-    reader.seek(SeekFrom::Start(0)).map_err(LoadError::io(path))?;
+    reader
+        .seek(SeekFrom::Start(0))
+        .map_err(LoadError::io(path))?;
     match reader.read_exact(&mut magic) {
         Ok(()) if &magic == MAGIC => {}
         Ok(()) => return Err(LoadError::NotGguf(path.to_path_buf())),
@@ -80,7 +82,9 @@ pub fn check_magic<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<(), Lo
         }
         Err(e) => return Err(LoadError::io(path)(e)),
     }
-    reader.seek(SeekFrom::Start(0)).map_err(LoadError::io(path))?;
+    reader
+        .seek(SeekFrom::Start(0))
+        .map_err(LoadError::io(path))?;
     Ok(())
 }
 

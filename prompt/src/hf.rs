@@ -62,6 +62,14 @@ pub fn load_tokenizer(dir: &Path) -> Result<(Tokenizer, Option<ChatTemplate>), L
     Ok((Tokenizer::new(inner, eos_ids, bos, eos), template))
 }
 
+/// `max_position_embeddings` of the directory's `config.json`, when it has one that says.
+pub fn context_length(dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let n = config.get("max_position_embeddings")?.as_u64()?;
+    usize::try_from(n).ok()
+}
+
 pub fn read_required(path: &Path) -> Result<String, LoadError> {
     if !path.is_file() {
         return Err(LoadError::MissingFile(path.to_path_buf()));

@@ -18,7 +18,7 @@ use std::path::Path;
 
 pub use chat_template::ChatTemplate;
 pub use error::LoadError;
-pub use request::{Endpoint, PromptKey};
+pub use request::{truncation_keep, Endpoint, PromptKey};
 pub use tokenizer::Tokenizer;
 
 /// What [`load`] reads from a model path.
@@ -27,6 +27,9 @@ pub struct Preprocessor {
     pub chat_template: Option<ChatTemplate>,
     /// Default served model name: the GGUF file stem or the directory name.
     pub name: String,
+    /// The context length the model was trained for (GGUF `<arch>.context_length`, HF
+    /// `max_position_embeddings`): the agent's default `--max-model-len`.
+    pub context_length: Option<usize>,
 }
 
 /// Loads the tokenizer and chat template of a `.gguf` file (metadata only) or a Hugging Face
@@ -59,10 +62,17 @@ pub fn load_gguf<R: Read + Seek>(reader: R, path: &Path) -> Result<Preprocessor,
         }
         None => None,
     };
+    let context_length = meta
+        .get("general.architecture")
+        .and_then(gguf::MetaValue::as_str)
+        .and_then(|arch| meta.get(&format!("{arch}.context_length")))
+        .and_then(gguf::MetaValue::as_int)
+        .and_then(|n| usize::try_from(n).ok());
     Ok(Preprocessor {
         tokenizer,
         chat_template,
         name: served_name(path, true),
+        context_length,
     })
 }
 
@@ -73,6 +83,7 @@ pub fn load_hf(dir: &Path) -> Result<Preprocessor, LoadError> {
         tokenizer,
         chat_template,
         name: served_name(dir, false),
+        context_length: hf::context_length(dir),
     })
 }
 

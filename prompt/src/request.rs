@@ -39,14 +39,43 @@ pub struct PromptKey {
     pub cache_salt: Option<String>,
 }
 
+/// How many tokens of a prompt's end to tokenize for `truncate_prompt_tokens = limit`: the limit,
+/// or all that `max_model_len` allows when it is -1 (other values are refused later, and need no
+/// more).
+pub fn truncation_keep(limit: i64, max_model_len: usize) -> usize {
+    match usize::try_from(limit) {
+        Ok(n) if n > 0 => n.min(max_model_len),
+        _ => max_model_len,
+    }
+}
+
 impl Preprocessor {
     /// The token ids the agent would prefill for `body` (the first prompt of a batch) and its
-    /// cache salt, or `None` when the body is not a request the agent would accept as read.
-    pub fn prompt(&self, endpoint: Endpoint, body: &Map<String, Value>) -> Option<PromptKey> {
+    /// cache salt, or `None` when the body is not a request the agent would accept as read,
+    /// including a text too long for `max_model_len` (refused before tokenizing, as the agent
+    /// does, so that a huge body costs no more than reading it).
+    pub fn prompt(
+        &self,
+        endpoint: Endpoint,
+        body: &Map<String, Value>,
+        max_model_len: usize,
+    ) -> Option<PromptKey> {
         let common: CommonFields = typed(body).ok()?;
+        let text_ids = |text: &str, add_special: bool| match common.truncate_prompt_tokens {
+            None => {
+                self.tokenizer
+                    .check_length(text.chars().count(), max_model_len)
+                    .ok()?;
+                self.tokenizer.encode(text, add_special).ok()
+            }
+            Some(limit) => {
+                let keep = truncation_keep(limit.0, max_model_len);
+                self.tokenizer.encode_tail(text, keep, add_special).ok()
+            }
+        };
         let mut ids = match endpoint {
-            Endpoint::Completions => self.completion(body, &common)?,
-            Endpoint::ChatCompletions => self.chat(body, &common)?,
+            Endpoint::Completions => self.completion(body, &common, text_ids)?,
+            Endpoint::ChatCompletions => self.chat(body, &common, max_model_len, text_ids)?,
         };
         // `truncate_prompt_tokens`: the agent keeps the last N tokens.
         if let Some(n) = common.truncate_prompt_tokens.map(|t| t.0) {
@@ -60,22 +89,39 @@ impl Preprocessor {
         })
     }
 
-    fn completion(&self, body: &Map<String, Value>, common: &CommonFields) -> Option<Vec<u32>> {
+    fn completion(
+        &self,
+        body: &Map<String, Value>,
+        common: &CommonFields,
+        text_ids: impl Fn(&str, bool) -> Option<Vec<u32>>,
+    ) -> Option<Vec<u32>> {
         let fields: CompletionFields = typed(body).ok()?;
         let add_special = Endpoint::Completions.add_special_tokens(common.add_special_tokens);
         match fields.prompt? {
-            Prompt::Text(text) => self.tokenizer.encode(&text, add_special).ok(),
-            Prompt::Texts(texts) => self.tokenizer.encode(texts.first()?, add_special).ok(),
+            Prompt::Text(text) => text_ids(&text, add_special),
+            Prompt::Texts(texts) => text_ids(texts.first()?, add_special),
             Prompt::Tokens(ids) => to_u32(&ids),
             Prompt::TokenBatches(batches) => to_u32(batches.first()?),
         }
     }
 
-    fn chat(&self, body: &Map<String, Value>, common: &CommonFields) -> Option<Vec<u32>> {
+    fn chat(
+        &self,
+        body: &Map<String, Value>,
+        common: &CommonFields,
+        max_model_len: usize,
+        text_ids: impl Fn(&str, bool) -> Option<Vec<u32>>,
+    ) -> Option<Vec<u32>> {
         let fields: ChatFields = typed(body).ok()?;
-        let text = render(self.chat_template.as_ref(), &ChatRender::of_chat(&fields)).ok()?;
+        let chat = ChatRender::of_chat(&fields);
+        if common.truncate_prompt_tokens.is_none() {
+            self.tokenizer
+                .check_length(chat.content_chars(), max_model_len)
+                .ok()?;
+        }
+        let text = render(self.chat_template.as_ref(), &chat).ok()?;
         let add_special = Endpoint::ChatCompletions.add_special_tokens(common.add_special_tokens);
-        self.tokenizer.encode(&text, add_special).ok()
+        text_ids(&text, add_special)
     }
 }
 
@@ -89,12 +135,15 @@ mod tests {
     use crate::test_support::smollm;
     use serde_json::json;
 
+    const MAX_MODEL_LEN: usize = 8192;
+
     fn obj(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
     }
 
     fn prompt_tokens(t: &Preprocessor, endpoint: Endpoint, body: Value) -> Option<Vec<u32>> {
-        t.prompt(endpoint, &obj(body)).map(|p| p.tokens)
+        t.prompt(endpoint, &obj(body), MAX_MODEL_LEN)
+            .map(|p| p.tokens)
     }
 
     #[test]
@@ -122,18 +171,26 @@ mod tests {
                            "cache_salt": salt}),
                 )
             };
-            let salted = t.prompt(endpoint, &body(json!("tenant-1"))).unwrap();
+            let salted = t
+                .prompt(endpoint, &body(json!("tenant-1")), MAX_MODEL_LEN)
+                .unwrap();
             assert_eq!(salted.cache_salt.as_deref(), Some("tenant-1"));
             assert_eq!(
-                t.prompt(endpoint, &body(json!(""))).unwrap().cache_salt,
+                t.prompt(endpoint, &body(json!("")), MAX_MODEL_LEN)
+                    .unwrap()
+                    .cache_salt,
                 None
             );
             assert_eq!(
-                t.prompt(endpoint, &body(Value::Null)).unwrap().cache_salt,
+                t.prompt(endpoint, &body(Value::Null), MAX_MODEL_LEN)
+                    .unwrap()
+                    .cache_salt,
                 None
             );
             assert_eq!(
-                t.prompt(endpoint, &body(Value::Null)).unwrap().tokens,
+                t.prompt(endpoint, &body(Value::Null), MAX_MODEL_LEN)
+                    .unwrap()
+                    .tokens,
                 salted.tokens
             );
         }
@@ -189,5 +246,58 @@ mod tests {
             prompt_tokens(t, Endpoint::ChatCompletions, json!({"messages": "hi"})),
             None
         );
+    }
+
+    #[test]
+    fn texts_that_cannot_fit_are_not_tokenized() {
+        let Some(t) = smollm() else { return };
+        let limit = 64 * t.tokenizer.max_chars_per_token();
+        // Room for what the chat template adds around the content.
+        let fits = "a ".repeat((limit - 1000) / 2);
+        let over = "a ".repeat(limit / 2 + 1);
+        let completion = |p: &str| json!({"model": "m", "prompt": p});
+        let chat = |p: &str| json!({"model": "m", "messages": [{"role": "user", "content": p}]});
+        for body in [completion(&fits), chat(&fits)] {
+            let endpoint = if body.get("prompt").is_some() {
+                Endpoint::Completions
+            } else {
+                Endpoint::ChatCompletions
+            };
+            assert!(t.prompt(endpoint, &obj(body), 64).is_some());
+        }
+        assert!(t
+            .prompt(Endpoint::Completions, &obj(completion(&over)), 64)
+            .is_none());
+        assert!(t
+            .prompt(Endpoint::ChatCompletions, &obj(chat(&over)), 64)
+            .is_none());
+    }
+
+    #[test]
+    fn truncation_tokenizes_only_the_tail_and_keeps_the_same_tokens() {
+        let Some(t) = smollm() else { return };
+        let text: String = (0..3000)
+            .map(|i| format!("word{} and, more\n", i * 7919 % 1000))
+            .collect();
+        let full = t.tokenizer.encode(&text, true).unwrap();
+        for keep in [1usize, 10, 100, 500] {
+            let tail = t.tokenizer.encode_tail(&text, keep, true).unwrap();
+            assert!(tail.len() > keep, "keep {keep}: only {} tokens", tail.len());
+            assert!(tail.len() < full.len() / 2 || keep == 500);
+            assert_eq!(
+                tail[tail.len() - keep..],
+                full[full.len() - keep..],
+                "keep {keep}"
+            );
+            let body = json!({"prompt": text, "truncate_prompt_tokens": keep});
+            let got = t
+                .prompt(Endpoint::Completions, &obj(body), MAX_MODEL_LEN)
+                .unwrap();
+            assert_eq!(got.tokens, full[full.len() - keep..]);
+        }
+        assert_eq!(truncation_keep(-1, 99), 99);
+        assert_eq!(truncation_keep(0, 99), 99);
+        assert_eq!(truncation_keep(7, 99), 7);
+        assert_eq!(truncation_keep(1000, 99), 99);
     }
 }

@@ -16,6 +16,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
+use protocol::ApiError;
+
 use crate::gguf::{MetaValue, Metadata};
 use crate::LoadError;
 
@@ -37,6 +39,9 @@ pub struct Tokenizer {
     special_ids: HashSet<u32>,
     /// Whether the decoder is byte-level (GPT-2 style), so vocab strings map to bytes by table.
     byte_level: bool,
+    /// Longest vocabulary entry in characters: a text longer than `max_model_len` times this
+    /// cannot fit, and is refused before the tokenizer spends time and memory on it.
+    max_chars_per_token: usize,
 }
 
 impl Tokenizer {
@@ -54,6 +59,12 @@ impl Tokenizer {
             .map(|(id, _)| id)
             .collect();
         let byte_level = matches!(inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_)));
+        let max_chars_per_token = (0..inner.get_vocab_size(true) as u32)
+            .filter_map(|id| inner.id_to_token(id))
+            .map(|t| t.chars().count())
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Self {
             inner,
             eos_token_ids,
@@ -61,6 +72,7 @@ impl Tokenizer {
             eos_token,
             special_ids,
             byte_level,
+            max_chars_per_token,
         }
     }
 
@@ -170,6 +182,50 @@ impl Tokenizer {
             bos.map(|(_, t)| t),
             eos.map(|(_, t)| t),
         ))
+    }
+
+    /// The longest vocabulary entry, in characters.
+    pub fn max_chars_per_token(&self) -> usize {
+        self.max_chars_per_token
+    }
+
+    /// vLLM's check before tokenizing: a text of `chars` characters must be able to fit in
+    /// `max_model_len` tokens of the longest vocabulary entry.
+    pub fn check_length(&self, chars: usize, max_model_len: usize) -> Result<(), ApiError> {
+        let max_chars = max_model_len.saturating_mul(self.max_chars_per_token);
+        if chars <= max_chars {
+            return Ok(());
+        }
+        Err(ApiError::invalid_value(
+            format!(
+                "You passed {chars} input characters. However, the model's context length is \
+                 only {max_model_len} tokens (at most {max_chars} characters). Please reduce \
+                 the length of the input prompt."
+            ),
+            "input_text",
+            chars,
+        ))
+    }
+
+    /// Encodes enough of the end of `text` for its last `keep` tokens (a request with
+    /// `truncate_prompt_tokens` keeps only those): a tail of `keep + 1` tokens' worth of the
+    /// longest entry holds at least `keep + 1` tokens, and the one cut at the start is among
+    /// those the caller drops. So a huge text costs the tokenizer no more than a short one.
+    pub fn encode_tail(
+        &self,
+        text: &str,
+        keep: usize,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, LoadError> {
+        let max_chars = keep
+            .saturating_add(1)
+            .saturating_mul(self.max_chars_per_token);
+        let start = text
+            .char_indices()
+            .rev()
+            .nth(max_chars.saturating_sub(1))
+            .map_or(0, |(i, _)| i);
+        self.encode(&text[start..], add_special_tokens)
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, LoadError> {

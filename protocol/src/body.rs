@@ -26,7 +26,7 @@ pub fn request_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
         return Err(schema_error(
             &FieldError::new("missing", "Field required"),
             &[],
-            &Value::Null,
+            &Body::Other(&Value::Null),
         ));
     };
     match body {
@@ -37,7 +37,7 @@ pub fn request_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
                 "Input should be a valid dictionary or object to extract fields from",
             ),
             &[],
-            &other,
+            &Body::Other(&other),
         )),
     }
 }
@@ -103,8 +103,11 @@ fn python_json_message(e: &serde_json::Error) -> String {
 
 /// Reads `T` from the body object; a failing field becomes vLLM's schema 400.
 pub fn typed<T: DeserializeOwned>(body: &Map<String, Value>) -> Result<T, ApiError> {
-    let value = Value::Object(body.clone());
-    serde_path_to_error::deserialize(&value).map_err(|e| {
+    // Read in place: a copy of the body per call would cost a 60 MB prompt 60 MB each time.
+    let fields = serde::de::value::MapDeserializer::<_, serde_json::Error>::new(
+        body.iter().map(|(k, v)| (k.as_str(), v)),
+    );
+    serde_path_to_error::deserialize(fields).map_err(|e| {
         let mut loc: Vec<PathSeg> = e
             .path()
             .iter()
@@ -116,7 +119,7 @@ pub fn typed<T: DeserializeOwned>(body: &Map<String, Value>) -> Result<T, ApiErr
             .collect();
         let field_error = FieldError::from_serde_message(&e.inner().to_string());
         loc.extend(field_error.sub_path.iter().cloned());
-        schema_error(&field_error, &loc, &value)
+        schema_error(&field_error, &loc, &Body::Object(body))
     })
 }
 
@@ -124,14 +127,17 @@ pub fn typed<T: DeserializeOwned>(body: &Map<String, Value>) -> Result<T, ApiErr
 const MAX_INPUT_REPR: usize = 1000;
 
 /// vLLM's answer to a pydantic failure at `loc` (below `body`).
-fn schema_error(e: &FieldError, loc: &[PathSeg], body: &Value) -> ApiError {
+fn schema_error(e: &FieldError, loc: &[PathSeg], body: &Body) -> ApiError {
     // A missing field's input is the object that lacks it.
     let input_path = if e.kind == "missing" {
         &loc[..loc.len().saturating_sub(1)]
     } else {
         loc
     };
-    let input = lookup(body, input_path).map_or("None".to_string(), py_repr);
+    let input = match (body, input_path) {
+        (Body::Object(obj), []) => py_repr(&Value::Object((*obj).clone())),
+        _ => lookup(body, input_path).map_or("None".to_string(), py_repr),
+    };
     let input = if input.chars().count() > MAX_INPUT_REPR {
         let cut: String = input.chars().take(MAX_INPUT_REPR).collect();
         format!("{cut}...")
@@ -168,7 +174,23 @@ fn schema_error(e: &FieldError, loc: &[PathSeg], body: &Value) -> ApiError {
     }
 }
 
-fn lookup<'a>(v: &'a Value, path: &[PathSeg]) -> Option<&'a Value> {
+/// The document a schema error points into: the request object, or a body that is not one.
+enum Body<'a> {
+    Object(&'a Map<String, Value>),
+    Other(&'a Value),
+}
+
+/// The value at `path`; the whole object only as an owned copy (`None` here), since pydantic
+/// reports it as the input of a missing top-level field, an error path only.
+fn lookup<'a>(body: &Body<'a>, path: &[PathSeg]) -> Option<&'a Value> {
+    match (body, path.split_first()) {
+        (Body::Other(v), _) => descend(v, path),
+        (Body::Object(obj), Some((PathSeg::Key(k), rest))) => descend(obj.get(k)?, rest),
+        (Body::Object(_), _) => None,
+    }
+}
+
+fn descend<'a>(v: &'a Value, path: &[PathSeg]) -> Option<&'a Value> {
     path.iter().try_fold(v, |v, seg| match seg {
         PathSeg::Key(k) => v.get(k),
         PathSeg::Index(i) => v.get(i),

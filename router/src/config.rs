@@ -77,6 +77,11 @@ pub struct Args {
     /// Largest request body accepted.
     #[arg(long, default_value_t = 64 << 20)]
     pub max_body_bytes: usize,
+    /// The pods' context length, as their `--max-model-len` (default: the model's, as the
+    /// agent's). A prompt that cannot fit is routed by load without being tokenized, and the
+    /// pod gives its 400.
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
 }
 
 impl Args {

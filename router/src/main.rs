@@ -42,6 +42,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .served_model_name
         .clone()
         .unwrap_or_else(|| tokenizer.name.clone());
+    let max_model_len = args
+        .max_model_len
+        .or(tokenizer.context_length)
+        .with_context(|| {
+            format!(
+                "{} does not say its context length: give --max-model-len",
+                args.model.display()
+            )
+        })?;
     let scheduling = config::scheduling(&args, &model)?;
     let index = Arc::new(PrefixIndex::new(scheduling.index.clone())?);
     let topic_filter = scheduling
@@ -101,6 +110,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .build()?,
         stale_after: args.stale_after(),
         max_body_bytes: args.max_body_bytes,
+        max_model_len,
         events: ingest.stats(),
         choosing: Default::default(),
     });

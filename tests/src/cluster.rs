@@ -60,6 +60,10 @@ impl Proc {
         Proc { child, log }
     }
 
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn log(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -216,6 +220,11 @@ impl Pod {
         )
     }
 
+    /// The agent's process id (panics when it is not running).
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("the pod is running").pid()
+    }
+
     pub fn log(&self) -> String {
         self.proc.as_ref().map(Proc::log).unwrap_or_default()
     }
@@ -285,6 +294,10 @@ impl RouterProc {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self._proc.pid()
     }
 
     pub fn log(&self) -> String {

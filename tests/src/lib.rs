@@ -214,6 +214,10 @@ impl Agent {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the process is still running.
     pub fn is_alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -380,3 +384,15 @@ waiting tasks should run next. In 1969 a small team wrote an operating system in
 in 2024 a phone carries more memory than every computer of that decade combined. Language \
 models are the newest layer: they predict the next token of text from the tokens before it, \
 and serving them efficiently is again a question of memory, batching and scheduling.";
+
+/// The peak resident memory of process `pid` so far (`VmHWM`), in MiB.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status"));
+    kib / 1024.0
+}

@@ -125,10 +125,14 @@ pub async fn create_chat_completion(
     let mut prompts = {
         let (state, common) = (state.clone(), common.clone());
         prepare::run_blocking(move || {
-            let text = render(
-                state.chat_template.as_deref(),
-                &ChatRender::of_chat(&fields),
-            )?;
+            let chat = ChatRender::of_chat(&fields);
+            if common.truncate_prompt_tokens.is_none() {
+                let max_model_len = state.config.max_model_len;
+                state
+                    .tokenizer
+                    .check_length(chat.content_chars(), max_model_len)?;
+            }
+            let text = render(state.chat_template.as_deref(), &chat)?;
             prepare::prepare(&state, &common, &plan, vec![PromptInput::Text(text)])
         })
         .await?

@@ -52,17 +52,19 @@ pub fn prepare(
         .map(|input| {
             let (mut token_ids, text) = match input {
                 PromptInput::Text(text) => {
-                    if common.truncate_prompt_tokens.is_none() {
-                        validation::check_text_length(
+                    let tokenizer = &state.tokenizer;
+                    let ids = match common.truncate_prompt_tokens {
+                        None => {
+                            tokenizer.check_length(text.chars().count(), max_model_len)?;
+                            tokenizer.encode(&text, plan.add_special_tokens)
+                        }
+                        Some(limit) => tokenizer.encode_tail(
                             &text,
-                            max_model_len,
-                            state.max_chars_per_token,
-                        )?;
+                            prompt::truncation_keep(limit.0, max_model_len),
+                            plan.add_special_tokens,
+                        ),
                     }
-                    let ids = state
-                        .tokenizer
-                        .encode(&text, plan.add_special_tokens)
-                        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
                     (ids, text)
                 }
                 PromptInput::Tokens(raw) => {

@@ -39,9 +39,6 @@ pub struct AppState {
     pub chat_template: Option<Arc<ChatTemplate>>,
     pub metrics: Arc<Metrics>,
     pub config: Arc<ServerConfig>,
-    /// Longest vocabulary entry in characters: a text longer than `max_model_len` times this
-    /// cannot fit and is refused without tokenizing it (as vLLM does).
-    pub max_chars_per_token: usize,
 }
 
 impl AppState {
@@ -52,19 +49,12 @@ impl AppState {
         metrics: Arc<Metrics>,
         config: ServerConfig,
     ) -> Self {
-        let max_chars_per_token = (0..tokenizer.vocab_size() as u32)
-            .filter_map(|id| tokenizer.id_to_token(id))
-            .map(|t| t.chars().count())
-            .max()
-            .unwrap_or(1)
-            .max(1);
         Self {
             engine,
             tokenizer,
             chat_template,
             metrics,
             config: Arc::new(config),
-            max_chars_per_token,
         }
     }
 

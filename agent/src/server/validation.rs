@@ -104,29 +104,6 @@ pub fn check_requested_max_tokens(
     }
 }
 
-/// vLLM refuses a text that cannot fit before tokenizing it: more characters than
-/// `max_model_len` tokens of the longest vocabulary entry could hold.
-pub fn check_text_length(
-    text: &str,
-    max_model_len: usize,
-    max_chars_per_token: usize,
-) -> Result<(), ApiError> {
-    let max_chars = max_model_len.saturating_mul(max_chars_per_token);
-    let chars = text.chars().count();
-    if chars > max_chars {
-        return Err(ApiError::invalid_value(
-            format!(
-                "You passed {chars} input characters. However, the model's context length is \
-                 only {max_model_len} tokens (at most {max_chars} characters). Please reduce \
-                 the length of the input prompt."
-            ),
-            "input_text",
-            chars,
-        ));
-    }
-    Ok(())
-}
-
 /// `truncate_prompt_tokens`: keeps the last `limit` tokens (-1: as many as fit).
 pub fn truncate_prompt(
     tokens: &mut Vec<u32>,
@@ -593,13 +570,6 @@ mod tests {
         assert!(truncate_prompt(&mut t, 0, 100, None, "max_tokens").is_err());
         truncate_prompt(&mut t, -1, 100, None, "max_tokens").unwrap();
         assert_eq!(t, vec![1, 2, 3]);
-    }
-
-    #[test]
-    fn text_length_precheck() {
-        check_text_length("abcd", 2, 2).unwrap();
-        let e = check_text_length("abcde", 2, 2).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("input_text"));
     }
 
     #[test]

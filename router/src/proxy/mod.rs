@@ -39,6 +39,8 @@ pub struct RouterState {
     pub client: reqwest::Client,
     pub stale_after: Duration,
     pub max_body_bytes: usize,
+    /// Prompts longer than this many tokens can hold are not tokenized.
+    pub max_model_len: usize,
     pub events: Arc<IngestStats>,
     /// Serializes ranking with counting the chosen pod's new request in flight, so requests
     /// arriving together see each other's choice instead of all picking the same pod.
@@ -138,7 +140,9 @@ async fn route(s: AppState, endpoint: Option<Endpoint>, req: Request) -> Respons
         Err(e) => return e.into_response(),
     };
     let prompt = match endpoint {
-        Some(e) if s.scheduler.profile().uses_prefix() => prompt_key(&s.tokenizer, e, &body).await,
+        Some(e) if s.scheduler.profile().uses_prefix() => {
+            prompt_key(&s.tokenizer, e, &body, s.max_model_len).await
+        }
         _ => None,
     };
     let decision = s.decide(prompt.as_ref(), arrived);
@@ -155,10 +159,11 @@ async fn prompt_key(
     tokenizer: &Arc<Preprocessor>,
     endpoint: Endpoint,
     body: &Bytes,
+    max_model_len: usize,
 ) -> Option<PromptKey> {
     let parse = move |bytes: &[u8], t: &Preprocessor| {
         let obj: Map<String, Value> = serde_json::from_slice(bytes).ok()?;
-        t.prompt(endpoint, &obj)
+        t.prompt(endpoint, &obj, max_model_len)
     };
     if body.len() <= INLINE_TOKENIZE_BYTES {
         return parse(body, tokenizer);
