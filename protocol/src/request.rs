@@ -319,6 +319,9 @@ pub struct ChatFields {
     pub tools: Option<Vec<Dict>>,
     #[serde(default)]
     pub tool_choice: Option<Value>,
+    /// Read for vLLM's type check (`bool | None`); without tool parsers its value changes nothing.
+    #[serde(default)]
+    pub parallel_tool_calls: Option<LaxBool>,
 }
 
 /// `POST /tokenize`: either a completion-style `prompt` or chat `messages`.
@@ -415,6 +418,14 @@ mod tests {
                 .unwrap_err();
         assert_eq!(path, "stream_options.include_usage");
         assert_eq!(e.kind, "bool_type");
+        let chat = |v: Value| json!({"messages": [], "parallel_tool_calls": v});
+        let (path, e) = parse::<ChatFields>(chat(json!("sometimes"))).unwrap_err();
+        assert_eq!((path.as_str(), e.kind), ("parallel_tool_calls", "bool_parsing"));
+        let (_, e) = parse::<ChatFields>(chat(json!({"a": 1}))).unwrap_err();
+        assert_eq!(e.kind, "bool_type");
+        for ok in [json!(null), json!(false), json!("yes"), json!(1)] {
+            assert!(parse::<ChatFields>(chat(ok.clone())).is_ok(), "{ok}");
+        }
     }
 
     #[test]
