@@ -48,6 +48,18 @@ impl ApiError {
         }
     }
 
+    /// Starlette's HTTP errors (unknown route, wrong method) as vLLM's handler renders them:
+    /// `type` and `message` are the status phrase.
+    pub fn http(status: StatusCode) -> Self {
+        let phrase = status.canonical_reason().unwrap_or("Error");
+        Self {
+            status,
+            message: phrase.to_string(),
+            kind: phrase,
+            param: None,
+        }
+    }
+
     /// 404 for a `model` that is not served.
     pub fn model_not_found(model: &str) -> Self {
         Self {

@@ -12,6 +12,7 @@
 pub mod body;
 pub mod error;
 pub mod fields;
+pub mod paths;
 pub mod python;
 pub mod raw;
 pub mod request;

@@ -420,7 +420,10 @@ mod tests {
         assert_eq!(e.kind, "bool_type");
         let chat = |v: Value| json!({"messages": [], "parallel_tool_calls": v});
         let (path, e) = parse::<ChatFields>(chat(json!("sometimes"))).unwrap_err();
-        assert_eq!((path.as_str(), e.kind), ("parallel_tool_calls", "bool_parsing"));
+        assert_eq!(
+            (path.as_str(), e.kind),
+            ("parallel_tool_calls", "bool_parsing")
+        );
         let (_, e) = parse::<ChatFields>(chat(json!({"a": 1}))).unwrap_err();
         assert_eq!(e.kind, "bool_type");
         for ok in [json!(null), json!(false), json!("yes"), json!(1)] {

@@ -82,6 +82,10 @@ pub struct Args {
     /// pod gives its 400.
     #[arg(long)]
     pub max_model_len: Option<usize>,
+    /// Pass the pods' admin endpoints (`/reset_prefix_cache`, `/debug/…`, vLLM's dev-mode
+    /// ones) through to clients; without it they answer 404 here.
+    #[arg(long)]
+    pub expose_admin_routes: bool,
 }
 
 impl Args {

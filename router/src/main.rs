@@ -111,6 +111,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         stale_after: args.stale_after(),
         max_body_bytes: args.max_body_bytes,
         max_model_len,
+        expose_admin_routes: args.expose_admin_routes,
         events: ingest.stats(),
         choosing: Default::default(),
     });

@@ -1,4 +1,4 @@
-//! The router: vLLM's routes, `--api-key` bearer authentication on `/v1` paths, the
+//! The router: vLLM's routes, `--api-key` bearer authentication on `/v1` and admin paths, the
 //! `X-Request-Id` response header, the body-size limit, and the small endpoints (health, ping,
 //! version, models, metrics, reset_prefix_cache, debug/kv_cache). Unknown routes and methods answer in vLLM's
 //! error shape.
@@ -41,33 +41,23 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Starlette's HTTP errors as vLLM's handler renders them (`type` is the status phrase).
-fn http_error(status: StatusCode) -> Response {
-    let phrase = status.canonical_reason().unwrap_or("Error");
-    ApiError {
-        status,
-        message: phrase.to_string(),
-        kind: phrase,
-        param: None,
-    }
-    .into_response()
-}
-
 async fn not_found() -> Response {
-    http_error(StatusCode::NOT_FOUND)
+    ApiError::http(StatusCode::NOT_FOUND).into_response()
 }
 
 async fn method_not_allowed() -> Response {
-    http_error(StatusCode::METHOD_NOT_ALLOWED)
+    ApiError::http(StatusCode::METHOD_NOT_ALLOWED).into_response()
 }
 
 /// vLLM's `AuthenticationMiddleware`: with `--api-key`, `/v1` requests need
-/// `Authorization: Bearer <key>`; the 401 body is vLLM's `{"error": "Unauthorized"}`.
+/// `Authorization: Bearer <key>`; the 401 body is vLLM's `{"error": "Unauthorized"}`. The admin
+/// endpoints need it too (vLLM leaves its dev-mode ones open; a key-protected pod should not let
+/// anyone flush its cache or read its internals).
 async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let keys = &state.config.api_keys;
     let guarded = !keys.is_empty()
         && request.method() != Method::OPTIONS
-        && request.uri().path().starts_with("/v1");
+        && protocol::paths::needs_api_key(request.uri().path());
     if guarded && !bearer_matches(request.headers().get(AUTHORIZATION), keys) {
         return (
             StatusCode::UNAUTHORIZED,
@@ -399,7 +389,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn api_key_guards_v1_only() {
+    async fn api_key_guards_v1_and_admin_routes() {
         let mut config = test_config();
         config.api_keys = vec!["secret".into()];
         let (state, _rx) = test_state(config, true);
@@ -422,8 +412,22 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         let (status, _, _) = send(app.clone(), get("/health", None)).await;
         assert_eq!(status, StatusCode::OK);
-        let (status, _, _) = send(app, get("/metrics", None)).await;
+        let (status, _, _) = send(app.clone(), get("/metrics", None)).await;
         assert_eq!(status, StatusCode::OK);
+        // With the key both reach the engine, which this test does not run: e2e router_admin.
+        let (status, _, _) = send(app.clone(), get("/debug/kv_cache", None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let reset = |auth: Option<&str>| {
+            let mut r = axum::http::Request::post("/reset_prefix_cache");
+            if let Some(a) = auth {
+                r = r.header(AUTHORIZATION, a);
+            }
+            r.body(Body::empty()).unwrap()
+        };
+        let (status, _, _) = send(app.clone(), reset(None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _, _) = send(app, reset(Some("Bearer wrong"))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
 
     #[tokio::test]

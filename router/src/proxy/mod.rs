@@ -41,6 +41,8 @@ pub struct RouterState {
     pub max_body_bytes: usize,
     /// Prompts longer than this many tokens can hold are not tokenized.
     pub max_model_len: usize,
+    /// Whether clients may reach the pods' admin endpoints through the router.
+    pub expose_admin_routes: bool,
     pub events: Arc<IngestStats>,
     /// Serializes ranking with counting the chosen pod's new request in flight, so requests
     /// arriving together see each other's choice instead of all picking the same pod.
@@ -125,8 +127,11 @@ async fn chat_completions(State(s): State<AppState>, req: Request) -> Response {
 }
 
 /// Requests the router does not score (`/v1/models`, `/tokenize`, `/version`, …): to the pod
-/// the profile ranks best without a prompt.
+/// the profile ranks best without a prompt. Admin endpoints only when exposed.
 async fn passthrough(State(s): State<AppState>, req: Request) -> Response {
+    if !s.expose_admin_routes && protocol::paths::is_admin(req.uri().path()) {
+        return ApiError::http(StatusCode::NOT_FOUND).into_response();
+    }
     route(s, None, req).await
 }
 
