@@ -30,6 +30,7 @@ pub struct RouterMetrics {
     decision_latency: Histogram,
     retries: IntCounter,
     upstream_failures: IntCounterVec,
+    broken_responses: IntCounterVec,
     pod_in_flight: GaugeVec,
     pod_healthy: GaugeVec,
     pod_queue: GaugeVec,
@@ -86,6 +87,10 @@ impl RouterMetrics {
             upstream_failures: pod_counter(
                 "router_upstream_failures_total",
                 "Attempts a pod refused (connection failed or 503) before any byte was sent.",
+            )?,
+            broken_responses: pod_counter(
+                "router_upstream_broken_responses_total",
+                "Responses the pod cut after their head (a stream then ends with an error event).",
             )?,
             pod_in_flight: pod_gauge("router_pod_in_flight", "Requests in flight, per pod.")?,
             pod_healthy: pod_gauge("router_pod_healthy", "1 when the pod's /health passes.")?,
@@ -146,6 +151,11 @@ impl RouterMetrics {
     /// Records a pod refusing an attempt.
     pub fn upstream_failure(&self, pod: &str) {
         self.upstream_failures.with_label_values(&[pod]).inc();
+    }
+
+    /// The counter of `pod`'s responses cut after their head.
+    pub fn broken_responses(&self, pod: &str) -> prometheus::IntCounter {
+        self.broken_responses.with_label_values(&[pod])
     }
 
     pub fn retry(&self) {

@@ -1,11 +1,12 @@
 //! Router acceptance 4: a pod killed mid-run: every request still succeeds (those in flight on
 //! the killed pod are retried on the other one, as no byte had reached the client yet), and
 //! the router stops choosing the dead pod. Also: a client that drops a stream through the
-//! router aborts the request on the pod.
+//! router aborts the request on the pod, and streams a pod cuts by dying end with an error event
+//! and `[DONE]` (issue 17, 6).
 
 use std::time::{Duration, Instant};
 
-use e2e::cluster::{long_completion, pods_behind_router};
+use e2e::cluster::{long_completion, pod_flags, pods_behind_router, Pod, RouterProc};
 use e2e::sse::{Event, SseStream};
 use e2e::SERVED_MODEL;
 use serde_json::json;
@@ -88,4 +89,49 @@ async fn killed_pod_does_not_fail_requests() {
     }
     let m = router.metrics().await;
     assert_eq!(m.get("router_pod_healthy", &[("pod", "a")]), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cut_by_a_dying_pod_end_with_an_error_event() {
+    const STREAMS: usize = 4;
+    let mut pod = Pod::start(&[]).await;
+    let router = RouterProc::start(&pod_flags([pod.spec("a", None)])).await;
+    let mut long = long_completion();
+    long["stream"] = json!(true);
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let resp = router
+            .client()
+            .post(router.url("/v1/completions"))
+            .json(&long)
+            .send()
+            .await
+            .expect("streaming request through the router");
+        assert_eq!(resp.status().as_u16(), 200);
+        let mut stream = SseStream::new(resp);
+        for _ in 0..2 {
+            assert!(matches!(stream.next().await, Ok(Some(Event::Json(_)))));
+        }
+        streams.push(stream);
+    }
+    pod.kill();
+    for (i, stream) in streams.into_iter().enumerate() {
+        let events = stream
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("stream {i} was cut without an ending: {e}"));
+        let n = events.len();
+        assert!(n >= 2, "stream {i}: {events:?}");
+        assert_eq!(events[n - 1], Event::Done, "stream {i}");
+        let Event::Json(error) = &events[n - 2] else {
+            panic!("stream {i}: no error event before [DONE]: {events:?}");
+        };
+        assert_eq!(error["error"]["code"], json!(500), "stream {i}: {error}");
+        assert_eq!(error["error"]["type"], json!("InternalServerError"));
+    }
+    let broken = router
+        .metrics()
+        .await
+        .get("router_upstream_broken_responses_total", &[("pod", "a")]);
+    assert_eq!(broken, Some(STREAMS as f64));
 }

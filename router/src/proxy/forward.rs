@@ -6,6 +6,7 @@
 //! the pod aborts the request as vLLM does on a disconnect.
 
 use axum::body::{Body, Bytes};
+use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -77,7 +78,12 @@ pub async fn send(s: &RouterState, mut decision: Decision, attempt: Attempt) -> 
                     decision.prefix_blocks[i],
                     decision.latency.as_secs_f64(),
                 );
-                return relay(resp, in_flight, &pod.name);
+                return relay(
+                    resp,
+                    in_flight,
+                    &pod.name,
+                    s.metrics.broken_responses(&pod.name),
+                );
             }
             Err(e) => {
                 s.metrics.upstream_failure(&pod.name);
@@ -96,20 +102,47 @@ pub async fn send(s: &RouterState, mut decision: Decision, attempt: Attempt) -> 
     .into_response()
 }
 
-/// The pod's answer with its status and headers; the body passes through chunk by chunk and
-/// keeps the pod's in-flight count until it ends or is dropped. The count is released when
-/// the pod's body ends, before the end reaches the client: a client that sends its next
-/// request as soon as this one completes must not find it still counted against the pod.
-fn relay(resp: reqwest::Response, in_flight: crate::load::InFlight, pod: &str) -> Response {
+/// The pod's answer with its status and headers; the body passes through chunk by chunk (an
+/// event stream whole events at a time, see [`super::sse`]) and keeps the pod's in-flight count
+/// until it ends or is dropped. The count is released when the pod's body ends, before the end
+/// reaches the client: a client that sends its next request as soon as this one completes must
+/// not find it still counted against the pod. A body the pod cuts is counted in `broken`.
+fn relay(
+    resp: reqwest::Response,
+    in_flight: crate::load::InFlight,
+    pod: &str,
+    broken: prometheus::IntCounter,
+) -> Response {
     let status = resp.status();
     let mut headers = HeaderMap::with_capacity(resp.headers().len());
     for (name, value) in resp.headers().iter().filter(|(n, _)| !hop_by_hop(n)) {
         headers.append(name.clone(), value.clone());
     }
+    let event_stream = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
     let release = futures::stream::once(async move { drop(in_flight) })
         .filter_map(|()| async { None::<Result<Bytes, reqwest::Error>> });
-    let body = resp.bytes_stream().chain(release);
-    let mut out = Response::new(Body::from_stream(body));
+    let upstream = resp.bytes_stream().chain(release);
+    let name = pod.to_string();
+    let body = if event_stream {
+        Body::from_stream(super::sse::whole_events(Box::pin(upstream), move |e| {
+            broken.inc();
+            tracing::warn!(pod = %name, error = %e, "pod cut a stream");
+            ApiError::internal(format!(
+                "The pod serving this request failed mid-stream: {e}"
+            ))
+        }))
+    } else {
+        Body::from_stream(upstream.inspect(move |chunk| {
+            if let Err(e) = chunk {
+                broken.inc();
+                tracing::warn!(pod = %name, error = %e, "pod cut a response");
+            }
+        }))
+    };
+    let mut out = Response::new(body);
     *out.status_mut() = status;
     *out.headers_mut() = headers;
     if let Ok(v) = HeaderValue::from_str(pod) {

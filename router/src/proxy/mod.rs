@@ -3,6 +3,7 @@
 //! to the least loaded pod, and `/health` and `/metrics` are the router's own.
 
 mod forward;
+mod sse;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
