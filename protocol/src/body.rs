@@ -49,7 +49,7 @@ fn parse_body(bytes: &[u8]) -> Result<Option<Value>, ApiError> {
     }
     // Python's json.loads(bytes) decodes as UTF-8 (dropping a BOM) before parsing.
     let text = std::str::from_utf8(bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes))
-        .map_err(|_| ApiError::bad_request("There was an error parsing the body"))?;
+        .map_err(|_| ApiError::unreadable_body())?;
     serde_json::from_str(text).map(Some).map_err(|e| {
         // Python reports a premature end at the end of the text.
         let pos = if e.is_eof() {

@@ -101,6 +101,11 @@ impl ApiError {
         }
     }
 
+    /// 400 for a body that could not be read or decoded (FastAPI's message).
+    pub fn unreadable_body() -> Self {
+        Self::bad_request("There was an error parsing the body")
+    }
+
     /// 413 for a body over the server's limit.
     pub fn payload_too_large(limit_bytes: usize) -> Self {
         Self {

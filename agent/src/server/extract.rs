@@ -24,7 +24,7 @@ impl<T: WireRequest> FromRequest<AppState> for VllmJson<T> {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::payload_too_large(state.config.max_body_bytes)
             } else {
-                ApiError::bad_request("There was an error parsing the body")
+                ApiError::unreadable_body()
             }
         })?;
         // FastAPI only parses JSON bodies; others fail vLLM's Content-Type dependency.

@@ -13,6 +13,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use prompt::{Endpoint, Preprocessor, PromptKey};
 use protocol::ApiError;
 use serde_json::{Map, Value};
@@ -130,7 +131,10 @@ async fn chat_completions(State(s): State<AppState>, req: Request) -> Response {
 /// Requests the router does not score (`/v1/models`, `/tokenize`, `/version`, …): to the pod
 /// the profile ranks best without a prompt. Admin endpoints only when exposed.
 async fn passthrough(State(s): State<AppState>, req: Request) -> Response {
-    if !s.expose_admin_routes && protocol::paths::is_admin(req.uri().path()) {
+    let path = req.uri().path();
+    // `OPTIONS *` and other targets that are no path: the agent's 404, not a tour of the pods.
+    let no_path = !path.starts_with('/');
+    if no_path || (!s.expose_admin_routes && protocol::paths::is_admin(path)) {
         return ApiError::http(StatusCode::NOT_FOUND).into_response();
     }
     route(s, None, req).await
@@ -141,7 +145,7 @@ async fn passthrough(State(s): State<AppState>, req: Request) -> Response {
 async fn route(s: AppState, endpoint: Option<Endpoint>, req: Request) -> Response {
     let arrived = Instant::now();
     let (parts, body) = req.into_parts();
-    let body = match read_body(body, s.max_body_bytes).await {
+    let body = match read_body(&parts.headers, body, s.max_body_bytes).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -202,10 +206,35 @@ async fn metrics(State(s): State<AppState>) -> Response {
     (headers, page).into_response()
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::payload_too_large(limit))
+/// Up to this much is reserved for a body on its `Content-Length` alone, before it arrives.
+const UNPROVEN_BODY_BYTES: usize = 1 << 20;
+
+/// The whole body, as the agent reads it: 413 over `limit` (refused by `Content-Length` before
+/// reading when it says so), 400 when the client's body breaks off. The buffer grows to the
+/// declared length in one step once that much starts to arrive, so a large body is not copied
+/// over and over, and a connection that only declares a size holds little.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    let mut buf = Vec::with_capacity(declared.unwrap_or(0).min(UNPROVEN_BODY_BYTES));
+    let mut chunks = body.into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|_| ApiError::unreadable_body())?;
+        let len = buf.len() + chunk.len();
+        if len > limit {
+            return Err(ApiError::payload_too_large(limit));
+        }
+        if let Some(d) = declared.filter(|&d| len > buf.capacity() && d >= len) {
+            buf.reserve_exact(d - buf.len());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn path_and_query(uri: &axum::http::Uri) -> String {
