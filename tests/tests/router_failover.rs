@@ -13,20 +13,25 @@ use serde_json::json;
 
 const REQUESTS: usize = 16;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_pod_does_not_fail_requests() {
-    let (mut a, b, router) = pods_behind_router(&[]).await;
-
-    // A dropped stream through the router frees the pod.
+/// A long streamed completion through the router, its head received.
+async fn long_stream(router: &RouterProc) -> reqwest::Response {
     let mut long = long_completion();
     long["stream"] = json!(true);
-    let resp = router
+    router
         .client()
         .post(router.url("/v1/completions"))
         .json(&long)
         .send()
         .await
-        .expect("streaming request through the router");
+        .expect("streaming request through the router")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_pod_does_not_fail_requests() {
+    let (mut a, b, router) = pods_behind_router(&[]).await;
+
+    // A dropped stream through the router frees the pod.
+    let resp = long_stream(&router).await;
     let pod = resp
         .headers()
         .get("x-router-pod")
@@ -96,17 +101,9 @@ async fn streams_cut_by_a_dying_pod_end_with_an_error_event() {
     const STREAMS: usize = 4;
     let mut pod = Pod::start(&[]).await;
     let router = RouterProc::start(&pod_flags([pod.spec("a", None)])).await;
-    let mut long = long_completion();
-    long["stream"] = json!(true);
     let mut streams = Vec::new();
     for _ in 0..STREAMS {
-        let resp = router
-            .client()
-            .post(router.url("/v1/completions"))
-            .json(&long)
-            .send()
-            .await
-            .expect("streaming request through the router");
+        let resp = long_stream(&router).await;
         assert_eq!(resp.status().as_u16(), 200);
         let mut stream = SseStream::new(resp);
         for _ in 0..2 {
