@@ -467,6 +467,28 @@ mod tests {
     }
 
     #[test]
+    fn a_connecting_publisher_loses_no_first_batch() {
+        let ctx = zmq::Context::new();
+        let sub = ctx.socket(zmq::SUB).unwrap();
+        sub.set_subscribe(b"kv@").unwrap();
+        sub.bind("tcp://127.0.0.1:*").unwrap();
+        let endpoint = sub.get_last_endpoint().unwrap().unwrap();
+        let config = KvEventsConfig::parse(
+            &json!({"enable_kv_cache_events": true, "endpoint": endpoint, "topic": "kv@p@m"}),
+            None,
+        )
+        .unwrap();
+        let (mut sink, _) = start(&config, metrics()).unwrap();
+        // As an agent between start-up and its first request: connected, nothing sent yet,
+        // while the subscriber waits (polling, as the router's SUB does).
+        assert!(recv(&sub, 500).is_none());
+        sink.on_event(stored(0));
+        sink.end_step();
+        let frames = recv(&sub, 5000).expect("the first batch");
+        assert_eq!(decode_seq(&frames[1]), Some(0));
+    }
+
+    #[test]
     fn a_full_queue_drops_the_batch_and_leaves_a_seq_gap() {
         let (tx, rx) = mpsc::sync_channel(1);
         let metrics = metrics();
