@@ -64,7 +64,7 @@ impl RouterMetrics {
             )
         };
         const COUNTERS: &str = "(batches, events, decode_errors, gaps, replays, \
-                                replay_failures, resets, duplicates)";
+                                replay_failures, resets, duplicates, unknown_topics)";
         Ok(Self {
             decisions: pod_counter("router_decisions_total", "Requests routed, by chosen pod.")?,
             prefix_hit_blocks: histogram(
@@ -214,7 +214,12 @@ impl RouterMetrics {
             self.pod_event_lag
                 .with_label_values(&[&*pod])
                 .set(lag_seconds(&stats));
-            for (counter, v) in stats.counters() {
+            // A message of an unknown topic belongs to no pod: that count is in the totals.
+            for (counter, v) in stats
+                .counters()
+                .into_iter()
+                .filter(|(c, _)| *c != "unknown_topics")
+            {
                 self.pod_event_counts
                     .with_label_values(&[&*pod, counter])
                     .set(v.load(Ordering::Relaxed) as f64);

@@ -276,6 +276,7 @@ fn follow(
             PodEndpoints {
                 events: Some(p.endpoint.clone()),
                 replay: replay.map(|r| r.endpoint.clone()),
+                topic_names: Vec::new(),
             },
         )
         .unwrap();
@@ -558,30 +559,50 @@ fn centralized_mode_tells_pods_apart_by_topic_and_replays() {
     let (index, ingest, ctx) = setup();
     let stats = ingest.stats();
     let replay = TestReplay::start(&ctx, true);
-    // One pod known in advance with its replay socket, the other discovered from its topic.
+    // One pod named by its address, with its replay socket; one named `b` whose topic carries
+    // its bare IP (llm-d's `kv@$(POD_IP)@MODEL`); and a publisher no pod answers to.
     ingest
         .add_pod(
             "10.0.0.1:8000",
             PodEndpoints {
                 events: None,
                 replay: Some(replay.endpoint.clone()),
+                topic_names: Vec::new(),
             },
         )
         .unwrap();
+    let b_names = vec!["10.0.0.2:8000".to_string(), "10.0.0.2".to_string()];
+    let b = PodEndpoints {
+        events: None,
+        replay: None,
+        topic_names: b_names,
+    };
+    ingest.add_pod("b", b).unwrap();
     let endpoint = ingest.bind("tcp://127.0.0.1:*").unwrap();
     assert!(ingest.bind("tcp://127.0.0.1:*").is_err());
     let p1 = TestPub::connect(&ctx, &endpoint, "kv@10.0.0.1:8000@m");
-    let p2 = TestPub::connect(&ctx, &endpoint, "kv@10.0.0.2:8000@m");
+    let p2 = TestPub::connect(&ctx, &endpoint, "kv@10.0.0.2@m");
+    let stranger = TestPub::connect(&ctx, &endpoint, "kv@10.9.9.9:8000@m");
     p1.wait_subscribed();
     p2.wait_subscribed();
+    stranger.wait_subscribed();
     p1.send(0, &store(1, 0, 2), Encoding::Map);
     p2.send(0, &store(2, 0, 4), Encoding::Array);
+    stranger.send(0, &store(4, 0, 4), Encoding::Map);
     p1.send(1, &store(1, 2, 4), Encoding::Map);
     wait_until("both pods", || {
-        held(&index, "10.0.0.1:8000", 1) == 4 && held(&index, "10.0.0.2:8000", 2) == 4
+        held(&index, "10.0.0.1:8000", 1) == 4 && held(&index, "b", 2) == 4
+    });
+    wait_until("the stranger counted", || {
+        count(&stats.totals.unknown_topics) >= 1
     });
     assert_eq!(held(&index, "10.0.0.1:8000", 2), 0);
-    assert_eq!(held(&index, "10.0.0.2:8000", 1), 0);
+    assert_eq!(held(&index, "b", 1), 0);
+    assert_eq!(held(&index, "10.9.9.9:8000", 4), 0);
+    assert!(
+        pod_stats(&stats, "10.9.9.9:8000").is_none(),
+        "no state for an unknown topic"
+    );
     // A gap on the first pod is filled from its replay socket.
     replay.keep(2, &store(3, 0, 2));
     replay.keep(3, &store(3, 2, 4));
@@ -597,8 +618,8 @@ fn centralized_mode_tells_pods_apart_by_topic_and_replays() {
         (1, 1, 0)
     );
     // Removing a centralized pod drops its state once its worker gets there.
-    ingest.remove_pod("10.0.0.2:8000");
-    wait_until("forgotten", || held(&index, "10.0.0.2:8000", 2) == 0);
+    ingest.remove_pod("b");
+    wait_until("forgotten", || held(&index, "b", 2) == 0);
 }
 
 /// `pod`'s old process (on `publisher` and `replay`) stored chain 1; its new process stored
@@ -664,6 +685,7 @@ fn pod_restarted_in_centralized_mode_starts_over_too() {
             PodEndpoints {
                 events: None,
                 replay: Some(replay.endpoint.clone()),
+                topic_names: Vec::new(),
             },
         )
         .unwrap();

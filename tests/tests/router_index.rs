@@ -63,6 +63,7 @@ async fn index_matches_brute_force_over_cached_blocks() {
             PodEndpoints {
                 events: Some(format!("tcp://127.0.0.1:{}", pod.events)),
                 replay: Some(format!("tcp://127.0.0.1:{}", pod.replay)),
+                topic_names: Vec::new(),
             },
         )
         .expect("subscribing to the agent");

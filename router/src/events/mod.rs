@@ -1,9 +1,10 @@
 //! KV-event ingestion over ZMQ into the prefix index, in the two llm-d modes:
 //! - pod discovery: one SUB per pod connects to the pod's PUB (`add_pod` with an events
 //!   endpoint); one thread per pod, so a pod's batches are applied in order;
-//! - centralized: one SUB binds (`bind`) and publishers connect to it; the pod is the
-//!   `<host:port>` of the topic `kv@<host:port>@<model>` (the whole topic when it has no `@`),
-//!   and batches go to a fixed worker per pod (sharded by pod name), so order is kept per pod.
+//! - centralized: one SUB binds (`bind`) and publishers connect to it; the pod is the known pod
+//!   the topic `kv@<name>@<model>` names (the whole topic when it has no `@`; see [`topics`]:
+//!   a topic naming no known pod is counted and dropped), and batches go to a fixed worker per
+//!   pod (sharded by pod name), so order is kept per pod.
 //!
 //! Each pod's stream tracks seqs (see `stream`): a gap is filled from the pod's replay socket
 //! or else the pod is cleared, a seq going back (engine restart) clears the pod, and an
@@ -15,6 +16,7 @@
 //! pod's counters up once when it starts, never per event.
 
 mod stream;
+mod topics;
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -29,6 +31,7 @@ use kvevents::decode_seq;
 
 use crate::index::PrefixIndex;
 use stream::{Ctx, PodStream};
+use topics::TopicNames;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IngestConfig {
@@ -73,13 +76,15 @@ pub struct StreamStats {
     pub resets: AtomicU64,
     /// Live batches dropped because a replay had already applied them.
     pub duplicates: AtomicU64,
+    /// Centralized-mode messages whose topic names no known pod (totals only).
+    pub unknown_topics: AtomicU64,
     /// Age of the last applied batch when applied (now - batch.ts), microseconds.
     pub last_lag_us: AtomicU64,
 }
 
 impl StreamStats {
     /// The counters (all but the lag) by their metric label.
-    pub fn counters(&self) -> [(&'static str, &AtomicU64); 8] {
+    pub fn counters(&self) -> [(&'static str, &AtomicU64); 9] {
         [
             ("batches", &self.batches),
             ("events", &self.events),
@@ -89,6 +94,7 @@ impl StreamStats {
             ("replay_failures", &self.replay_failures),
             ("resets", &self.resets),
             ("duplicates", &self.duplicates),
+            ("unknown_topics", &self.unknown_topics),
         ]
     }
 }
@@ -141,6 +147,8 @@ impl IngestStats {
 pub struct PodEndpoints {
     pub events: Option<String>,
     pub replay: Option<String>,
+    /// Names its centralized-mode topics may carry besides the pod's own (`HOST:PORT`, `HOST`).
+    pub topic_names: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +261,7 @@ pub struct EventIngest {
     cfg: IngestConfig,
     pods: Mutex<HashMap<String, PodEntry>>,
     central: Mutex<Option<Central>>,
+    topics: Arc<TopicNames>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -322,6 +331,7 @@ impl EventIngest {
             cfg,
             pods: Mutex::new(HashMap::new()),
             central: Mutex::new(None),
+            topics: Arc::default(),
         }
     }
 
@@ -362,6 +372,7 @@ impl EventIngest {
             self.forget(&mut pods, pod);
         }
         let name: Arc<str> = pod.into();
+        self.topics.insert(&name, &endpoints.topic_names);
         let subscriber = match &endpoints.events {
             Some(endpoint) => {
                 let sock = self.sub_socket(endpoint)?;
@@ -439,6 +450,7 @@ impl EventIngest {
     }
 
     fn forget(&self, pods: &mut HashMap<String, PodEntry>, pod: &str) {
+        self.topics.remove(pod);
         let subscriber = pods.remove(pod).and_then(|e| e.subscriber);
         match (subscriber, lock(&self.central).as_ref()) {
             (Some(sub), _) => {
@@ -488,20 +500,41 @@ impl EventIngest {
         let to_workers = shards.clone();
         let ctx = self.ctx.clone();
         let poll = self.cfg.poll_interval;
+        let topics = self.topics.clone();
         let receiver = Worker::spawn("kv-central-sub".into(), move |stop| {
             receive_loop(&sock, &stop, poll, |frames| {
                 let Some(frames) = frames else {
                     return;
                 };
-                match live_frames(&frames).and_then(|(t, s, p)| Some((pod_from_topic(t)?, s, p))) {
-                    Some((pod, seq, payload)) => to_workers.send(
-                        pod,
-                        CentralMsg::Batch {
-                            pod: pod.into(),
-                            seq,
-                            payload: payload.to_vec(),
-                        },
-                    ),
+                let live =
+                    live_frames(&frames).and_then(|(t, s, p)| Some((pod_from_topic(t)?, s, p)));
+                match live {
+                    Some((name, seq, payload)) => match topics.resolve(name) {
+                        Some(pod) => to_workers.send(
+                            &pod,
+                            CentralMsg::Batch {
+                                pod: pod.clone(),
+                                seq,
+                                payload: payload.to_vec(),
+                            },
+                        ),
+                        None => {
+                            let n = ctx
+                                .stats
+                                .totals
+                                .unknown_topics
+                                .fetch_add(1, Ordering::Relaxed);
+                            // Logged at 1, 2, 4, 8, …: a flood is seen without flooding the log.
+                            let count = n + 1;
+                            if count.is_power_of_two() {
+                                tracing::warn!(
+                                    pod = name,
+                                    count,
+                                    "KV events for no known pod dropped"
+                                );
+                            }
+                        }
+                    },
                     None => {
                         // No pod to count it for: the topic named none.
                         ctx.stats

@@ -38,6 +38,7 @@ impl PodHooks for IndexHooks {
         let endpoints = PodEndpoints {
             events: spec.events.clone(),
             replay: spec.replay.clone(),
+            topic_names: spec.topic_names(),
         };
         if let Err(e) = self.ingest.add_pod(&spec.name, endpoints) {
             tracing::error!(pod = %spec.name, "cannot follow the pod's KV events: {e}");

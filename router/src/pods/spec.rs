@@ -16,6 +16,30 @@ pub struct PodSpec {
     pub replay: Option<String>,
 }
 
+impl PodSpec {
+    /// The names its KV-event topics may carry besides its own: its URL's `HOST:PORT` and
+    /// `HOST` (see `events::topics`).
+    pub fn topic_names(&self) -> Vec<String> {
+        let authority = self
+            .url
+            .split_once("://")
+            .map_or(self.url.as_str(), |(_, rest)| rest)
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let host = authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        [authority, host]
+            .into_iter()
+            .filter(|n| !n.is_empty() && *n != self.name)
+            .map(str::to_string)
+            .collect()
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SpecError {
     #[error("pod URL {0:?} must start with http:// or https:// and name a host")]
@@ -106,6 +130,28 @@ pub fn discovered(ip: std::net::IpAddr, port: u16, events_port: u16, replay_port
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_names_are_the_url_authority_and_host() {
+        let spec = |name: &str, url: &str| PodSpec {
+            name: name.into(),
+            url: url.into(),
+            events: None,
+            replay: None,
+        };
+        assert_eq!(
+            spec("a", "http://10.0.0.1:8000").topic_names(),
+            ["10.0.0.1:8000", "10.0.0.1"]
+        );
+        assert_eq!(
+            spec("10.0.0.1:8000", "http://10.0.0.1:8000").topic_names(),
+            ["10.0.0.1"]
+        );
+        assert_eq!(
+            spec("b", "http://[fd00::1]:8000/").topic_names(),
+            ["[fd00::1]:8000", "fd00::1"]
+        );
+    }
 
     #[test]
     fn pod_specs() {
