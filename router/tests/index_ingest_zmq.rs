@@ -723,3 +723,18 @@ fn seq_going_back_fetches_the_new_process_start_from_replay() {
     assert_eq!(stream_counts(&s), (8, 0, 1, 1));
     assert_eq!(replay.requests(), vec![0]);
 }
+
+#[test]
+fn a_stream_joined_late_without_replay_is_a_counted_gap() {
+    let (index, ingest, ctx) = setup();
+    let stats = ingest.stats();
+    let p = follow(&ingest, &ctx, "late", None);
+    // Seqs 0..5 went before the subscription: nothing can fetch them.
+    p.send(5, &store(1, 0, 2), Encoding::Map);
+    wait_until("the batch", || held(&index, "late", 1) == 2);
+    let s = pod_stats(&stats, "late").unwrap();
+    assert_eq!((count(&s.gaps), count(&s.resets)), (1, 0));
+    p.send(6, &store(1, 2, 4), Encoding::Map);
+    wait_until("the next batch", || held(&index, "late", 1) == 4);
+    assert_eq!(count(&s.gaps), 1);
+}

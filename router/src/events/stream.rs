@@ -90,7 +90,16 @@ impl PodStream {
                 // Joined a running stream: fetch its start if still buffered.
                 self.recover(ctx, 0, seq, payload);
             }
-            None => self.apply(ctx, seq, payload),
+            None => {
+                if seq > 0 {
+                    // Joined late with no replay socket: what seqs 0..seq stored stays unknown.
+                    // Not silent: a gap, so the operator sees the hole (and can add `replay=`).
+                    self.count(ctx, |s| &s.gaps, 1);
+                    let pod = &self.pod;
+                    tracing::warn!(%pod, seq, "KV events begin after seq 0 and no replay socket");
+                }
+                self.apply(ctx, seq, payload)
+            }
             Some(last) if seq == last + 1 => self.apply(ctx, seq, payload),
             Some(last) if seq > last + 1 => {
                 self.count(ctx, |s| &s.gaps, 1);
