@@ -18,7 +18,7 @@ use std::path::Path;
 
 pub use chat_template::ChatTemplate;
 pub use error::LoadError;
-pub use request::{truncation_keep, Endpoint, PromptKey};
+pub use request::{Endpoint, PromptKey, PromptLimits};
 pub use tokenizer::Tokenizer;
 
 /// What [`load`] reads from a model path.

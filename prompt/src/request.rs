@@ -6,10 +6,11 @@
 use protocol::body::typed;
 use protocol::fields::LaxBool;
 use protocol::request::{ChatFields, CommonFields, CompletionFields, Prompt};
+use protocol::ApiError;
 use serde_json::{Map, Value};
 
 use crate::chat::{render, ChatRender};
-use crate::Preprocessor;
+use crate::{Preprocessor, Tokenizer};
 
 /// Which OpenAI endpoint a body is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,10 +40,51 @@ pub struct PromptKey {
     pub cache_salt: Option<String>,
 }
 
+/// The bounds a prompt is held to before the chat template or the tokenizer spends time and
+/// memory on it, one place for the agent (which answers with the 400s) and the router (which
+/// then keys nothing and routes by load).
+#[derive(Debug, Clone, Copy)]
+pub struct PromptLimits {
+    pub max_model_len: usize,
+    /// The request's `truncate_prompt_tokens`, which lets a longer text through: its end is kept.
+    pub truncate_prompt_tokens: Option<i64>,
+}
+
+impl PromptLimits {
+    /// A conversation whose message text alone cannot fit is refused before rendering.
+    pub fn check_chat(&self, tokenizer: &Tokenizer, chat: &ChatRender<'_>) -> Result<(), ApiError> {
+        match self.truncate_prompt_tokens {
+            None => tokenizer.check_length(chat.content_chars(), self.max_model_len),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// A text's token ids: refused before tokenizing when it cannot fit, only its tail tokenized
+    /// when the request truncates (the caller keeps the last tokens).
+    pub fn encode(
+        &self,
+        tokenizer: &Tokenizer,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, ApiError> {
+        let ids = match self.truncate_prompt_tokens {
+            None => {
+                tokenizer.check_length(text.chars().count(), self.max_model_len)?;
+                tokenizer.encode(text, add_special_tokens)
+            }
+            Some(limit) => {
+                let keep = truncation_keep(limit, self.max_model_len);
+                tokenizer.encode_tail(text, keep, add_special_tokens)
+            }
+        };
+        ids.map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+}
+
 /// How many tokens of a prompt's end to tokenize for `truncate_prompt_tokens = limit`: the limit,
 /// or all that `max_model_len` allows when it is -1 (other values are refused later, and need no
 /// more).
-pub fn truncation_keep(limit: i64, max_model_len: usize) -> usize {
+fn truncation_keep(limit: i64, max_model_len: usize) -> usize {
     match usize::try_from(limit) {
         Ok(n) if n > 0 => n.min(max_model_len),
         _ => max_model_len,
@@ -61,21 +103,13 @@ impl Preprocessor {
         max_model_len: usize,
     ) -> Option<PromptKey> {
         let common: CommonFields = typed(body).ok()?;
-        let text_ids = |text: &str, add_special: bool| match common.truncate_prompt_tokens {
-            None => {
-                self.tokenizer
-                    .check_length(text.chars().count(), max_model_len)
-                    .ok()?;
-                self.tokenizer.encode(text, add_special).ok()
-            }
-            Some(limit) => {
-                let keep = truncation_keep(limit.0, max_model_len);
-                self.tokenizer.encode_tail(text, keep, add_special).ok()
-            }
+        let limits = PromptLimits {
+            max_model_len,
+            truncate_prompt_tokens: common.truncate_prompt_tokens.map(|t| t.0),
         };
         let mut ids = match endpoint {
-            Endpoint::Completions => self.completion(body, &common, text_ids)?,
-            Endpoint::ChatCompletions => self.chat(body, &common, max_model_len, text_ids)?,
+            Endpoint::Completions => self.completion(body, &common, &limits)?,
+            Endpoint::ChatCompletions => self.chat(body, &common, &limits)?,
         };
         // `truncate_prompt_tokens`: the agent keeps the last N tokens.
         if let Some(n) = common.truncate_prompt_tokens.map(|t| t.0) {
@@ -93,13 +127,14 @@ impl Preprocessor {
         &self,
         body: &Map<String, Value>,
         common: &CommonFields,
-        text_ids: impl Fn(&str, bool) -> Option<Vec<u32>>,
+        limits: &PromptLimits,
     ) -> Option<Vec<u32>> {
         let fields: CompletionFields = typed(body).ok()?;
         let add_special = Endpoint::Completions.add_special_tokens(common.add_special_tokens);
+        let text_ids = |text: &str| limits.encode(&self.tokenizer, text, add_special).ok();
         match fields.prompt? {
-            Prompt::Text(text) => text_ids(&text, add_special),
-            Prompt::Texts(texts) => text_ids(texts.first()?, add_special),
+            Prompt::Text(text) => text_ids(&text),
+            Prompt::Texts(texts) => text_ids(texts.first()?),
             Prompt::Tokens(ids) => to_u32(&ids),
             Prompt::TokenBatches(batches) => to_u32(batches.first()?),
         }
@@ -109,19 +144,14 @@ impl Preprocessor {
         &self,
         body: &Map<String, Value>,
         common: &CommonFields,
-        max_model_len: usize,
-        text_ids: impl Fn(&str, bool) -> Option<Vec<u32>>,
+        limits: &PromptLimits,
     ) -> Option<Vec<u32>> {
         let fields: ChatFields = typed(body).ok()?;
         let chat = ChatRender::of_chat(&fields);
-        if common.truncate_prompt_tokens.is_none() {
-            self.tokenizer
-                .check_length(chat.content_chars(), max_model_len)
-                .ok()?;
-        }
+        limits.check_chat(&self.tokenizer, &chat).ok()?;
         let text = render(self.chat_template.as_ref(), &chat).ok()?;
         let add_special = Endpoint::ChatCompletions.add_special_tokens(common.add_special_tokens);
-        text_ids(&text, add_special)
+        limits.encode(&self.tokenizer, &text, add_special).ok()
     }
 }
 

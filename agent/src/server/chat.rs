@@ -126,12 +126,7 @@ pub async fn create_chat_completion(
         let (state, common) = (state.clone(), common.clone());
         prepare::run_blocking(move || {
             let chat = ChatRender::of_chat(&fields);
-            if common.truncate_prompt_tokens.is_none() {
-                let max_model_len = state.config.max_model_len;
-                state
-                    .tokenizer
-                    .check_length(chat.content_chars(), max_model_len)?;
-            }
+            prepare::prompt_limits(&state, &common).check_chat(&state.tokenizer, &chat)?;
             let text = render(state.chat_template.as_deref(), &chat)?;
             prepare::prepare(&state, &common, &plan, vec![PromptInput::Text(text)])
         })

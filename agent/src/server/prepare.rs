@@ -5,6 +5,7 @@
 use super::generate::PreparedPrompt;
 use super::state::AppState;
 use super::validation::{self, Limits};
+use prompt::PromptLimits;
 use protocol::request::CommonFields;
 use protocol::ApiError;
 
@@ -29,6 +30,14 @@ pub struct Plan {
     pub need_text: bool,
 }
 
+/// The request's bounds on its prompt text (shared with the router: [`PromptLimits`]).
+pub fn prompt_limits(state: &AppState, common: &CommonFields) -> PromptLimits {
+    PromptLimits {
+        max_model_len: state.config.max_model_len,
+        truncate_prompt_tokens: common.truncate_prompt_tokens.map(|t| t.0),
+    }
+}
+
 /// Tokenizes and checks `inputs`. CPU-bound (tokenizer): run it with [`run_blocking`].
 pub fn prepare(
     state: &AppState,
@@ -47,24 +56,14 @@ pub fn prepare(
         vocab_size,
         max_logprobs: state.config.max_logprobs,
     };
+    let prompt_limits = prompt_limits(state, common);
     inputs
         .into_iter()
         .map(|input| {
             let (mut token_ids, text) = match input {
                 PromptInput::Text(text) => {
-                    let tokenizer = &state.tokenizer;
-                    let ids = match common.truncate_prompt_tokens {
-                        None => {
-                            tokenizer.check_length(text.chars().count(), max_model_len)?;
-                            tokenizer.encode(&text, plan.add_special_tokens)
-                        }
-                        Some(limit) => tokenizer.encode_tail(
-                            &text,
-                            prompt::truncation_keep(limit.0, max_model_len),
-                            plan.add_special_tokens,
-                        ),
-                    }
-                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                    let add_special = plan.add_special_tokens;
+                    let ids = prompt_limits.encode(&state.tokenizer, &text, add_special)?;
                     (ids, text)
                 }
                 PromptInput::Tokens(raw) => {
