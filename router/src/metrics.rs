@@ -64,7 +64,7 @@ impl RouterMetrics {
             )
         };
         const COUNTERS: &str = "(batches, events, decode_errors, gaps, replays, \
-                                replay_failures, resets, duplicates, unknown_topics)";
+                                replay_failures, resets, duplicates)";
         Ok(Self {
             decisions: pod_counter("router_decisions_total", "Requests routed, by chosen pod.")?,
             prefix_hit_blocks: histogram(
@@ -125,7 +125,10 @@ impl RouterMetrics {
             )?,
             event_counts: gauge_vec(
                 "router_kv_events",
-                &format!("KV event ingestion counters over all pods {COUNTERS}."),
+                &format!(
+                    "KV event ingestion counters over all pods {COUNTERS}, and unknown_topics \
+                     (centralized-mode messages naming no known pod)."
+                ),
                 &["counter"],
             )?,
             pod_event_lag: pod_gauge(
@@ -202,7 +205,8 @@ impl RouterMetrics {
             .set(clamp(index.engine_hashes as u64));
         self.index_unresolved.set(clamp(index.unresolved_blocks));
         self.event_lag.set(lag_seconds(&events.totals));
-        for (counter, v) in events.totals.counters() {
+        let unknown = ("unknown_topics", &events.unknown_topics);
+        for (counter, v) in events.totals.counters().into_iter().chain([unknown]) {
             self.event_counts
                 .with_label_values(&[counter])
                 .set(v.load(Ordering::Relaxed) as f64);
@@ -214,12 +218,7 @@ impl RouterMetrics {
             self.pod_event_lag
                 .with_label_values(&[&*pod])
                 .set(lag_seconds(&stats));
-            // A message of an unknown topic belongs to no pod: that count is in the totals.
-            for (counter, v) in stats
-                .counters()
-                .into_iter()
-                .filter(|(c, _)| *c != "unknown_topics")
-            {
+            for (counter, v) in stats.counters() {
                 self.pod_event_counts
                     .with_label_values(&[&*pod, counter])
                     .set(v.load(Ordering::Relaxed) as f64);

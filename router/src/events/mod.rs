@@ -76,15 +76,13 @@ pub struct StreamStats {
     pub resets: AtomicU64,
     /// Live batches dropped because a replay had already applied them.
     pub duplicates: AtomicU64,
-    /// Centralized-mode messages whose topic names no known pod (totals only).
-    pub unknown_topics: AtomicU64,
     /// Age of the last applied batch when applied (now - batch.ts), microseconds.
     pub last_lag_us: AtomicU64,
 }
 
 impl StreamStats {
     /// The counters (all but the lag) by their metric label.
-    pub fn counters(&self) -> [(&'static str, &AtomicU64); 9] {
+    pub fn counters(&self) -> [(&'static str, &AtomicU64); 8] {
         [
             ("batches", &self.batches),
             ("events", &self.events),
@@ -94,7 +92,6 @@ impl StreamStats {
             ("replay_failures", &self.replay_failures),
             ("resets", &self.resets),
             ("duplicates", &self.duplicates),
-            ("unknown_topics", &self.unknown_topics),
         ]
     }
 }
@@ -107,6 +104,8 @@ pub struct IngestStats {
     /// Sums over all pods (pods since removed included), plus malformed messages of the
     /// centralized socket, which name no pod.
     pub totals: StreamStats,
+    /// Centralized-mode messages whose topic names no known pod (they have no pod to count for).
+    pub unknown_topics: AtomicU64,
     pods: RwLock<HashMap<Arc<str>, Arc<StreamStats>>>,
 }
 
@@ -519,11 +518,7 @@ impl EventIngest {
                             },
                         ),
                         None => {
-                            let n = ctx
-                                .stats
-                                .totals
-                                .unknown_topics
-                                .fetch_add(1, Ordering::Relaxed);
+                            let n = ctx.stats.unknown_topics.fetch_add(1, Ordering::Relaxed);
                             // Logged at 1, 2, 4, 8, …: a flood is seen without flooding the log.
                             let count = n + 1;
                             if count.is_power_of_two() {
