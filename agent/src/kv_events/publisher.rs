@@ -1,13 +1,14 @@
 //! The ZMQ publisher (vLLM `ZmqEventPublisher`): the engine-side sink turns each step's cache
 //! events into one batch and hands it to a publisher thread through a bounded queue; the thread
 //! encodes it, sends `[topic, seq, payload]` on a PUB socket, keeps the last `buffer_steps`
-//! payloads and answers replay requests on a ROUTER socket. The engine never blocks on it: a
-//! full queue drops the batch (counted, logged), and the skipped seq shows subscribers a gap.
+//! payloads and answers replay requests on a ROUTER socket, each in full and at the pace its
+//! subscriber reads, between batches. The engine never blocks on it: a full queue drops the
+//! batch (counted, logged), and the skipped seq shows subscribers a gap.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvevents::{encode_batch, encode_seq, Encoding, EventBatch, ExternalBlockHash, KvEvent};
 use tracing::{debug, warn};
@@ -84,6 +85,10 @@ pub fn start(
             socket
                 .set_linger(0)
                 .map_err(socket_err("linger for", endpoint))?;
+            // A full pipe to a subscriber is an error we wait out, not a silent drop.
+            socket
+                .set_router_mandatory(true)
+                .map_err(socket_err("ROUTER_MANDATORY for", endpoint))?;
             socket
                 .bind(endpoint)
                 .map_err(socket_err("bind", endpoint))?;
@@ -99,6 +104,7 @@ pub fn start(
         encoding: config.encoding,
         buffer: VecDeque::new(),
         buffer_steps: config.buffer_steps,
+        replays: VecDeque::new(),
     };
     std::thread::Builder::new()
         .name("kv-events".into())
@@ -242,8 +248,85 @@ struct PublisherThread {
     topic: Vec<u8>,
     encoding: Encoding,
     /// The last `buffer_steps` payloads, oldest first, for replay.
-    buffer: VecDeque<(u64, Vec<u8>)>,
+    buffer: VecDeque<(u64, Payload)>,
     buffer_steps: usize,
+    /// Replays being sent, oldest first.
+    replays: VecDeque<ReplaySession>,
+}
+
+/// An encoded batch, shared by the replay buffer and the replays in flight.
+type Payload = Arc<[u8]>;
+
+/// Replays sent at once; more requests wait in the socket's receive queue meanwhile.
+const MAX_REPLAYS: usize = 16;
+
+/// A replay whose subscriber reads nothing for this long is abandoned (its peer is stuck).
+const REPLAY_STALL: Duration = Duration::from_secs(30);
+
+/// One replay on its way out: the batches buffered when it was asked for (taken then, so
+/// eviction meanwhile cannot shorten what it promised), then the end marker. It is sent as
+/// fast as the subscriber reads: the ROUTER socket reports a full pipe (`ROUTER_MANDATORY`)
+/// instead of dropping, and the rest waits for the next round.
+struct ReplaySession {
+    identity: Vec<u8>,
+    batches: VecDeque<(u64, Payload)>,
+    last_progress: Instant,
+}
+
+/// How far one send round of a replay got.
+enum Progress {
+    /// Everything, end marker included.
+    Done,
+    /// The subscriber's pipe is full; the rest goes in a later round.
+    Blocked,
+    /// The subscriber is gone or the socket failed: abandon it.
+    Failed,
+}
+
+impl ReplaySession {
+    fn send_round(&mut self, socket: &zmq::Socket) -> Progress {
+        let mut sent_any = false;
+        let outcome = loop {
+            let result = match self.batches.front() {
+                Some((seq, payload)) => {
+                    let frames: [&[u8]; 4] = [&self.identity, b"", &encode_seq(*seq), payload];
+                    socket.send_multipart(frames, zmq::DONTWAIT)
+                }
+                None => {
+                    let end: [&[u8]; 4] = [
+                        &self.identity,
+                        b"",
+                        &kvevents::REPLAY_END_SEQ.to_be_bytes(),
+                        b"",
+                    ];
+                    socket.send_multipart(end, zmq::DONTWAIT)
+                }
+            };
+            match result {
+                Ok(()) if self.batches.pop_front().is_some() => sent_any = true,
+                Ok(()) => break Progress::Done,
+                Err(zmq::Error::EAGAIN) => break Progress::Blocked,
+                Err(e) => {
+                    // EHOSTUNREACH: the subscriber disconnected before reading it all.
+                    debug!(left = self.batches.len(), "KV events replay abandoned: {e}");
+                    break Progress::Failed;
+                }
+            }
+        };
+        if sent_any {
+            self.last_progress = Instant::now();
+        }
+        match outcome {
+            Progress::Blocked if self.last_progress.elapsed() > REPLAY_STALL => {
+                warn!(
+                    left = self.batches.len(),
+                    "KV events replay abandoned: its subscriber read nothing for {REPLAY_STALL:?}"
+                );
+                Progress::Failed
+            }
+            other => other,
+        }
+    }
 }
 
 impl PublisherThread {
@@ -264,7 +347,7 @@ impl PublisherThread {
     }
 
     fn publish(&mut self, Queued { seq, batch }: Queued) {
-        let payload = encode_batch(&batch, self.encoding);
+        let payload: Payload = encode_batch(&batch, self.encoding).into();
         let frames: [&[u8]; 3] = [&self.topic, &encode_seq(seq), &payload];
         // PUB never blocks: at the high-water mark ZMQ drops for that subscriber.
         if let Err(e) = self.publisher.send_multipart(frames, zmq::DONTWAIT) {
@@ -278,56 +361,54 @@ impl PublisherThread {
         }
     }
 
-    /// Answers every pending replay request: `[identity, "", start_seq]` gets each buffered
-    /// batch with seq >= start, then the end marker.
+    /// Takes new replay requests (`[identity, "", start_seq]`: every buffered batch with
+    /// seq >= start, then the end marker) while fewer than `MAX_REPLAYS` are in flight, and
+    /// sends each replay in flight as far as its subscriber reads.
     fn serve_replay(&mut self) {
         let Some(socket) = &self.replay else {
             return;
         };
-        loop {
+        while self.replays.len() < MAX_REPLAYS {
             let frames = match socket.recv_multipart(zmq::DONTWAIT) {
                 Ok(frames) => frames,
-                Err(zmq::Error::EAGAIN) => return,
+                Err(zmq::Error::EAGAIN) => break,
                 Err(e) => {
                     warn!("KV events replay receive failed: {e}");
-                    return;
+                    break;
                 }
             };
-            let [identity, rest @ ..] = frames.as_slice() else {
+            let Some((identity, rest)) = frames.split_first() else {
                 continue;
             };
             let start = match rest {
                 [empty, start] if empty.is_empty() => kvevents::decode_seq(start),
                 _ => None,
             };
-            match start {
+            // A malformed request still gets the end marker, so its client never hangs.
+            let batches = match start {
                 Some(start) => {
                     debug!(start, "KV events replay");
-                    for (seq, payload) in self.buffer.iter().filter(|(seq, _)| *seq >= start) {
-                        let frames: [&[u8]; 4] = [identity, b"", &encode_seq(*seq), payload];
-                        if let Err(e) = socket.send_multipart(frames, 0) {
-                            warn!("KV events replay send failed: {e}");
-                            break;
-                        }
-                    }
+                    let first = self.buffer.partition_point(|(seq, _)| *seq < start);
+                    self.buffer.range(first..).cloned().collect()
                 }
-                None => warn!(
-                    "malformed KV events replay request ({} frames)",
-                    frames.len()
-                ),
-            }
-            let end: [&[u8]; 4] = [identity, b"", &kvevents::REPLAY_END_SEQ.to_be_bytes(), b""];
-            if let Err(e) = socket.send_multipart(end, 0) {
-                warn!("KV events replay send failed: {e}");
-            }
+                None => {
+                    warn!("malformed KV events replay request ({} frames)", frames.len());
+                    VecDeque::new()
+                }
+            };
+            self.replays.push_back(ReplaySession {
+                identity: identity.clone(),
+                batches,
+                last_progress: Instant::now(),
+            });
         }
+        self.replays
+            .retain_mut(|r| matches!(r.send_round(socket), Progress::Blocked));
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use kvevents::{decode_batch, decode_seq, ReplayReply};
     use serde_json::json;
 
@@ -464,6 +545,70 @@ mod tests {
             ReplayReply::parse(&frames[1], &frames[2]),
             Some(ReplayReply::End)
         );
+    }
+
+    /// A replay larger than the socket's send high-water mark, to a subscriber that reads
+    /// slowly: every batch arrives, then the end marker, and live publishing goes on meanwhile.
+    #[test]
+    fn a_replay_larger_than_the_pipe_arrives_whole_without_stalling_live_events() {
+        let config = KvEventsConfig::parse(
+            &json!({"enable_kv_cache_events": true, "endpoint": "tcp://127.0.0.1:*",
+                    "replay_endpoint": "tcp://127.0.0.1:*", "topic": "kv@p@m",
+                    "buffer_steps": 5000}),
+            None,
+        )
+        .unwrap();
+        let (mut sink, endpoints) = start(&config, metrics()).unwrap();
+        let ctx = zmq::Context::new();
+        let sub = ctx.socket(zmq::SUB).unwrap();
+        sub.set_rcvhwm(0).unwrap();
+        sub.set_subscribe(b"").unwrap();
+        sub.connect(&endpoints.events).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = loop {
+            sink.on_event(stored(0));
+            sink.end_step();
+            if let Some(frames) = recv(&sub, 50) {
+                break decode_seq(&frames[1]).unwrap();
+            }
+            assert!(Instant::now() < deadline, "no message reached the subscriber");
+        };
+        let total_before = last + 2501;
+        while last + 1 < total_before {
+            sink.on_event(stored(1));
+            sink.end_step();
+            let frames = recv(&sub, 5000).expect("live batch");
+            last = decode_seq(&frames[1]).unwrap();
+        }
+        // Now all of 0..total_before are buffered; the subscriber drains live ones it missed.
+        while recv(&sub, 100).is_some() {}
+
+        let dealer = ctx.socket(zmq::DEALER).unwrap();
+        dealer.set_rcvhwm(10).unwrap();
+        dealer
+            .connect(endpoints.replay.as_deref().unwrap())
+            .unwrap();
+        dealer
+            .send_multipart([&b""[..], &encode_seq(0)], 0)
+            .unwrap();
+        // The replay fills the pipe and waits; a live batch still goes out at once.
+        std::thread::sleep(Duration::from_millis(300));
+        sink.on_event(stored(2));
+        sink.end_step();
+        let live = recv(&sub, 2000).expect("a live batch during the replay");
+        assert_eq!(decode_seq(&live[1]), Some(total_before));
+
+        let mut replayed = Vec::new();
+        loop {
+            let frames = recv(&dealer, 5000).expect("replay reply");
+            match ReplayReply::parse(&frames[1], &frames[2]).unwrap() {
+                ReplayReply::End => break,
+                ReplayReply::Batch { seq, .. } => replayed.push(seq),
+            }
+        }
+        // Everything buffered when it was asked for, in order; the batch published after the
+        // request is not part of it.
+        assert_eq!(replayed, (0..total_before).collect::<Vec<_>>());
     }
 
     #[test]
