@@ -18,17 +18,18 @@ use router::index::{IndexConfig, PrefixIndex};
 const BS: usize = 4;
 
 fn setup() -> (Arc<PrefixIndex>, EventIngest, zmq::Context) {
+    setup_with(IngestConfig {
+        replay_timeout: Duration::from_millis(300),
+        poll_interval: Duration::from_millis(10),
+        ..IngestConfig::default()
+    })
+}
+
+fn setup_with(ingest: IngestConfig) -> (Arc<PrefixIndex>, EventIngest, zmq::Context) {
     let mut cfg = IndexConfig::new("m");
     cfg.block_size = BS;
     let index = Arc::new(PrefixIndex::new(cfg).unwrap());
-    let ingest = EventIngest::start(
-        index.clone(),
-        IngestConfig {
-            replay_timeout: Duration::from_millis(300),
-            poll_interval: Duration::from_millis(10),
-            ..IngestConfig::default()
-        },
-    );
+    let ingest = EventIngest::start(index.clone(), ingest);
     (index, ingest, zmq::Context::new())
 }
 
@@ -103,10 +104,18 @@ fn bind_retrying(sock: &zmq::Socket, endpoint: &str) -> String {
     }
 }
 
+/// An XPUB that queues without limit: a test's bursts must not be dropped at the high-water
+/// mark.
+fn xpub(ctx: &zmq::Context) -> zmq::Socket {
+    let sock = ctx.socket(zmq::XPUB).unwrap();
+    sock.set_sndhwm(0).unwrap();
+    sock
+}
+
 impl TestPub {
     /// An XPUB that binds, like the agent's publisher.
     fn bind(ctx: &zmq::Context, topic: &str) -> Self {
-        let sock = ctx.socket(zmq::XPUB).unwrap();
+        let sock = xpub(ctx);
         let endpoint = bind_retrying(&sock, "tcp://127.0.0.1:*");
         Self {
             sock,
@@ -118,7 +127,7 @@ impl TestPub {
 
     /// An XPUB that connects to a centralized subscriber.
     fn connect(ctx: &zmq::Context, endpoint: &str, topic: &str) -> Self {
-        let sock = ctx.socket(zmq::XPUB).unwrap();
+        let sock = xpub(ctx);
         sock.connect(endpoint).unwrap();
         Self {
             sock,
@@ -244,7 +253,7 @@ fn restart(
     } = publisher;
     drop(sock);
     let publisher = TestPub {
-        sock: ctx.socket(zmq::XPUB).unwrap(),
+        sock: xpub(ctx),
         endpoint,
         topic,
         bound,
@@ -518,18 +527,56 @@ fn malformed_messages_are_counted_and_ingestion_goes_on() {
     let p = follow(&ingest, &ctx, "a", None);
     p.send(0, &store(1, 0, 4), Encoding::Map);
     wait_until("first batch", || held(&index, "a", 1) == 4);
-    // Wrong frame count, bad seq frame, undecodable payload.
+    // Wrong frame count, bad seq frame, undecodable payloads (one at the next seq, one ahead).
     p.sock.send_multipart([&b"kv@a@m"[..], b"x"], 0).unwrap();
     p.sock
         .send_multipart([&b"kv@a@m"[..], b"123", b"\x93"], 0)
         .unwrap();
     p.send_raw(1, b"\xc1 not msgpack");
-    p.send(2, &store(2, 0, 4), Encoding::Map);
+    p.send_raw(9, b"\x92\x01");
+    p.send(1, &store(2, 0, 4), Encoding::Map);
     wait_until("batch after garbage", || held(&index, "a", 2) == 4);
-    assert_eq!(count(&stats.totals.decode_errors), 3);
-    // The undecodable batch's changes are unknown: the pod was cleared.
-    assert_eq!(held(&index, "a", 1), 0);
-    assert_eq!(count(&stats.totals.gaps), 0);
+    assert_eq!(count(&stats.totals.decode_errors), 4);
+    // Garbage changes nothing: the pod keeps what it had, and no gap was seen.
+    assert_eq!(held(&index, "a", 1), 4);
+    assert_eq!(
+        (count(&stats.totals.gaps), count(&stats.totals.resets)),
+        (0, 0)
+    );
+}
+
+/// Issue 17 (5): random payloads under a real pod's topic, at random seqs, neither wipe the
+/// pod nor make the router ask its replay socket for anything.
+#[test]
+fn random_payloads_under_a_pods_topic_neither_wipe_nor_replay() {
+    let (index, ingest, ctx) = setup();
+    let stats = ingest.stats();
+    let replay = TestReplay::start(&ctx, true);
+    let p = follow(&ingest, &ctx, "a", Some(&replay));
+    replay.keep(0, &store(1, 0, 4));
+    p.send(0, &store(1, 0, 4), Encoding::Map);
+    wait_until("first batch", || held(&index, "a", 1) == 4);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..1000 {
+        let len = (next() % 64) as usize;
+        let payload: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        p.send_raw(next() % 1_000_000, &payload);
+    }
+    p.send(1, &store(2, 0, 4), Encoding::Map);
+    wait_until("the next real batch", || held(&index, "a", 2) == 4);
+    assert_eq!(count(&stats.totals.decode_errors), 1000);
+    assert_eq!(held(&index, "a", 1), 4);
+    assert!(replay.requests().is_empty(), "{:?}", replay.requests());
+    assert_eq!(
+        (count(&stats.totals.gaps), count(&stats.totals.resets)),
+        (0, 0)
+    );
 }
 
 #[test]
@@ -735,4 +782,69 @@ fn a_stream_joined_late_without_replay_is_a_counted_gap() {
     p.send(6, &store(1, 2, 4), Encoding::Map);
     wait_until("the next batch", || held(&index, "late", 1) == 4);
     assert_eq!(count(&s.gaps), 1);
+}
+
+/// Issue 17 (5): centralized pods share workers, yet a pod whose replay socket is mute delays
+/// only itself: other pods' batches are applied while its replay waits, its own later batches
+/// wait for it and are applied in order once it fails, and the next gap soon after does not
+/// ask the mute socket again (backoff).
+#[test]
+fn a_mute_replay_delays_only_its_own_pod_and_backs_off() {
+    let (index, ingest, ctx) = setup_with(IngestConfig {
+        replay_timeout: Duration::from_secs(2),
+        poll_interval: Duration::from_millis(10),
+        central_workers: 1,
+        ..IngestConfig::default()
+    });
+    let stats = ingest.stats();
+    let mute = TestReplay::start(&ctx, false);
+    for (pod, replay) in [("slow", Some(mute.endpoint.clone())), ("fast", None)] {
+        let endpoints = PodEndpoints {
+            events: None,
+            replay,
+            topic_names: Vec::new(),
+        };
+        ingest.add_pod(pod, endpoints).unwrap();
+    }
+    let endpoint = ingest.bind("tcp://127.0.0.1:*").unwrap();
+    let slow = TestPub::connect(&ctx, &endpoint, "kv@slow@m");
+    let fast = TestPub::connect(&ctx, &endpoint, "kv@fast@m");
+    slow.wait_subscribed();
+    fast.wait_subscribed();
+    slow.send(0, &store(1, 0, 4), Encoding::Map);
+    wait_until("slow's first batch", || held(&index, "slow", 1) == 4);
+
+    slow.send(2, &store(2, 0, 4), Encoding::Map);
+    wait_until("slow's replay request", || mute.requests() == [1]);
+    slow.send(3, &store(3, 0, 4), Encoding::Map);
+    fast.send(0, &store(1, 0, 4), Encoding::Map);
+    wait_until("fast's batch", || held(&index, "fast", 1) == 4);
+    let s = pod_stats(&stats, "slow").unwrap();
+    assert_eq!(
+        count(&s.replay_failures),
+        0,
+        "fast waited for slow's replay"
+    );
+    assert_eq!(held(&index, "slow", 2), 0, "held until the replay answers");
+
+    wait_until("slow's replay to fail", || {
+        held(&index, "slow", 2) == 4 && held(&index, "slow", 3) == 4
+    });
+    assert_eq!(
+        held(&index, "slow", 1),
+        0,
+        "state before the gap is unknown"
+    );
+    assert_eq!(
+        (count(&s.replay_failures), count(&s.gaps), count(&s.resets)),
+        (1, 1, 1)
+    );
+    // Backing off: the next gap clears the pod without asking again.
+    slow.send(5, &store(4, 0, 4), Encoding::Map);
+    wait_until("slow's batch after the second gap", || {
+        held(&index, "slow", 4) == 4
+    });
+    assert_eq!(mute.requests(), [1]);
+    assert_eq!(held(&index, "slow", 3), 0);
+    assert_eq!((count(&s.gaps), count(&s.resets)), (2, 2));
 }

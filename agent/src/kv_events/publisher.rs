@@ -392,7 +392,10 @@ impl PublisherThread {
                     self.buffer.range(first..).cloned().collect()
                 }
                 None => {
-                    warn!("malformed KV events replay request ({} frames)", frames.len());
+                    warn!(
+                        "malformed KV events replay request ({} frames)",
+                        frames.len()
+                    );
                     VecDeque::new()
                 }
             };
@@ -571,7 +574,10 @@ mod tests {
             if let Some(frames) = recv(&sub, 50) {
                 break decode_seq(&frames[1]).unwrap();
             }
-            assert!(Instant::now() < deadline, "no message reached the subscriber");
+            assert!(
+                Instant::now() < deadline,
+                "no message reached the subscriber"
+            );
         };
         let total_before = last + 2501;
         while last + 1 < total_before {

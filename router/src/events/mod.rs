@@ -8,7 +8,9 @@
 //!
 //! Each pod's stream tracks seqs (see `stream`): a gap is filled from the pod's replay socket
 //! or else the pod is cleared, a seq going back (engine restart) clears the pod, and an
-//! undecodable batch clears the pod. Nothing a publisher sends can stop ingestion. A restart
+//! undecodable batch is counted and ignored. A pod-discovery thread runs its pod's replays
+//! inline; a centralized worker runs them on a thread of their own and goes on with its other
+//! pods meanwhile. Nothing a publisher sends can stop ingestion. A restart
 //! seen elsewhere (the load monitor, [`EventIngest::pod_restarted`]) is handed to the pod's
 //! stream, in order with its batches, so the stream starts over on the new publisher's seqs.
 //!
@@ -30,7 +32,7 @@ use std::time::Duration;
 use kvevents::decode_seq;
 
 use crate::index::PrefixIndex;
-use stream::{Ctx, PodStream};
+use stream::{Ctx, PodStream, ReplayError, ReplayRequest, Replayed};
 use topics::TopicNames;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,6 +210,13 @@ enum CentralMsg {
     Restarted {
         pod: Arc<str>,
     },
+    /// The answer to a replay a stream asked for.
+    Replayed {
+        pod: Arc<str>,
+        id: u64,
+        result: Result<Replayed, ReplayError>,
+    },
+    Stop,
 }
 
 /// The centralized workers' queues; a pod always goes to the same one.
@@ -233,9 +242,12 @@ struct Central {
 
 impl Drop for Central {
     fn drop(&mut self) {
-        // Receiver first (it holds sender clones), then our senders, so workers see the end.
+        // Receiver first, so nothing follows the stop. Replays in flight answer into a closed
+        // queue.
         self.receiver.take();
-        self.shards.0.clear();
+        for shard in self.shards.0.drain(..) {
+            let _ = shard.send(CentralMsg::Stop);
+        }
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
@@ -353,6 +365,8 @@ impl EventIngest {
             .socket(zmq::SUB)
             .map_err(Self::zmq_err(endpoint))?;
         sock.set_linger(0).map_err(Self::zmq_err(endpoint))?;
+        sock.set_maxmsgsize(stream::MAX_MESSAGE_BYTES)
+            .map_err(Self::zmq_err(endpoint))?;
         sock.set_rcvhwm(self.cfg.rcv_hwm)
             .map_err(Self::zmq_err(endpoint))?;
         sock.set_subscribe(self.cfg.topic_filter.as_bytes())
@@ -385,12 +399,16 @@ impl EventIngest {
                     receive_loop(&sock, &stop, poll, |frames| {
                         let Some(frames) = frames else {
                             if flag.swap(false, Ordering::Relaxed) {
-                                stream.on_restart(&ctx);
+                                let request = stream.on_restart(&ctx);
+                                replay_inline(&ctx, &mut stream, request);
                             }
                             return;
                         };
                         match live_frames(&frames) {
-                            Some((_, seq, payload)) => stream.on_live(&ctx, seq, payload),
+                            Some((_, seq, payload)) => {
+                                let request = stream.on_live(&ctx, seq, payload);
+                                replay_inline(&ctx, &mut stream, request);
+                            }
                             None => {
                                 stream.on_malformed(&ctx);
                                 let topic = topic_of(&frames);
@@ -486,9 +504,10 @@ impl EventIngest {
         for i in 0..self.cfg.central_workers.max(1) {
             let (tx, rx) = mpsc::channel::<CentralMsg>();
             let ctx = self.ctx.clone();
+            let answers = tx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("kv-central-{i}"))
-                .spawn(move || central_worker(&ctx, rx));
+                .spawn(move || central_worker(&ctx, &answers, rx));
             match spawned {
                 Ok(handle) => workers.push(handle),
                 Err(e) => tracing::error!(error = %e, "could not spawn a KV event worker"),
@@ -572,16 +591,66 @@ fn topic_of(frames: &[Vec<u8>]) -> String {
         .unwrap_or_default()
 }
 
+/// Runs a stream's replay on the calling thread (a pod-discovery thread serves one pod only).
+fn replay_inline(ctx: &Ctx, stream: &mut PodStream, request: Option<ReplayRequest>) {
+    if let Some(request) = request {
+        let result = stream::replay(ctx, &request);
+        stream.on_replay(ctx, request.id, result);
+    }
+}
+
+/// Runs a replay on a thread of its own; the answer comes back to the worker as `Replayed`.
+fn replay_async(
+    ctx: &Arc<Ctx>,
+    answers: &mpsc::Sender<CentralMsg>,
+    pod: &Arc<str>,
+    stream: &mut PodStream,
+    request: Option<ReplayRequest>,
+) {
+    let Some(request) = request else {
+        return;
+    };
+    let (thread_ctx, answers, thread_pod) = (ctx.clone(), answers.clone(), pod.clone());
+    let id = request.id;
+    let spawned = std::thread::Builder::new()
+        .name("kv-replay".into())
+        .spawn(move || {
+            let result = stream::replay(&thread_ctx, &request);
+            // The worker may have stopped meanwhile: then nobody waits for the answer.
+            let _ = answers.send(CentralMsg::Replayed {
+                pod: thread_pod,
+                id,
+                result,
+            });
+        });
+    if let Err(e) = spawned {
+        stream.on_replay(ctx, id, Err(ReplayError::Thread(e)));
+    }
+}
+
 /// Applies one shard's pods' batches in arrival order.
-fn central_worker(ctx: &Ctx, rx: mpsc::Receiver<CentralMsg>) {
+fn central_worker(
+    ctx: &Arc<Ctx>,
+    answers: &mpsc::Sender<CentralMsg>,
+    rx: mpsc::Receiver<CentralMsg>,
+) {
     let mut streams: HashMap<Arc<str>, PodStream> = HashMap::new();
     let mut replays: HashMap<Arc<str>, String> = HashMap::new();
     for msg in rx {
         match msg {
-            CentralMsg::Batch { pod, seq, payload } => streams
-                .entry(pod.clone())
-                .or_insert_with(|| PodStream::new(ctx, pod.clone(), replays.get(&pod).cloned()))
-                .on_live(ctx, seq, &payload),
+            CentralMsg::Batch { pod, seq, payload } => {
+                let stream = streams.entry(pod.clone()).or_insert_with(|| {
+                    PodStream::new(ctx, pod.clone(), replays.get(&pod).cloned())
+                });
+                let request = stream.on_live(ctx, seq, &payload);
+                replay_async(ctx, answers, &pod, stream, request);
+            }
+            CentralMsg::Replayed { pod, id, result } => {
+                if let Some(stream) = streams.get_mut(&pod) {
+                    stream.on_replay(ctx, id, result);
+                }
+            }
+            CentralMsg::Stop => return,
             CentralMsg::Register { pod, replay } => {
                 if let Some(s) = streams.get_mut(&pod) {
                     s.set_replay(replay.clone());
@@ -592,7 +661,10 @@ fn central_worker(ctx: &Ctx, rx: mpsc::Receiver<CentralMsg>) {
                 };
             }
             CentralMsg::Restarted { pod } => match streams.get_mut(&pod) {
-                Some(s) => s.on_restart(ctx),
+                Some(s) => {
+                    let request = s.on_restart(ctx);
+                    replay_async(ctx, answers, &pod, s, request);
+                }
                 // No batch of it yet: there is no seq to forget, only index state.
                 None => ctx.index.clear_pod(&pod),
             },
