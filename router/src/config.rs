@@ -335,7 +335,7 @@ fn plugin_kind(p: &PluginSpec) -> Result<PluginKind, ConfigError> {
 
 /// llm-d's `indexerConfig` spellings: `tokenProcessorConfig.blockSize`,
 /// `kvBlockIndexConfig.inMemoryConfig.{size, podCacheSize}`, and this router's
-/// `tierWeights.{gpu, cpu, storage}`.
+/// `tierWeights.{gpu, cpu, storage}` and `maxBlocksPerPod`.
 fn prefix_parameters(params: &Value, index: &mut IndexConfig) -> Result<(), ConfigError> {
     let indexer = &params["indexerConfig"];
     let positive = |v: &Value, what: &str| -> Result<Option<usize>, ConfigError> {
@@ -358,6 +358,9 @@ fn prefix_parameters(params: &Value, index: &mut IndexConfig) -> Result<(), Conf
     }
     if let Some(n) = positive(&mem["podCacheSize"], "inMemoryConfig.podCacheSize")? {
         index.max_pods_per_key = n;
+    }
+    if let Some(n) = positive(&params["maxBlocksPerPod"], "maxBlocksPerPod")? {
+        index.max_blocks_per_pod = n;
     }
     let tiers = &params["tierWeights"];
     let default = TierWeights::default();
@@ -458,6 +461,7 @@ plugins:
       zmqEndpoint: "tcp://*:5557"
       topicFilter: "kv@"
     tierWeights: {cpu: 0.5}
+    maxBlocksPerPod: 5000
 - type: load-aware-scorer
   parameters: {threshold: 64}
 - type: queue-scorer
@@ -494,6 +498,7 @@ schedulingProfiles:
         assert_eq!(s.profile.picker, Picker::MaxScore);
         assert_eq!(s.index.block_size, 64);
         assert_eq!((s.index.max_keys, s.index.max_pods_per_key), (1000, 4));
+        assert_eq!(s.index.max_blocks_per_pod, 5000);
         assert_eq!(s.index.tier_weights.cpu, 0.5);
         assert_eq!(s.index.tier_weights.gpu, 1.0);
         assert_eq!(s.events_bind.as_deref(), Some("tcp://*:5557"));

@@ -39,6 +39,7 @@ pub struct RouterMetrics {
     index_entries: IntGauge,
     index_engine_hashes: IntGauge,
     index_unresolved: IntGauge,
+    index_refused: IntGauge,
     event_lag: Gauge,
     event_counts: GaugeVec,
     pod_event_lag: GaugeVec,
@@ -114,6 +115,10 @@ impl RouterMetrics {
             index_unresolved: int_gauge(
                 "router_index_unresolved_blocks",
                 "Stored blocks whose parent or hash could not be resolved.",
+            )?,
+            index_refused: int_gauge(
+                "router_index_refused_blocks",
+                "Stored blocks not indexed because their pod was at the per-pod block limit.",
             )?,
             event_lag: registered(
                 &registry,
@@ -204,6 +209,7 @@ impl RouterMetrics {
         self.index_engine_hashes
             .set(clamp(index.engine_hashes as u64));
         self.index_unresolved.set(clamp(index.unresolved_blocks));
+        self.index_refused.set(clamp(index.refused_blocks));
         self.event_lag.set(lag_seconds(&events.totals));
         let unknown = ("unknown_topics", &events.unknown_topics);
         for (counter, v) in events.totals.counters().into_iter().chain([unknown]) {
@@ -259,6 +265,7 @@ mod tests {
             pod_entries: 12,
             engine_hashes: 12,
             unresolved_blocks: 1,
+            refused_blocks: 3,
         };
         let events = IngestStats::default();
         events.totals.gaps.store(1, Ordering::Relaxed);
@@ -279,6 +286,7 @@ mod tests {
             "router_retries_total 1",
             "router_index_keys 10",
             "router_index_pod_entries 12",
+            "router_index_refused_blocks 3",
             "router_event_lag_seconds 0.25",
             "router_kv_events{counter=\"gaps\"} 1",
             "router_pod_kv_events{counter=\"gaps\",pod=\"a\"} 1",

@@ -338,6 +338,33 @@ fn pods_per_key_cap_keeps_the_latest_stores() {
     assert_eq!(ix.stats().pod_entries, 2);
 }
 
+/// Issue 17 (4): one pod (or a publisher spoofing it) cannot map more than
+/// `max_blocks_per_pod` blocks; what it holds stays, other pods are unaffected, and blocks it
+/// frees make room again.
+#[test]
+fn a_pod_maps_at_most_its_block_limit() {
+    let ix = index_with(|c| c.max_blocks_per_pod = 6);
+    let (t1, t2) = (toks(21, 4), toks(22, 4));
+    ix.apply("a", &stored(&t1, 0, 4, None));
+    ix.apply("a", &stored(&t2, 0, 4, None));
+    ix.apply("b", &stored(&t2, 0, 4, None));
+    let s = ix.stats();
+    assert_eq!((s.engine_hashes, s.refused_blocks), (10, 2));
+    let a = |t: &[u32]| scores(&ix, t).into_iter().find(|m| m.0 == "a").map(|m| m.1);
+    assert_eq!((a(&t1), a(&t2)), (Some(4), Some(2)));
+    assert_eq!(
+        scores(&ix, &t2).iter().find(|m| m.0 == "b").map(|m| m.1),
+        Some(4)
+    );
+    // A block already mapped is not new: storing it again (another tier) is fine.
+    ix.apply("a", &stored(&t1, 0, 4, Some("CPU")));
+    assert_eq!(ix.stats().refused_blocks, 2);
+    ix.apply("a", &removed(&t1, &[2, 3], None));
+    ix.apply("a", &removed(&t1, &[2, 3], Some("CPU")));
+    ix.apply("a", &stored(&t2, 2, 4, None));
+    assert_eq!((a(&t2), ix.stats().refused_blocks), (Some(4), 2));
+}
+
 #[test]
 fn concurrent_ingest_and_scoring() {
     let ix = std::sync::Arc::new(index_with(|_| {}));

@@ -14,7 +14,9 @@
 //!
 //! Memory is bounded: approximate LRU over keys (CLOCK, see `table`) at `max_keys`,
 //! `max_pods_per_key` pods per key (the pod whose store is the oldest gives way), and an engine
-//! map per pod holding only blocks the pod has not removed. Known limit: two engine hashes of one
+//! map per pod holding only blocks the pod has not removed, at most `max_blocks_per_pod` (new
+//! blocks beyond it are refused and counted: a pod, or a publisher spoofing one, cannot grow
+//! the router without bound). Known limit: two engine hashes of one
 //! pod with the same router key (identical content under two engine hashes) share one entry, so
 //! removing one clears both.
 
@@ -104,6 +106,8 @@ pub struct IndexConfig {
     pub block_size: usize,
     pub max_keys: usize,
     pub max_pods_per_key: usize,
+    /// Engine hashes mapped per pod; far above a real pod's blocks (all tiers) at the default.
+    pub max_blocks_per_pod: usize,
     pub tier_weights: TierWeights,
     /// Key-table shards (locks).
     pub shards: usize,
@@ -116,6 +120,7 @@ impl IndexConfig {
             block_size: 16,
             max_keys: 1 << 22,
             max_pods_per_key: 10,
+            max_blocks_per_pod: 1 << 21,
             tier_weights: TierWeights::default(),
             shards: 64,
         }
@@ -152,6 +157,8 @@ pub struct IndexStats {
     /// Stored blocks that could not be mapped: unknown engine hash of an offloaded block or of a
     /// parent, or token ids that do not fit the block size.
     pub unresolved_blocks: u64,
+    /// New blocks not mapped because their pod was at `max_blocks_per_pod`.
+    pub refused_blocks: u64,
 }
 
 /// What a pod's engine hash stands for.
@@ -187,6 +194,8 @@ pub struct PrefixIndex {
     pods: RwLock<Registry>,
     next_pod: AtomicU32,
     unresolved: AtomicU64,
+    max_blocks_per_pod: usize,
+    refused: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -212,6 +221,7 @@ impl PrefixIndex {
             ("block_size", cfg.block_size),
             ("max_keys", cfg.max_keys),
             ("max_pods_per_key", cfg.max_pods_per_key),
+            ("max_blocks_per_pod", cfg.max_blocks_per_pod),
             ("shards", cfg.shards),
         ] {
             if v == 0 {
@@ -235,6 +245,8 @@ impl PrefixIndex {
             pods: RwLock::new(Registry::default()),
             next_pod: AtomicU32::new(0),
             unresolved: AtomicU64::new(0),
+            max_blocks_per_pod: cfg.max_blocks_per_pod,
+            refused: AtomicU64::new(0),
         })
     }
 
@@ -344,10 +356,14 @@ impl PrefixIndex {
                 .and_then(|per_block| per_block.get(i))
                 .and_then(|x| x.as_deref());
             let key = chain_key(parent, &e.token_ids[i * bs..(i + 1) * bs], extra);
-            let m = engine
-                .map
-                .entry(engine_key(h))
-                .or_insert(Mapped { key, tiers: 0 });
+            let ek = engine_key(h);
+            if engine.map.len() >= self.max_blocks_per_pod && !engine.map.contains_key(&ek) {
+                // The rest of the chain hangs off this block: refused with it.
+                let refused = e.block_hashes.len() - i;
+                self.refused.fetch_add(refused as u64, Ordering::Relaxed);
+                return;
+            }
+            let m = engine.map.entry(ek).or_insert(Mapped { key, tiers: 0 });
             if m.key != key {
                 // The engine reused a hash for other content (a restart the stream did not
                 // show): forget the old block.
@@ -498,6 +514,7 @@ impl PrefixIndex {
             pod_entries,
             engine_hashes,
             unresolved_blocks: self.unresolved.load(Ordering::Relaxed),
+            refused_blocks: self.refused.load(Ordering::Relaxed),
         }
     }
 }
