@@ -72,6 +72,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
 
+    #[command(flatten)]
+    pub http: httpserve::HttpLimitArgs,
+
     /// Require `Authorization: Bearer <key>` on /v1 routes (one of these keys). Without it, the
     /// VLLM_API_KEY environment variable is used when set.
     #[arg(long, num_args = 1.., value_name = "KEY")]

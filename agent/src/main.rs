@@ -1,7 +1,6 @@
 //! `agent serve MODEL [vllm serve flags]`: loads the model, sizes the KV cache, starts the
 //! engine thread and serves the OpenAI-compatible API until SIGINT/SIGTERM.
 
-use std::future::IntoFuture;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -253,13 +252,13 @@ async fn run_http(args: &ServeArgs, state: AppState) -> Result<()> {
 
     let signalled = Arc::new(Notify::new());
     let notify = signalled.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let server = httpserve::serve(listener, app, args.http.limits(), async move {
         shutdown_signal().await;
         info!("Shutting down");
         notify.notify_one();
     });
     tokio::select! {
-        result = server.into_future() => result.context("HTTP server failed")?,
+        () = server => {}
         () = async {
             signalled.notified().await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;

@@ -106,6 +106,16 @@ impl ApiError {
         Self::bad_request("There was an error parsing the body")
     }
 
+    /// 408 for a body whose client paused longer than the server waits.
+    pub fn body_timeout(waited: std::time::Duration) -> Self {
+        Self {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("The request body paused for more than {waited:?}"),
+            kind: "Request Timeout",
+            param: None,
+        }
+    }
+
     /// 413 for a body over the server's limit.
     pub fn payload_too_large(limit_bytes: usize) -> Self {
         Self {

@@ -22,6 +22,8 @@ pub struct Args {
     pub host: String,
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
+    #[command(flatten)]
+    pub http: httpserve::HttpLimitArgs,
     /// The model the pods serve, for its tokenizer and chat template: a GGUF file or a Hugging
     /// Face directory (the agent's MODEL argument).
     #[arg(long)]

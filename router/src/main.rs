@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use clap::Parser;
 use router::config::{self, Args};
 use router::events::{EventIngest, IngestConfig};
@@ -106,6 +105,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics: RouterMetrics::new()?,
         client: reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
+            // Below the pods' idle keep-alive (vLLM's 5 s, the agent's --http-header-timeout),
+            // so a pooled connection is not reused just as its pod closes it.
+            .pool_idle_timeout(Duration::from_secs(4))
             .tcp_nodelay(true)
             .build()?,
         stale_after: args.stale_after(),
@@ -116,15 +118,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         choosing: Default::default(),
     });
     let addr = format!("{}:{}", args.host, args.port);
-    // No Nagle delay on the client side: streamed chunks are small and latency is the point.
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
-        .with_context(|| format!("binding {addr}"))?
-        .tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!("TCP_NODELAY: {e}");
-            }
-        });
+        .with_context(|| format!("binding {addr}"))?;
     tracing::info!(
         %addr,
         model,
@@ -132,10 +128,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         picker = scheduling.profile.picker.plugin_type(),
         "router listening"
     );
-    axum::serve(listener, proxy::app(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    httpserve::serve(listener, proxy::app(state), args.http.limits(), async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await;
     Ok(())
 }

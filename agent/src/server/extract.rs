@@ -1,5 +1,6 @@
 //! The axum extractor of request bodies: every rejection is a 400 in vLLM's error shape, never
-//! axum's 415/422 plain-text ones. Order as in vLLM: the body is read (413 over the limit), the
+//! axum's 415/422 plain-text ones. Order as in vLLM: the body is read (413 over the limit, 408
+//! when the client pauses past `--http-body-timeout`), the
 //! Content-Type must be `application/json`, then [`protocol::body`] reads the JSON.
 
 use axum::body::Bytes;
@@ -23,6 +24,8 @@ impl<T: WireRequest> FromRequest<AppState> for VllmJson<T> {
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::payload_too_large(state.config.max_body_bytes)
+            } else if let Some(waited) = httpserve::body_timeout(&rejection) {
+                ApiError::body_timeout(waited)
             } else {
                 ApiError::unreadable_body()
             }

@@ -210,7 +210,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
 const UNPROVEN_BODY_BYTES: usize = 1 << 20;
 
 /// The whole body, as the agent reads it: 413 over `limit` (refused by `Content-Length` before
-/// reading when it says so), 400 when the client's body breaks off. The buffer grows to the
+/// reading when it says so), 400 when the client's body breaks off, 408 when it pauses too long. The buffer grows to the
 /// declared length in one step once that much starts to arrive, so a large body is not copied
 /// over and over, and a connection that only declares a size holds little.
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
@@ -224,7 +224,10 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     let mut buf = Vec::with_capacity(declared.unwrap_or(0).min(UNPROVEN_BODY_BYTES));
     let mut chunks = body.into_data_stream();
     while let Some(chunk) = chunks.next().await {
-        let chunk = chunk.map_err(|_| ApiError::unreadable_body())?;
+        let chunk = chunk.map_err(|e| match httpserve::body_timeout(&e) {
+            Some(waited) => ApiError::body_timeout(waited),
+            None => ApiError::unreadable_body(),
+        })?;
         let len = buf.len() + chunk.len();
         if len > limit {
             return Err(ApiError::payload_too_large(limit));
