@@ -15,6 +15,15 @@ pub fn decode_seq(frame: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(frame.try_into().ok()?))
 }
 
+/// The start seq of a replay request: the frames after the ROUTER's identity, `["", seq]`.
+/// None when malformed.
+pub fn parse_replay_request<F: AsRef<[u8]>>(frames: &[F]) -> Option<u64> {
+    match frames {
+        [empty, start] if empty.as_ref().is_empty() => decode_seq(start.as_ref()),
+        _ => None,
+    }
+}
+
 /// One reply frame set of the replay socket, after the empty delimiter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplayReply<'a> {
@@ -23,6 +32,16 @@ pub enum ReplayReply<'a> {
 }
 
 impl<'a> ReplayReply<'a> {
+    /// Parses a reply as a DEALER receives it, `["", seq, payload]`; None when malformed.
+    pub fn from_frames<F: AsRef<[u8]>>(frames: &'a [F]) -> Option<Self> {
+        match frames {
+            [empty, seq, payload] if empty.as_ref().is_empty() => {
+                Self::parse(seq.as_ref(), payload.as_ref())
+            }
+            _ => None,
+        }
+    }
+
     /// Parses `[seq, payload]` (the frames after the empty delimiter); None when malformed.
     pub fn parse(seq: &[u8], payload: &'a [u8]) -> Option<Self> {
         let raw = decode_seq(seq)?;
@@ -53,5 +72,25 @@ mod tests {
             })
         );
         assert_eq!(ReplayReply::parse(b"short", b""), None);
+        let frames = [b"".to_vec(), encode_seq(3).to_vec(), b"p".to_vec()];
+        assert_eq!(
+            ReplayReply::from_frames(&frames),
+            Some(ReplayReply::Batch {
+                seq: 3,
+                payload: b"p"
+            })
+        );
+        assert_eq!(ReplayReply::from_frames(&frames[1..]), None);
+        assert_eq!(ReplayReply::from_frames(&[b"x", &end[..], b""]), None);
+    }
+
+    #[test]
+    fn replay_requests() {
+        let seq = encode_seq(7);
+        assert_eq!(parse_replay_request(&[&b""[..], &seq]), Some(7));
+        assert_eq!(parse_replay_request(&[&b"x"[..], &seq]), None);
+        assert_eq!(parse_replay_request(&[&b""[..], b"123"]), None);
+        assert_eq!(parse_replay_request(&[&seq[..]]), None);
+        assert_eq!(parse_replay_request::<&[u8]>(&[]), None);
     }
 }

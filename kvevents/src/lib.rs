@@ -13,7 +13,7 @@ mod types;
 pub use decode::decode_batch;
 pub use encode::encode_batch;
 pub use error::DecodeError;
-pub use frames::{decode_seq, encode_seq, ReplayReply, REPLAY_END_SEQ};
+pub use frames::{decode_seq, encode_seq, parse_replay_request, ReplayReply, REPLAY_END_SEQ};
 pub use types::{
     BlockRemoved, BlockStored, Encoding, EventBatch, ExternalBlockHash, ExtraKey, KvEvent,
     UnknownEncoding,

@@ -380,10 +380,7 @@ impl PublisherThread {
             let Some((identity, rest)) = frames.split_first() else {
                 continue;
             };
-            let start = match rest {
-                [empty, start] if empty.is_empty() => kvevents::decode_seq(start),
-                _ => None,
-            };
+            let start = kvevents::parse_replay_request(rest);
             // A malformed request still gets the end marker, so its client never hangs.
             let batches = match start {
                 Some(start) => {

@@ -405,11 +405,7 @@ pub(crate) fn replay(ctx: &Ctx, request: &ReplayRequest) -> Result<Replayed, Rep
             return Err(ReplayError::Timeout(ctx.replay_timeout));
         }
         let frames = sock.recv_multipart(0)?;
-        let reply = match frames.as_slice() {
-            [empty, seq, payload] if empty.is_empty() => ReplayReply::parse(seq, payload),
-            _ => None,
-        };
-        match reply {
+        match ReplayReply::from_frames(&frames) {
             Some(ReplayReply::End) => break,
             Some(ReplayReply::Batch { seq, payload }) => {
                 bytes += payload.len();
