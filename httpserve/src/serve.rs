@@ -1,8 +1,9 @@
 //! The accept loop: a permit per open connection (no permit, no accept), one hyper HTTP/1.1
 //! connection task per socket with the header deadline, request bodies wrapped in the body
-//! deadline, and graceful shutdown.
+//! deadline, a lingering close, and graceful shutdown.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,9 +12,9 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
 use tower::ServiceExt;
 
 use crate::body::TimedBody;
@@ -21,6 +22,11 @@ use crate::limits::HttpLimits;
 
 /// Pause after a failed accept (out of file descriptors, say) before the next try.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// After the last response, how long and how much of what the client still sends (a body the
+/// handler did not read: a 401, a 413) is read and dropped before the socket closes.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 128 << 20;
 
 /// Serves `app` on `listener` under `limits` until `shutdown` resolves; then stops accepting,
 /// lets open connections finish their requests (idle ones close at once) and returns when all
@@ -32,7 +38,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -80,20 +86,81 @@ pub async fn serve(
         let body_timeout = limits.body_timeout;
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let req = req.map(|b| Body::new(TimedBody::new(b, body_timeout)));
-            app.clone().oneshot(req)
+            Box::pin(app.clone().oneshot(req))
         });
         let conn = builder.serve_connection(TokioIo::new(tcp), service);
-        let conn = graceful.watch(conn);
+        let stop = stop_rx.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                // Timeouts, resets and garbage from clients: theirs, not ours.
-                tracing::debug!(%peer, "HTTP connection ended: {e}");
+            if let Some(tcp) = run_connection(conn, stop).await {
+                linger(tcp).await;
             }
             drop(permit);
         });
+        tracing::trace!(%peer, "HTTP connection accepted");
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = stop_tx.send(true);
+    // Every connection holds a permit until it is closed.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = permits.acquire_many(all).await;
+}
+
+/// Serves one connection until it is done (a graceful stop disables keep-alive, so the request
+/// in flight finishes); returns the socket when it ended cleanly, for the lingering close.
+async fn run_connection<S>(
+    mut conn: http1::Connection<TokioIo<TcpStream>, S>,
+    mut stop: watch::Receiver<bool>,
+) -> Option<TcpStream>
+where
+    S: hyper::service::HttpService<Incoming> + Unpin,
+    S::Future: Unpin,
+    S::ResBody: 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut stopping = *stop.borrow();
+    if stopping {
+        Pin::new(&mut conn).graceful_shutdown();
+    }
+    let result = loop {
+        tokio::select! {
+            result = poll_fn(|cx| conn.poll_without_shutdown(cx)) => break result,
+            changed = stop.changed(), if !stopping => {
+                stopping = true;
+                if changed.is_ok() {
+                    Pin::new(&mut conn).graceful_shutdown();
+                }
+            }
+        }
+    };
+    match result {
+        Ok(()) => Some(conn.into_parts().io.into_inner()),
+        Err(e) => {
+            // Timeouts, resets and garbage from clients: theirs, not ours.
+            tracing::debug!("HTTP connection ended: {e}");
+            None
+        }
+    }
+}
+
+/// Closes a connection whose responses are all out without resetting it: a close with unread
+/// bytes in the socket makes the kernel send a reset, which can destroy a response the client
+/// has not read yet (a 401 sent before its large body was read). So stop sending, then read
+/// and drop what still comes, for a bounded time and amount, as Apache and nginx do.
+async fn linger(mut tcp: TcpStream) {
+    if tcp.shutdown().await.is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 64 << 10];
+    let mut drained = 0usize;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while drained < LINGER_BYTES {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]
@@ -130,7 +197,11 @@ mod tests {
     ) {
         let app = Router::new()
             .route("/", get(|| async { "ok" }))
-            .route("/echo", post(echo));
+            .route("/echo", post(echo))
+            .route(
+                "/reject",
+                post(|| async { (axum::http::StatusCode::UNAUTHORIZED, "no") }),
+            );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -210,6 +281,30 @@ mod tests {
             .unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with("abcdef"), "{answer}");
+    }
+
+    /// A response sent before the body was read (a 401, a 413) reaches a client that is still
+    /// sending that body: the close lingers instead of resetting the connection.
+    #[tokio::test]
+    async fn an_early_answer_survives_the_unread_body() {
+        let (addr, _stop, _) = start(limits(16, 5000, 5000)).await;
+        let body = vec![b'x'; 8 << 20];
+        for _ in 0..10 {
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "POST /reject HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            conn.write_all(head.as_bytes()).await.unwrap();
+            let sent = conn.write_all(&body).await;
+            let mut answer = Vec::new();
+            let read = conn.read_to_end(&mut answer).await;
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                sent.is_ok() && read.is_ok() && answer.starts_with("HTTP/1.1 401"),
+                "sent: {sent:?}, read: {read:?}, answer: {answer:?}"
+            );
+        }
     }
 
     #[tokio::test]

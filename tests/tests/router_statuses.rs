@@ -87,3 +87,32 @@ async fn router_errors_have_the_agents_statuses() {
         "the router's own errors are not the pod's failures"
     );
 }
+
+/// Issue 17 (8): a large unauthenticated body in front of an `--api-key` pod gets the pod's 401
+/// through the router every time. The pod answers before reading the body; it used to close
+/// with the body unread, the kernel reset the connection, the router saw a send error instead
+/// of the 401 and answered 503 after trying every pod (4 times in 10 in the probe).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_unauthenticated_body_gets_the_pods_401() {
+    let pod = Pod::start(&["--api-key", "k"]).await;
+    let router = RouterProc::start(&pod_flags([pod.spec("a", None)])).await;
+    let prompt = "x".repeat(8 << 20);
+    let body = serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 1}).to_string();
+    let client = reqwest::Client::new();
+    for i in 0..10 {
+        let resp = client
+            .post(router.url("/v1/completions"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(resp.status().as_u16(), 401, "request {i}: {:?}", resp.text().await);
+    }
+    let failures = router
+        .metrics()
+        .await
+        .get("router_upstream_failures_total", &[("pod", "a")])
+        .unwrap_or(0.0);
+    assert_eq!(failures, 0.0, "a 401 is the pod's answer, not its failure");
+}
