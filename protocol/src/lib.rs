@@ -6,6 +6,7 @@
 //! - [`response`]: response bodies, field order as vLLM's.
 //! - [`error`]: [`ApiError`], the `{"error": {...}}` body and its HTTP status.
 //! - [`python`]: Python's spelling of values inside messages.
+//! - [`sse`]: the event-stream framing of streamed responses.
 //!
 //! No HTTP server, no engine, no model: only wire types and the rules that read them.
 
@@ -17,5 +18,6 @@ pub mod python;
 pub mod raw;
 pub mod request;
 pub mod response;
+pub mod sse;
 
 pub use error::ApiError;

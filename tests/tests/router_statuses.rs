@@ -107,7 +107,12 @@ async fn a_large_unauthenticated_body_gets_the_pods_401() {
             .send()
             .await
             .unwrap_or_else(|e| panic!("request {i}: {e}"));
-        assert_eq!(resp.status().as_u16(), 401, "request {i}: {:?}", resp.text().await);
+        assert_eq!(
+            resp.status().as_u16(),
+            401,
+            "request {i}: {:?}",
+            resp.text().await
+        );
     }
     let failures = router
         .metrics()

@@ -1,5 +1,5 @@
-//! Server-sent events as vLLM frames them: every event is `data: <json>\n\n` and the stream
-//! always ends with `data: [DONE]\n\n`, also after an error event.
+//! The `text/event-stream` response of a streamed request, framed by [`protocol::sse`]: each
+//! event, then `[DONE]`, also after an error event.
 
 use std::convert::Infallible;
 
@@ -12,7 +12,7 @@ use serde::Serialize;
 
 /// The frame of one event.
 pub fn event(json: &str) -> Bytes {
-    Bytes::from(format!("data: {json}\n\n"))
+    Bytes::from(protocol::sse::event(json))
 }
 
 /// Serializes one chunk as an event payload.
@@ -30,7 +30,7 @@ where
     let frames = events
         .map(|json| event(&json))
         .chain(stream::once(async {
-            Bytes::from_static(b"data: [DONE]\n\n")
+            Bytes::from_static(protocol::sse::DONE.as_bytes())
         }))
         .map(Ok::<_, Infallible>);
     let mut response = Body::from_stream(frames).into_response();

@@ -51,7 +51,7 @@ where
                 }
                 Some(Err(e)) => {
                     let error = st.on_cut.take().map(|f| f(&e))?;
-                    let ending = format!("data: {}\n\ndata: [DONE]\n\n", error.to_json());
+                    let ending = protocol::sse::error_ending(&error);
                     return Some((Ok(Bytes::from(ending)), None));
                 }
             }
