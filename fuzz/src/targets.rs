@@ -431,36 +431,7 @@ fn yaml_seeds() -> Vec<Vec<u8>> {
     .into_iter()
     .map(|p| p.yaml().into_bytes())
     .collect();
-    seeds.push(
-        br#"apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: precise-prefix-cache-scorer
-  name: prefix
-  parameters:
-    indexerConfig:
-      tokenProcessorConfig: {blockSize: 64}
-      kvBlockIndexConfig:
-        inMemoryConfig: {size: 1000, podCacheSize: 4}
-    kvEventsConfig: {zmqEndpoint: "tcp://*:5557", topicFilter: "kv@"}
-    tierWeights: {gpu: 1.0, cpu: 0.5, storage: 0.25}
-    maxBlocksPerPod: 5000
-- type: load-aware-scorer
-  parameters: {threshold: 64}
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: random-picker
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: prefix
-    weight: 2.5
-  - pluginRef: load-aware-scorer
-  - pluginRef: max-score-picker
-"#
-        .to_vec(),
-    );
+    seeds.push(include_bytes!("../../router/testdata/endpoint-picker.yaml").to_vec());
     seeds
 }
 

@@ -448,38 +448,7 @@ mod tests {
 
     #[test]
     fn llm_d_shaped_yaml() {
-        let yaml = r#"
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: precise-prefix-cache-scorer
-  name: prefix
-  parameters:
-    indexerConfig:
-      tokenProcessorConfig: {blockSize: 64}
-      kvBlockIndexConfig:
-        inMemoryConfig: {size: 1000, podCacheSize: 4}
-    kvEventsConfig:
-      zmqEndpoint: "tcp://*:5557"
-      topicFilter: "kv@"
-    tierWeights: {cpu: 0.5}
-    maxBlocksPerPod: 5000
-- type: load-aware-scorer
-  parameters: {threshold: 64}
-- type: queue-scorer
-- type: random-picker
-- type: max-score-picker
-schedulingProfiles:
-- name: other
-  plugins:
-  - pluginRef: random-picker
-- name: default
-  plugins:
-  - pluginRef: prefix
-    weight: 2.5
-  - pluginRef: load-aware-scorer
-  - pluginRef: max-score-picker
-"#;
+        let yaml = include_str!("../testdata/endpoint-picker.yaml");
         let cfg = EndpointPickerConfig::from_yaml(yaml).unwrap();
         let s = cfg.resolve(Some("default"), "m", 16).unwrap();
         assert_eq!(
