@@ -451,35 +451,44 @@ mod tests {
             .then(|| socket.recv_multipart(0).unwrap())
     }
 
-    #[test]
-    fn publishes_batches_and_replays_them() {
-        let config = KvEventsConfig::parse(
+    /// Events and replay on loopback ports chosen by the system.
+    fn loopback_config(topic: &str, buffer_steps: usize) -> KvEventsConfig {
+        KvEventsConfig::parse(
             &json!({"enable_kv_cache_events": true, "endpoint": "tcp://127.0.0.1:*",
-                    "replay_endpoint": "tcp://127.0.0.1:*", "topic": "kv@pod:8000@m",
-                    "buffer_steps": 3}),
+                    "replay_endpoint": "tcp://127.0.0.1:*", "topic": topic,
+                    "buffer_steps": buffer_steps}),
             None,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A SUB only gets messages published after its subscription arrived: publishes one-event
+    /// batches until one comes through, and returns it.
+    fn first_delivered(sink: &mut ZmqEventSink, sub: &zmq::Socket) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            sink.on_event(stored(0));
+            sink.end_step();
+            if let Some(frames) = recv(sub, 50) {
+                return frames;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no message reached the subscriber"
+            );
+        }
+    }
+
+    #[test]
+    fn publishes_batches_and_replays_them() {
+        let config = loopback_config("kv@pod:8000@m", 3);
         let metrics = metrics();
         let (mut sink, endpoints) = start(&config, metrics.clone()).unwrap();
         let ctx = zmq::Context::new();
         let sub = ctx.socket(zmq::SUB).unwrap();
         sub.set_subscribe(b"kv@").unwrap();
         sub.connect(&endpoints.events).unwrap();
-        // A SUB only gets messages published after its subscription arrived: publish until one
-        // comes through.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let first = loop {
-            sink.on_event(stored(0));
-            sink.end_step();
-            if let Some(frames) = recv(&sub, 50) {
-                break frames;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no message reached the subscriber"
-            );
-        };
+        let first = first_delivered(&mut sink, &sub);
         assert_eq!(first[0], b"kv@pod:8000@m");
         let mut seq = decode_seq(&first[1]).unwrap();
         // A step without events sends nothing; the next batches follow in order.
@@ -551,31 +560,13 @@ mod tests {
     /// slowly: every batch arrives, then the end marker, and live publishing goes on meanwhile.
     #[test]
     fn a_replay_larger_than_the_pipe_arrives_whole_without_stalling_live_events() {
-        let config = KvEventsConfig::parse(
-            &json!({"enable_kv_cache_events": true, "endpoint": "tcp://127.0.0.1:*",
-                    "replay_endpoint": "tcp://127.0.0.1:*", "topic": "kv@p@m",
-                    "buffer_steps": 5000}),
-            None,
-        )
-        .unwrap();
-        let (mut sink, endpoints) = start(&config, metrics()).unwrap();
+        let (mut sink, endpoints) = start(&loopback_config("kv@p@m", 5000), metrics()).unwrap();
         let ctx = zmq::Context::new();
         let sub = ctx.socket(zmq::SUB).unwrap();
         sub.set_rcvhwm(0).unwrap();
         sub.set_subscribe(b"").unwrap();
         sub.connect(&endpoints.events).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut last = loop {
-            sink.on_event(stored(0));
-            sink.end_step();
-            if let Some(frames) = recv(&sub, 50) {
-                break decode_seq(&frames[1]).unwrap();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no message reached the subscriber"
-            );
-        };
+        let mut last = decode_seq(&first_delivered(&mut sink, &sub)[1]).unwrap();
         let total_before = last + 2501;
         while last + 1 < total_before {
             sink.on_event(stored(1));
