@@ -5,11 +5,9 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
-use tokio::sync::Notify;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -24,8 +22,6 @@ use agent::server::{self, AppState, ServerConfig};
 /// Largest request body accepted. vLLM has no limit; this one is far above any prompt that
 /// fits a context, so long prompts still get vLLM's "too long" 400 rather than a 413.
 const MAX_REQUEST_BODY_BYTES: usize = 64 << 20;
-/// How long in-flight requests may run on after SIGTERM before the process exits anyway.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
     let cli = Cli::parse_args();
@@ -238,8 +234,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
     runtime.block_on(run_http(args, state))
 }
 
-/// Binds and serves until a shutdown signal (then waits for in-flight requests, at most
-/// [`SHUTDOWN_GRACE`]).
+/// Binds and serves until SIGTERM or SIGINT, then lets in-flight requests finish (at most
+/// `--shutdown-grace`).
 async fn run_http(args: &ServeArgs, state: AppState) -> Result<()> {
     let addr = format!("{}:{}", args.host, args.port);
     let listener = tokio::net::TcpListener::bind(&addr)
@@ -249,44 +245,12 @@ async fn run_http(args: &ServeArgs, state: AppState) -> Result<()> {
     let app = server::router(state);
     info!("Starting vLLM-compatible API server on http://{local}");
     info!("Uvicorn running on http://{local} (Press CTRL+C to quit)");
-
-    let signalled = Arc::new(Notify::new());
-    let notify = signalled.clone();
-    let server = httpserve::serve(listener, app, args.http.limits(), async move {
-        shutdown_signal().await;
-        info!("Shutting down");
-        notify.notify_one();
-    });
-    tokio::select! {
-        () = server => {}
-        () = async {
-            signalled.notified().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}; exiting"),
-    }
+    httpserve::serve(
+        listener,
+        app,
+        args.http.limits(),
+        httpserve::shutdown_signal(),
+    )
+    .await;
     Ok(())
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
 }

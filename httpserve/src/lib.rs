@@ -8,4 +8,4 @@ mod serve;
 
 pub use body::{body_timeout, BodyTimeout};
 pub use limits::{HttpLimitArgs, HttpLimits};
-pub use serve::serve;
+pub use serve::{serve, shutdown_signal};

@@ -12,6 +12,8 @@ pub struct HttpLimits {
     pub header_timeout: Duration,
     /// Longest wait for the next piece of a request body; then the request fails with 408.
     pub body_timeout: Duration,
+    /// After a shutdown signal, how long requests in flight (streams included) may run on.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for HttpLimits {
@@ -20,7 +22,8 @@ impl Default for HttpLimits {
     }
 }
 
-/// `--max-connections`, `--http-header-timeout`, `--http-body-timeout`. The defaults let a slow
+/// `--max-connections`, `--http-header-timeout`, `--http-body-timeout`, `--shutdown-grace`.
+/// The defaults let a slow
 /// but honest client through (a head in 10 s, a body that never pauses for 60 s) while a
 /// connection that sends nothing is closed in seconds.
 #[derive(Debug, Clone, PartialEq, clap::Args)]
@@ -35,6 +38,10 @@ pub struct HttpLimitArgs {
     /// Seconds a request body may pause before the request fails with 408.
     #[arg(long, default_value_t = 60.0, value_parser = positive_seconds)]
     pub http_body_timeout: f64,
+    /// Seconds requests in flight may run on after SIGTERM or SIGINT (Kubernetes waits 30 s,
+    /// its default terminationGracePeriodSeconds, before it kills).
+    #[arg(long, default_value_t = 30.0, value_parser = positive_seconds)]
+    pub shutdown_grace: f64,
 }
 
 impl Default for HttpLimitArgs {
@@ -43,6 +50,7 @@ impl Default for HttpLimitArgs {
             max_connections: 1024,
             http_header_timeout: 10.0,
             http_body_timeout: 60.0,
+            shutdown_grace: 30.0,
         }
     }
 }
@@ -53,6 +61,7 @@ impl HttpLimitArgs {
             max_connections: self.max_connections as usize,
             header_timeout: Duration::from_secs_f64(self.http_header_timeout),
             body_timeout: Duration::from_secs_f64(self.http_body_timeout),
+            shutdown_grace: Duration::from_secs_f64(self.shutdown_grace),
         }
     }
 }
@@ -86,6 +95,7 @@ mod tests {
                 max_connections: 1024,
                 header_timeout: Duration::from_secs(10),
                 body_timeout: Duration::from_secs(60),
+                shutdown_grace: Duration::from_secs(30),
             }
         );
         let cli = Cli::try_parse_from([
@@ -96,12 +106,15 @@ mod tests {
             "0.5",
             "--http-body-timeout",
             "2",
+            "--shutdown-grace",
+            "5",
         ])
         .unwrap();
         let l = cli.http.limits();
         assert_eq!(l.max_connections, 8);
         assert_eq!(l.header_timeout, Duration::from_millis(500));
         assert_eq!(l.body_timeout, Duration::from_secs(2));
+        assert_eq!(l.shutdown_grace, Duration::from_secs(5));
         for bad in [
             ["x", "--max-connections", "0"],
             ["x", "--http-header-timeout", "0"],

@@ -30,7 +30,7 @@ const LINGER_BYTES: usize = 128 << 20;
 
 /// Serves `app` on `listener` under `limits` until `shutdown` resolves; then stops accepting,
 /// lets open connections finish their requests (idle ones close at once) and returns when all
-/// are closed. Callers that must not wait forever bound that wait themselves.
+/// are closed or `limits.shutdown_grace` has passed (then it says how many were cut).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -102,7 +102,40 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     // Every connection holds a permit until it is closed.
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    let _ = permits.acquire_many(all).await;
+    let drained = tokio::time::timeout(limits.shutdown_grace, permits.acquire_many(all)).await;
+    if drained.is_err() {
+        let open = limits.max_connections - permits.available_permits();
+        tracing::warn!(
+            open,
+            "connections still open {:?} after the shutdown began; closing them",
+            limits.shutdown_grace
+        );
+    }
+}
+
+/// Resolves on SIGTERM (what Kubernetes sends) or SIGINT, saying which.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    let signal = tokio::select! {
+        () = interrupt => "SIGINT",
+        () = term => "SIGTERM",
+    };
+    tracing::info!("{signal}: shutting down (in-flight requests finish first)");
 }
 
 /// Serves one connection until it is done (a graceful stop disables keep-alive, so the request
@@ -216,6 +249,7 @@ mod tests {
             max_connections,
             header_timeout: Duration::from_millis(header_ms),
             body_timeout: Duration::from_millis(body_ms),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 

@@ -128,9 +128,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         picker = scheduling.profile.picker.plugin_type(),
         "router listening"
     );
-    httpserve::serve(listener, proxy::app(state), args.http.limits(), async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
+    httpserve::serve(
+        listener,
+        proxy::app(state),
+        args.http.limits(),
+        httpserve::shutdown_signal(),
+    )
     .await;
     Ok(())
 }

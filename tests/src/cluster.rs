@@ -64,6 +64,29 @@ impl Proc {
         self.child.id()
     }
 
+    /// Sends SIGTERM, as Kubernetes does to stop a pod.
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -TERM {}", self.pid());
+    }
+
+    /// The exit status once the process has exited, waiting at most `timeout`.
+    async fn exited_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn log(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -298,6 +321,16 @@ impl RouterProc {
 
     pub fn pid(&self) -> u32 {
         self._proc.pid()
+    }
+
+    /// Sends the router SIGTERM.
+    pub fn terminate(&self) {
+        self._proc.terminate();
+    }
+
+    /// The router's exit status once it has exited, waiting at most `timeout`.
+    pub async fn exited_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self._proc.exited_within(timeout).await
     }
 
     pub fn log(&self) -> String {
