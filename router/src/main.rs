@@ -2,6 +2,8 @@
 //! index and the scheduling profile, starts the pods' monitors and event subscribers (per pod,
 //! or one centralized SUB), pod discovery if asked, and serves HTTP.
 
+use std::io::IsTerminal;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,18 +18,29 @@ use router::pods::{self, IndexHooks, Origin, PodSet};
 use router::proxy::{self, RouterState};
 use router::scoring::Scheduler;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    // Colour only for a terminal: log collectors get plain text.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
     let args = Args::parse();
-    tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(run(args))
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(args)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The chain of causes, never a backtrace (RUST_BACKTRACE is for panics).
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -1,7 +1,7 @@
 """Fixtures that start the real agent binary on a free loopback port and stop it afterwards.
 
-AGENT_BIN and MODEL_PATH override the defaults (<repo>/target/release/agent and
-<repo>/models/SmolLM2-135M-Instruct.Q4_1.gguf).
+AGENT_BIN and MODEL_PATH override the defaults ($CARGO_TARGET_DIR/release/agent, with
+CARGO_TARGET_DIR defaulting to <repo>/target, and <repo>/models/SmolLM2-135M-Instruct.Q4_1.gguf).
 """
 
 import os
@@ -36,7 +36,9 @@ def free_port() -> int:
 
 
 def agent_binary() -> Path:
-    return _path("AGENT_BIN", ROOT / "target/release/agent", "run scripts/install.sh")
+    # Relative to the repository, where the scripts run cargo.
+    target = ROOT / os.environ.get("CARGO_TARGET_DIR", "target")
+    return _path("AGENT_BIN", target / "release/agent", "run scripts/install.sh")
 
 
 def model_file() -> Path:

@@ -13,15 +13,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::{agent_bin, file_from_env, model_path, workspace_root, Metrics, Reply, SERVED_MODEL};
+use crate::{agent_bin, file_from_env, model_path, Metrics, Reply, SERVED_MODEL};
 
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The router binary: `$ROUTER_BIN`, else `<workspace>/target/release/router`.
+/// The router binary: `$ROUTER_BIN`, else `release/router` under the target directory.
 pub fn router_bin() -> PathBuf {
     file_from_env(
         "ROUTER_BIN",
-        workspace_root().join("target/release/router"),
+        crate::target_dir().join("release/router"),
         "router binary",
         "build it with `cargo build --release -p router`",
     )

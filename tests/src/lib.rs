@@ -37,6 +37,13 @@ pub fn workspace_root() -> PathBuf {
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
+/// Where cargo puts its builds: `$CARGO_TARGET_DIR` (relative to the workspace, where the
+/// scripts run cargo), else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| "target".into(), PathBuf::from);
+    workspace_root().join(dir)
+}
+
 /// `$env` if set, else `default`; panics with `what` not found and `hint` if it is no file.
 pub fn file_from_env(env: &str, default: PathBuf, what: &str, hint: &str) -> PathBuf {
     let path = std::env::var_os(env).map(PathBuf::from).unwrap_or(default);
@@ -48,11 +55,11 @@ pub fn file_from_env(env: &str, default: PathBuf, what: &str, hint: &str) -> Pat
     path
 }
 
-/// The agent binary: `$AGENT_BIN`, else `<workspace>/target/release/agent`.
+/// The agent binary: `$AGENT_BIN`, else `release/agent` under [`target_dir`].
 pub fn agent_bin() -> PathBuf {
     file_from_env(
         "AGENT_BIN",
-        workspace_root().join("target/release/agent"),
+        target_dir().join("release/agent"),
         "agent binary",
         "build it with `cargo build --release -p agent` (or run scripts/install.sh)",
     )
