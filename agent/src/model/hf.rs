@@ -21,9 +21,6 @@ use super::{
 /// The `config.json` fields llama and qwen2 use.
 #[derive(Deserialize)]
 struct HfConfig {
-    #[serde(default)]
-    architectures: Vec<String>,
-    model_type: Option<String>,
     vocab_size: usize,
     hidden_size: usize,
     num_hidden_layers: usize,
@@ -55,11 +52,24 @@ fn default_max_position_embeddings() -> usize {
     2048
 }
 
+/// The fields that name the architecture, read before the rest: another architecture's
+/// config lacks our fields, and the error must name the architecture, not a missing field.
+#[derive(Deserialize)]
+struct ArchFields {
+    #[serde(default)]
+    architectures: Vec<String>,
+    model_type: Option<String>,
+}
+
 pub(super) fn load(dir: &Path) -> Result<LoadedModel, ModelError> {
     let config_path = dir.join("config.json");
-    let hf: HfConfig = serde_json::from_str(&read_required(&config_path)?)
-        .map_err(|e| malformed(&config_path, e.to_string()))?;
-    let config = model_config(&hf, &config_path)?;
+    let text = read_required(&config_path)?;
+    let names: ArchFields =
+        serde_json::from_str(&text).map_err(|e| malformed(&config_path, e.to_string()))?;
+    let arch = architecture(&names, &config_path)?;
+    let hf: HfConfig =
+        serde_json::from_str(&text).map_err(|e| malformed(&config_path, e.to_string()))?;
+    let config = model_config(&hf, arch, &config_path)?;
     let mut weights = Weights::load(dir)?;
     let model = load_weights(&mut weights, &config, &hf)?;
     let text = prompt::load_hf(dir)?;
@@ -72,8 +82,10 @@ pub(super) fn load(dir: &Path) -> Result<LoadedModel, ModelError> {
     })
 }
 
-fn model_config(hf: &HfConfig, path: &Path) -> Result<ModelConfig, ModelError> {
-    let arch = match (&hf.model_type, hf.architectures.first()) {
+/// The supported architecture `config.json` names (`model_type`, else the first of
+/// `architectures`).
+fn architecture(names: &ArchFields, path: &Path) -> Result<String, ModelError> {
+    let arch = match (&names.model_type, names.architectures.first()) {
         (Some(t), _) => t.clone(),
         (None, Some(a)) => match a.as_str() {
             "LlamaForCausalLM" => "llama".to_string(),
@@ -87,7 +99,10 @@ fn model_config(hf: &HfConfig, path: &Path) -> Result<ModelConfig, ModelError> {
             ))
         }
     };
-    let arch = check_architecture(&arch)?;
+    check_architecture(&arch)
+}
+
+fn model_config(hf: &HfConfig, arch: String, path: &Path) -> Result<ModelConfig, ModelError> {
     if let Some(scaling) = hf.rope_scaling.as_ref().filter(|v| !v.is_null()) {
         return Err(ModelError::Unsupported(format!("rope_scaling {scaling}")));
     }
@@ -471,6 +486,14 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "unsupported architecture \"mistral\" (supported: llama, qwen2)"
+        );
+        // An architecture whose config has none of our fields still names itself.
+        let mamba = json!({"architectures": ["MambaForCausalLM"], "d_model": 768});
+        std::fs::write(&config, mamba.to_string()).unwrap();
+        let err = load(&dir).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "unsupported architecture \"MambaForCausalLM\" (supported: llama, qwen2)"
         );
 
         let bad_heads = json!({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,

@@ -103,11 +103,12 @@ pub fn load(path: &Path) -> Result<LoadedModel, ModelError> {
 
 /// The lowercase architecture name if supported.
 fn check_architecture(arch: &str) -> Result<String, ModelError> {
-    let arch = arch.to_ascii_lowercase();
-    if SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
-        Ok(arch)
+    let lower = arch.to_ascii_lowercase();
+    if SUPPORTED_ARCHITECTURES.contains(&lower.as_str()) {
+        Ok(lower)
     } else {
-        Err(ModelError::UnsupportedArchitecture(arch))
+        // Named as the file spells it, so users can search for it.
+        Err(ModelError::UnsupportedArchitecture(arch.to_string()))
     }
 }
 
