@@ -52,7 +52,8 @@ pub enum CacheDtype {
 #[derive(Debug, Clone, Args)]
 #[command(group(ArgGroup::new("model_source").required(true).args(["model_tag", "model"])))]
 pub struct ServeArgs {
-    /// The model: a GGUF file or a Hugging Face model directory.
+    /// The model: a GGUF file, a Hugging Face model directory, or a Hugging Face id
+    /// (`org/name`) found in the local hub cache (HF_HUB_CACHE / HF_HOME; no download).
     #[arg(value_name = "MODEL")]
     pub model_tag: Option<PathBuf>,
 
@@ -60,8 +61,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MODEL")]
     pub model: Option<PathBuf>,
 
+    /// The revision of a Hugging Face id MODEL: a branch or tag of the cache's refs, or a
+    /// commit (default: main).
+    #[arg(long)]
+    pub revision: Option<String>,
+
     /// Names the model is served under (the first one is used in responses). Default: the
-    /// model file's stem or directory name.
+    /// Hugging Face id when MODEL is one, else the model file's stem or directory name.
     #[arg(long, num_args = 1.., value_name = "NAME")]
     pub served_model_name: Vec<String>,
 

@@ -86,7 +86,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
     if args.block_size == 0 {
         bail!("--block-size must be at least 1");
     }
-    let model_path = args.model_path();
+    let (model_path, hub_id) =
+        prompt::hub_cache::resolve(&args.model_path(), args.revision.as_deref())?;
     info!("loading model {}", model_path.display());
     let loaded = model::load(&model_path)
         .with_context(|| format!("failed to load model {}", model_path.display()))?;
@@ -128,7 +129,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
     }
 
     let served_model_names = if args.served_model_name.is_empty() {
-        vec![loaded.name.clone()]
+        vec![hub_id.unwrap_or_else(|| loaded.name.clone())]
     } else {
         args.served_model_name.clone()
     };

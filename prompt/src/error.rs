@@ -6,6 +6,24 @@ use std::path::PathBuf;
 pub enum LoadError {
     #[error("model path {0} does not exist")]
     NotFound(PathBuf),
+    #[error(
+        "model {id} is not in the Hugging Face cache at {} ({why}); this server does not \
+         download: fetch it where the hub is reachable (`huggingface-cli download {id}` with \
+         HF_HUB_CACHE or HF_HOME pointing at this cache) or give the model's directory or \
+         .gguf file",
+        cache.display()
+    )]
+    NotCached {
+        id: String,
+        cache: PathBuf,
+        why: String,
+    },
+    #[error(
+        "{} holds several GGUF files ({}): give one of them as MODEL",
+        dir.display(),
+        files.join(", ")
+    )]
+    AmbiguousGguf { dir: PathBuf, files: Vec<String> },
     #[error("missing file {0}")]
     MissingFile(PathBuf),
     #[error("cannot read {path}: {source}")]

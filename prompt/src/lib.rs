@@ -1,6 +1,7 @@
 //! The text side of a model, without its weights: the tokenizer and chat template of a GGUF file
 //! (from its metadata, [`gguf`]) or a Hugging Face directory ([`hf`]), the chat rendering
-//! ([`chat`]) and request → prompt token ids ([`request`]). Shared by the agent, which serves the
+//! ([`chat`]) and request → prompt token ids ([`request`]); [`hub_cache`] finds a model named
+//! by its Hugging Face id. Shared by the agent, which serves the
 //! model, and the router, which must compute the same prompt tokens to key its prefix index.
 //!
 //! Nothing here reads tensors or runs a model; the agent's model loader sits above this crate.
@@ -10,6 +11,7 @@ pub mod chat_template;
 mod error;
 pub mod gguf;
 pub mod hf;
+pub mod hub_cache;
 pub mod request;
 pub mod tokenizer;
 

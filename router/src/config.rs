@@ -24,12 +24,15 @@ pub struct Args {
     pub port: u16,
     #[command(flatten)]
     pub http: httpserve::HttpLimitArgs,
-    /// The model the pods serve, for its tokenizer and chat template: a GGUF file or a Hugging
-    /// Face directory (the agent's MODEL argument).
+    /// The model the pods serve, for its tokenizer and chat template: a GGUF file, a Hugging
+    /// Face directory, or a Hugging Face id in the local hub cache (the agent's MODEL).
     #[arg(long)]
     pub model: PathBuf,
-    /// The model name clients send; seeds the prefix index's block keys (default: the GGUF
-    /// file stem or directory name, as the agent).
+    /// The revision of a Hugging Face id `--model` (default: main).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// The model name clients send; seeds the prefix index's block keys (default, as the
+    /// agent's: the Hugging Face id, else the GGUF file stem or directory name).
     #[arg(long)]
     pub served_model_name: Option<String>,
     /// A pod: `[NAME=]http://HOST:PORT[,events=tcp://HOST:5557][,replay=tcp://HOST:5558]`.

@@ -48,11 +48,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         !args.pods.is_empty() || args.pod_discovery.is_some(),
         "no pods: give --pod (repeatable) or --pod-discovery dns:SERVICE:PORT"
     );
-    let tokenizer = prompt::load(&args.model)
-        .with_context(|| format!("loading the tokenizer of {}", args.model.display()))?;
+    let (model_path, hub_id) = prompt::hub_cache::resolve(&args.model, args.revision.as_deref())?;
+    let tokenizer = prompt::load(&model_path)
+        .with_context(|| format!("loading the tokenizer of {}", model_path.display()))?;
     let model = args
         .served_model_name
         .clone()
+        .or(hub_id)
         .unwrap_or_else(|| tokenizer.name.clone());
     let max_model_len = args
         .max_model_len
@@ -60,7 +62,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| {
             format!(
                 "{} does not say its context length: give --max-model-len",
-                args.model.display()
+                model_path.display()
             )
         })?;
     let scheduling = config::scheduling(&args, &model)?;

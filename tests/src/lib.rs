@@ -127,14 +127,39 @@ pub struct Agent {
     client: reqwest::Client,
 }
 
+/// What an agent is started on: its MODEL argument, `--served-model-name` (None: the agent's
+/// default) and extra environment.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub model: std::ffi::OsString,
+    pub served_model_name: Option<String>,
+    pub env: Vec<(String, std::ffi::OsString)>,
+}
+
+impl Default for Launch {
+    /// The default model, served as `SmolLM2-135M-Instruct`.
+    fn default() -> Self {
+        Self {
+            model: model_path().into(),
+            served_model_name: Some(SERVED_MODEL.to_string()),
+            env: Vec::new(),
+        }
+    }
+}
+
 impl Agent {
     /// Starts `agent serve <model> --served-model-name SmolLM2-135M-Instruct --host 127.0.0.1
     /// --port <free> <extra…>` and waits until `/health` answers 200. Panics with the agent's
     /// output when it exits or does not become healthy within 60 s.
     pub async fn start(extra: &[&str]) -> Agent {
+        Self::launch(&Launch::default(), extra).await
+    }
+
+    /// [`Agent::start`] on another model argument, name or environment.
+    pub async fn launch(launch: &Launch, extra: &[&str]) -> Agent {
         let mut last_failure = String::new();
         for _ in 0..5 {
-            match Self::try_start(extra).await {
+            match Self::try_start(launch, extra).await {
                 Ok(agent) => return agent,
                 // Another process took the port between our probe and the agent's bind.
                 Err(log) if log.contains("in use") => last_failure = log,
@@ -144,12 +169,16 @@ impl Agent {
         panic!("agent could not bind a free port in 5 tries; last output:\n{last_failure}")
     }
 
-    async fn try_start(extra: &[&str]) -> Result<Agent, String> {
+    async fn try_start(launch: &Launch, extra: &[&str]) -> Result<Agent, String> {
         let port = free_port();
-        let mut child = Command::new(agent_bin())
-            .arg("serve")
-            .arg(model_path())
-            .args(["--served-model-name", SERVED_MODEL, "--host", "127.0.0.1"])
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("serve").arg(&launch.model);
+        if let Some(name) = &launch.served_model_name {
+            cmd.args(["--served-model-name", name]);
+        }
+        let mut child = cmd
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
+            .args(["--host", "127.0.0.1"])
             .args(["--port", &port.to_string()])
             .args(extra)
             .stdin(Stdio::null())
