@@ -53,28 +53,17 @@ fn init_tracing(uvicorn_level: &str) {
         .init();
 }
 
-/// Warns about flags this server accepts but does not act on (yet).
-fn warn_unimplemented(args: &ServeArgs) -> Result<()> {
-    if args.tensor_parallel_size != 1 {
-        bail!(
-            "--tensor-parallel-size {} is not supported: this server runs one CPU worker (use 1)",
-            args.tensor_parallel_size
-        );
-    }
-    if args.kv_transfer_config.is_some() {
-        warn!("--kv-transfer-config: KV transfer (P/D disaggregation) is not implemented yet; ignored");
-    }
-    if args.kv_offloading_size.is_some() || args.kv_offloading_backend.is_some() {
-        warn!("--kv-offloading-size/--kv-offloading-backend: KV offloading is not implemented yet; ignored");
-    }
-    if args.no_enable_chunked_prefill {
-        warn!("--no-enable-chunked-prefill: chunked prefill is always on in this server");
+/// One line per flag given that means nothing here; an error for one that cannot be
+/// honoured without changing results.
+fn note_compat_flags(args: &ServeArgs) -> Result<()> {
+    for note in agent::cli::compatibility_notes(args).map_err(anyhow::Error::msg)? {
+        info!("{note}");
     }
     Ok(())
 }
 
 fn serve(args: &ServeArgs) -> Result<()> {
-    warn_unimplemented(args)?;
+    note_compat_flags(args)?;
     let kv_events_config = args
         .kv_events_config
         .as_ref()

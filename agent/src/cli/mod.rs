@@ -2,6 +2,8 @@
 //! and defaults (reference §3). Flags for features this server does not have are accepted so
 //! deployments written for vLLM start, and say in their help what they do here.
 
+mod compat;
+
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
@@ -171,13 +173,16 @@ pub struct ServeArgs {
     #[arg(long, value_parser = ["native", "lmcache"])]
     pub kv_offloading_backend: Option<String>,
 
-    /// Only 1 is supported (one CPU worker); `-tp` is accepted as well.
+    /// Accepted; one worker per process (the model must fit it). `-tp` is accepted as well.
     #[arg(long, default_value_t = 1)]
     pub tensor_parallel_size: usize,
 
     /// Accepted for compatibility; sampling randomness is per request (the `seed` field).
     #[arg(long)]
     pub seed: Option<u64>,
+
+    #[command(flatten)]
+    pub compat: compat::CompatArgs,
 
     /// Most logprobs a request may ask for (vLLM's --max-logprobs).
     #[arg(long, default_value_t = 20)]
@@ -199,16 +204,48 @@ impl Cli {
     }
 }
 
-/// Rewrites `-tp` (a multi-letter short flag clap cannot declare) to `--tensor-parallel-size`.
+/// vLLM's spellings clap cannot declare: `--max_model_len` for `--max-model-len` (vLLM's
+/// parser reads `_` in a flag name as `-`), and the multi-letter short flags `-tp`, `-pp`,
+/// `-dp`, `-O` (`-O3`, `-O.level=3`). Values are left alone.
 pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    const SHORT: [(&str, &str); 3] = [
+        ("-tp", "--tensor-parallel-size"),
+        ("-pp", "--pipeline-parallel-size"),
+        ("-dp", "--data-parallel-size"),
+    ];
     args.into_iter()
-        .map(|a| match a.strip_prefix("-tp") {
-            Some("") => "--tensor-parallel-size".to_string(),
-            Some(rest) if rest.starts_with('=') => format!("--tensor-parallel-size{rest}"),
-            _ => a,
+        .map(|a| {
+            for (short, long) in SHORT {
+                match a.strip_prefix(short) {
+                    Some("") => return long.to_string(),
+                    Some(rest) if rest.starts_with('=') => return format!("{long}{rest}"),
+                    _ => {}
+                }
+            }
+            if let Some(level) = a.strip_prefix("-O").filter(|r| !r.is_empty()) {
+                return format!("--compilation-config={}", level.trim_start_matches('='));
+            }
+            if a == "-O" {
+                return "--compilation-config".to_string();
+            }
+            match a.strip_prefix("--") {
+                Some(flag) if flag.contains('_') => {
+                    let (name, value) = flag
+                        .split_once('=')
+                        .map_or((flag, None), |(n, v)| (n, Some(v)));
+                    let name = name.replace('_', "-");
+                    match value {
+                        Some(v) => format!("--{name}={v}"),
+                        None => format!("--{name}"),
+                    }
+                }
+                _ => a,
+            }
         })
         .collect()
 }
+
+pub use compat::notes as compatibility_notes;
 
 impl ServeArgs {
     /// The model path, from the positional MODEL or `--model`.
@@ -342,6 +379,127 @@ mod tests {
         Cli::try_parse_from(normalize_args(full)).map(|cli| match cli.command {
             Command::Serve(args) => *args,
         })
+    }
+
+    #[test]
+    fn vllm_spellings_are_normalized() {
+        let n = |args: &[&str]| normalize_args(args.iter().map(|s| s.to_string()));
+        assert_eq!(
+            n(&[
+                "--max_model_len=8192",
+                "--gpu_memory_utilization",
+                "0.9",
+                "--kv-events-config",
+                "{\"a_b\": 1}"
+            ]),
+            [
+                "--max-model-len=8192",
+                "--gpu-memory-utilization",
+                "0.9",
+                "--kv-events-config",
+                "{\"a_b\": 1}"
+            ]
+        );
+        assert_eq!(
+            n(&["-tp", "2", "-pp=1", "-dp", "1"]),
+            [
+                "--tensor-parallel-size",
+                "2",
+                "--pipeline-parallel-size=1",
+                "--data-parallel-size",
+                "1"
+            ]
+        );
+        assert_eq!(
+            n(&["-O3", "-O", "2", "-O.level=3"]),
+            [
+                "--compilation-config=3",
+                "--compilation-config",
+                "2",
+                "--compilation-config=.level=3"
+            ]
+        );
+        // Values keep their underscores.
+        assert_eq!(
+            n(&["--served-model-name", "my_model"]),
+            ["--served-model-name", "my_model"]
+        );
+    }
+
+    #[test]
+    fn llm_d_pod_spec_flags_are_accepted_with_notes() {
+        let a = parse(&[
+            "Qwen/Qwen3-32B",
+            "--disable-access-log-for-endpoints=/health,/metrics,/v1/models",
+            "--disable-uvicorn-access-log",
+            "--disable-hybrid-kv-cache-manager",
+            "--max_model_len=8192",
+            "--tensor-parallel-size=2",
+            "--block-size=64",
+            "--enforce-eager",
+            "--trust-remote-code",
+            "--otlp-traces-endpoint=http://otel-collector:4317",
+            "--collect-detailed-traces=all",
+            "--gpu-memory-utilization=0.95",
+            "-O3",
+            "--load-format",
+            "auto",
+        ])
+        .unwrap();
+        assert_eq!(a.max_model_len(), Some(8192));
+        let notes = compatibility_notes(&a).unwrap();
+        for flag in [
+            "--enforce-eager",
+            "--trust-remote-code",
+            "--disable-uvicorn-access-log",
+            "--disable-hybrid-kv-cache-manager",
+            "--otlp-traces-endpoint",
+            "--tensor-parallel-size 2",
+            "--compilation-config",
+        ] {
+            assert!(
+                notes.iter().any(|n| n.contains(flag)),
+                "no note for {flag}: {notes:?}"
+            );
+        }
+        assert!(notes.iter().all(|n| n.ends_with("; ignored")), "{notes:?}");
+        assert!(compatibility_notes(&parse(&["/m.gguf"]).unwrap())
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn flags_that_would_change_results_are_errors() {
+        for (args, says) in [
+            (
+                &[
+                    "/m.gguf",
+                    "--enable-auto-tool-choice",
+                    "--tool-call-parser",
+                    "hermes",
+                ][..],
+                "tool-call parsing",
+            ),
+            (
+                &["/m.gguf", "--reasoning-parser", "qwen3"][..],
+                "reasoning parsing",
+            ),
+            (
+                &["/m.gguf", "--quantization", "awq"][..],
+                "--quantization awq",
+            ),
+            (
+                &["/m.gguf", "--load-format", "bitsandbytes"][..],
+                "--load-format bitsandbytes",
+            ),
+            (&["/m.gguf", "-tp", "0"][..], "at least 1"),
+        ] {
+            let err = compatibility_notes(&parse(args).unwrap()).unwrap_err();
+            assert!(err.contains(says), "{args:?}: {err}");
+        }
+        assert!(
+            compatibility_notes(&parse(&["/m.gguf", "--quantization", "gguf"]).unwrap()).is_ok()
+        );
     }
 
     #[test]
