@@ -214,6 +214,8 @@ pub struct Scheduling {
     /// `kvEventsConfig` of the prefix scorer: a centralized SUB endpoint and topic filter.
     pub events_bind: Option<String>,
     pub topic_filter: Option<String>,
+    /// Which setting asked for centralized mode, for the log and for a bind error.
+    pub events_bind_from: Option<String>,
 }
 
 impl EndpointPickerConfig {
@@ -298,6 +300,9 @@ impl EndpointPickerConfig {
             events_bind = events["zmqEndpoint"].as_str().map(str::to_string);
             topic_filter = events["topicFilter"].as_str().map(str::to_string);
         }
+        let events_bind_from = events_bind
+            .as_ref()
+            .map(|_| "kvEventsConfig.zmqEndpoint of the precise-prefix-cache-scorer".to_string());
         Ok(Scheduling {
             profile: Profile {
                 name: spec.name.clone(),
@@ -308,6 +313,7 @@ impl EndpointPickerConfig {
             index,
             events_bind,
             topic_filter,
+            events_bind_from,
         })
     }
 }
@@ -393,8 +399,14 @@ pub fn scheduling(args: &Args, model: &str) -> Result<Scheduling, ConfigError> {
         None => EndpointPickerConfig::from_yaml(&args.policy.yaml())?,
     };
     let mut s = cfg.resolve(args.profile.as_deref(), model, args.block_size)?;
+    if let Some(path) = &args.config {
+        s.events_bind_from = s
+            .events_bind_from
+            .map(|from| format!("{from} in {}", path.display()));
+    }
     if args.events_bind.is_some() {
         s.events_bind = args.events_bind.clone();
+        s.events_bind_from = Some("--events-bind".into());
     }
     Ok(s)
 }
@@ -476,6 +488,10 @@ mod tests {
         assert_eq!(s.index.tier_weights.cpu, 0.5);
         assert_eq!(s.index.tier_weights.gpu, 1.0);
         assert_eq!(s.events_bind.as_deref(), Some("tcp://*:5557"));
+        assert!(s
+            .events_bind_from
+            .as_deref()
+            .is_some_and(|f| f.contains("kvEventsConfig.zmqEndpoint")));
         assert_eq!(s.topic_filter.as_deref(), Some("kv@"));
         let first = cfg.resolve(None, "m", 16).unwrap();
         assert_eq!(first.profile.name, "other");

@@ -89,10 +89,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     ));
     if let Some(endpoint) = &scheduling.events_bind {
-        let bound = ingest
-            .bind(endpoint)
-            .with_context(|| format!("binding the central KV events socket {endpoint}"))?;
-        tracing::info!(endpoint = bound, "centralized KV events subscriber bound");
+        let from = scheduling
+            .events_bind_from
+            .as_deref()
+            .unwrap_or("the config");
+        let bound = ingest.bind(endpoint).with_context(|| {
+            format!(
+                "centralized KV events mode ({from}) binds {endpoint} for the pods' publishers \
+                 to connect to, and it could not: another process holds the port (a second \
+                 router, or a pod whose --kv-events-config endpoint binds it). Free the port, \
+                 move it, or drop {from} to subscribe to each pod's own publisher instead"
+            )
+        })?;
+        tracing::info!(
+            endpoint = bound,
+            from,
+            "centralized KV events mode: pods publish to this router's SUB"
+        );
     }
     let hooks = IndexHooks {
         ingest: ingest.clone(),

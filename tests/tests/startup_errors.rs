@@ -48,3 +48,45 @@ fn startup_errors_are_plain_lines_without_backtraces() {
         ]),
     );
 }
+
+/// Issue 21: when the YAML's `kvEventsConfig.zmqEndpoint` puts the router in centralized mode
+/// and its port is taken, the error says which setting wanted the port and why.
+#[test]
+fn a_taken_central_events_port_names_the_setting() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("e2e-central-port-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("epp.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "kind: EndpointPickerConfig\nplugins:\n- type: precise-prefix-cache-scorer\n  \
+             parameters:\n    kvEventsConfig: {{zmqEndpoint: \"tcp://127.0.0.1:{port}\"}}\n\
+             - type: max-score-picker\nschedulingProfiles:\n- name: default\n  plugins:\n  \
+             - pluginRef: precise-prefix-cache-scorer\n  - pluginRef: max-score-picker\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(router_bin())
+        .arg("--model")
+        .arg(e2e::model_path())
+        .args(["--pod", "http://127.0.0.1:9", "--port", "0"])
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    for part in [
+        "centralized KV events mode",
+        "kvEventsConfig.zmqEndpoint",
+        &*config.to_string_lossy(),
+        &format!("tcp://127.0.0.1:{port}"),
+        "another process holds the port",
+    ] {
+        assert!(text.contains(part), "missing {part:?} in:\n{text}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
