@@ -253,6 +253,7 @@ fn engine_round(
                 prompt_token_ids: p.clone(),
                 params,
                 cache_salt: None,
+                parent: None,
             })?);
         }
         for mut s in streams {

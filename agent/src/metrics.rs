@@ -19,6 +19,8 @@ const REQUEST_LATENCY_BUCKETS: &[f64] = &[
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
     480.0, 960.0, 1920.0, 7680.0,
 ];
+/// vLLM's buckets of `vllm:request_params_n`.
+const N_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0];
 const ITERATION_TOKEN_BUCKETS: &[f64] = &[
     1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
 ];
@@ -61,8 +63,16 @@ pub struct Metrics {
     pub request_queue_time: Histogram,
     pub request_prefill_time: Histogram,
     pub request_decode_time: Histogram,
+    pub request_inference_time: Histogram,
     pub request_prompt_tokens: Histogram,
     pub request_generation_tokens: Histogram,
+    /// Per parent request (its `n` choices together): `n`, and its longest choice's tokens.
+    pub request_params_n: Histogram,
+    pub request_max_num_generation_tokens: Histogram,
+    pub request_params_max_tokens: Histogram,
+    /// vLLM's older name of the inter-token latency, still scraped by dashboards: the same
+    /// observations.
+    pub time_per_output_token: Histogram,
     pub iteration_tokens: Histogram,
     /// KV-event batches handed to the publisher thread / dropped because its queue was full
     /// (ours; vLLM has no such metric).
@@ -87,6 +97,11 @@ impl Metrics {
         cache: &CacheConfigInfo,
     ) -> prometheus::Result<Self> {
         let registry = Registry::new();
+        // process_* (memory, CPU seconds, open fds, start time), as prometheus_client gives
+        // vLLM.
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let labels = |opts: Opts| {
             opts.const_label("model_name", model_name)
                 .const_label("engine", "0")
@@ -217,6 +232,31 @@ impl Metrics {
                 "vllm:request_decode_time_seconds",
                 "Histogram of time spent in DECODE phase for request.",
                 REQUEST_LATENCY_BUCKETS.to_vec(),
+            )?,
+            request_inference_time: histogram(
+                "vllm:request_inference_time_seconds",
+                "Histogram of time spent in RUNNING phase for request.",
+                REQUEST_LATENCY_BUCKETS.to_vec(),
+            )?,
+            time_per_output_token: histogram(
+                "vllm:time_per_output_token_seconds",
+                "Histogram of time per output token in seconds.",
+                ITL_BUCKETS.to_vec(),
+            )?,
+            request_params_n: histogram(
+                "vllm:request_params_n",
+                "Histogram of the n request parameter.",
+                N_BUCKETS.to_vec(),
+            )?,
+            request_max_num_generation_tokens: histogram(
+                "vllm:request_max_num_generation_tokens",
+                "Histogram of maximum number of requested generation tokens.",
+                token_buckets.clone(),
+            )?,
+            request_params_max_tokens: histogram(
+                "vllm:request_params_max_tokens",
+                "Histogram of the max_tokens request parameter.",
+                token_buckets.clone(),
             )?,
             request_prompt_tokens: histogram(
                 "vllm:request_prompt_tokens",

@@ -49,6 +49,10 @@ pub struct RouterMetrics {
 impl RouterMetrics {
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
+        // process_* (memory, CPU seconds, open fds, start time), as the agent and vLLM give.
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
             registered(&registry, GaugeVec::new(Opts::new(name, help), labels)?)
         };

@@ -201,12 +201,24 @@ impl EngineCore {
         m.record_finished(reason.as_str());
         m.e2e_request_latency
             .observe(now.duration_since(t.arrival).as_secs_f64());
+        let generated = req.num_output_tokens();
         m.request_prompt_tokens.observe(req.prompt_len as f64);
-        m.request_generation_tokens
-            .observe(req.num_output_tokens() as f64);
+        m.request_generation_tokens.observe(generated as f64);
+        m.request_params_max_tokens
+            .observe(req.params.max_tokens as f64);
+        let parent = match &req.parent {
+            None => Some((1, generated)),
+            Some(p) => p.child_finished(generated),
+        };
+        if let Some((n, longest)) = parent {
+            m.request_params_n.observe(n as f64);
+            m.request_max_num_generation_tokens.observe(longest as f64);
+        }
         if let Some(first) = t.first_scheduled {
             m.request_queue_time
                 .observe(first.duration_since(t.arrival).as_secs_f64());
+            m.request_inference_time
+                .observe(now.duration_since(first).as_secs_f64());
             if let Some(tok) = t.first_token {
                 m.request_prefill_time
                     .observe(tok.duration_since(first).as_secs_f64());
@@ -367,10 +379,11 @@ impl EngineCore {
                         .time_to_first_token
                         .observe(now.duration_since(t.arrival).as_secs_f64())
                 }
-                Some(last) => self
-                    .metrics
-                    .inter_token_latency
-                    .observe(now.duration_since(last).as_secs_f64()),
+                Some(last) => {
+                    let gap = now.duration_since(last).as_secs_f64();
+                    self.metrics.inter_token_latency.observe(gap);
+                    self.metrics.time_per_output_token.observe(gap);
+                }
             }
             t.first_token.get_or_insert(now);
             t.last_token = Some(now);

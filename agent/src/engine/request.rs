@@ -1,6 +1,7 @@
 //! One request's state inside the engine: its tokens, progress through prefill/decode, sampler,
 //! detokenizer and stop checks, and the timestamps the metrics need.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -10,7 +11,8 @@ use super::outbox::Outbox;
 use super::sampling::{Sampled, SequenceSampler};
 use super::stop_checker::StopChecker;
 use super::types::{
-    Finish, FinishReason, GenerateOutput, GenerateRequest, SamplingParams, StopReason,
+    Finish, FinishReason, GenerateOutput, GenerateRequest, ParentRequest, SamplingParams,
+    StopReason,
 };
 
 /// Timestamps of a request's life, for the latency histograms.
@@ -33,6 +35,7 @@ pub(crate) struct Request {
     pub num_cached_tokens: Option<usize>,
     pub params: SamplingParams,
     pub cache_salt: Option<String>,
+    pub parent: Option<Arc<ParentRequest>>,
     pub num_preemptions: usize,
     pub timings: Timings,
     sampler: SequenceSampler,
@@ -59,6 +62,7 @@ impl Request {
             num_cached_tokens: None,
             params: req.params,
             cache_salt: req.cache_salt,
+            parent: req.parent,
             num_preemptions: 0,
             timings: Timings {
                 arrival: Instant::now(),

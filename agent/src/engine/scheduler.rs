@@ -203,6 +203,7 @@ mod tests {
             prompt_token_ids: prompt,
             params,
             cache_salt: None,
+            parent: None,
         };
         reqs.insert(id.to_string(), Request::new(req, tx));
         sched.add(id.to_string());

@@ -2,6 +2,8 @@
 //! Nothing here knows about HTTP or the OpenAI JSON shapes.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// How to pick tokens for one sequence (one choice). Values are already validated by the caller.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +71,36 @@ pub struct GenerateRequest {
     pub params: SamplingParams,
     /// Mixed into the first block's hash so tenants do not share cached prefixes.
     pub cache_salt: Option<String>,
+    /// The `n > 1` choices of one prompt share one; None for a lone sequence.
+    pub parent: Option<Arc<ParentRequest>>,
+}
+
+/// The `n` sequences of one prompt, for the metrics vLLM keeps per parent request
+/// (`vllm:request_params_n`, `vllm:request_max_num_generation_tokens`), which can only be
+/// observed once the last of them finished.
+#[derive(Debug)]
+pub struct ParentRequest {
+    n: usize,
+    unfinished: AtomicUsize,
+    longest: AtomicUsize,
+}
+
+impl ParentRequest {
+    pub fn new(n: usize) -> Arc<Self> {
+        Arc::new(Self {
+            n,
+            unfinished: AtomicUsize::new(n),
+            longest: AtomicUsize::new(0),
+        })
+    }
+
+    /// Records a finished child with `generation_tokens`; `(n, longest child)` once it was the
+    /// last.
+    pub fn child_finished(&self, generation_tokens: usize) -> Option<(usize, usize)> {
+        self.longest.fetch_max(generation_tokens, Ordering::AcqRel);
+        (self.unfinished.fetch_sub(1, Ordering::AcqRel) == 1)
+            .then(|| (self.n, self.longest.load(Ordering::Acquire)))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,8 +10,8 @@ use futures::stream::{self, BoxStream, StreamExt};
 use protocol::ApiError;
 
 use crate::engine::{
-    EngineHandle, Finish, FinishReason, GenerateOutput, GenerateRequest, RequestStream,
-    SamplingParams, TokenLogprob,
+    EngineHandle, Finish, FinishReason, GenerateOutput, GenerateRequest, ParentRequest,
+    RequestStream, SamplingParams, TokenLogprob,
 };
 
 use super::validation::child_params;
@@ -44,6 +44,7 @@ pub fn submit(
 ) -> Result<BoxStream<'static, ChoiceEvent>, ApiError> {
     let mut streams = Vec::with_capacity(prompts.len() * n);
     for (p, (prompt, prompt_id)) in prompts.iter().zip(prompt_ids).enumerate() {
+        let parent = (n > 1).then(|| ParentRequest::new(n));
         for i in 0..n {
             let id = if n == 1 {
                 prompt_id.clone()
@@ -55,6 +56,7 @@ pub fn submit(
                 prompt_token_ids: prompt.token_ids.clone(),
                 params: child_params(&prompt.params, i),
                 cache_salt: cache_salt.map(str::to_string),
+                parent: parent.clone(),
             };
             // An error drops the streams made so far, which aborts them.
             streams.push(choice_events(p * n + i, engine.generate(request)?));
