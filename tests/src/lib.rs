@@ -421,6 +421,31 @@ in 2024 a phone carries more memory than every computer of that decade combined.
 models are the newest layer: they predict the next token of text from the tokens before it, \
 and serving them efficiently is again a question of memory, batching and scheduling.";
 
+/// Runs `cmd`, which must fail, and returns its stdout and stderr together; panics when it
+/// succeeds or when the output lacks one of `parts`.
+pub fn failed_start(cmd: &mut std::process::Command, parts: &[&str]) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{cmd:?} succeeded:\n{text}");
+    for part in parts {
+        assert!(text.contains(part), "missing {part:?} in:\n{text}");
+    }
+    text
+}
+
+/// The body of GET `url` as text.
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    resp.text()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
 /// The peak resident memory of process `pid` so far (`VmHWM`), in MiB.
 pub fn peak_rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))

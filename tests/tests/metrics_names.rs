@@ -3,7 +3,7 @@
 //! request, …), and the `process_*` family is on both binaries.
 
 use e2e::cluster::{pod_flags, Pod, RouterProc};
-use e2e::{Agent, SERVED_MODEL};
+use e2e::{get_text, Agent, SERVED_MODEL};
 use serde_json::json;
 
 const PROCESS: [&str; 4] = [
@@ -22,15 +22,7 @@ async fn vllm_and_process_metrics_are_exported() {
             &json!({"model": SERVED_MODEL, "prompt": "Hello", "max_tokens": 3, "n": 2}),
         )
         .await;
-    let page = agent
-        .client()
-        .get(agent.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get_text(agent.client(), &agent.url("/metrics")).await;
     for name in [
         "vllm:request_params_n_count",
         "vllm:request_params_max_tokens_count",
@@ -63,15 +55,7 @@ async fn vllm_and_process_metrics_are_exported() {
 
     let pod = Pod::start(&[]).await;
     let router = RouterProc::start(&pod_flags([pod.spec("a", None)])).await;
-    let page = router
-        .client()
-        .get(router.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get_text(router.client(), &router.url("/metrics")).await;
     for name in PROCESS {
         assert!(page.contains(name), "no {name} on the router:\n{page}");
     }

@@ -3,7 +3,7 @@
 //! noting at start-up each flag that means nothing here; a flag that would change results
 //! without support stops it with a clear error.
 
-use e2e::{agent_bin, model_path, Agent, SERVED_MODEL};
+use e2e::{agent_bin, failed_start, model_path, Agent, SERVED_MODEL};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,17 +49,11 @@ async fn llm_d_container_args_start_an_agent() {
 
 #[test]
 fn a_flag_that_would_change_results_stops_the_agent() {
-    let out = std::process::Command::new(agent_bin())
-        .arg("serve")
-        .arg(model_path())
-        .args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
-    assert!(
-        text.contains("tool-call parsing is not implemented"),
-        "{text}"
+    failed_start(
+        std::process::Command::new(agent_bin())
+            .arg("serve")
+            .arg(model_path())
+            .args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]),
+        &["tool-call parsing is not implemented"],
     );
 }

@@ -4,24 +4,11 @@
 
 use std::process::Command;
 
-use e2e::agent_bin;
 use e2e::cluster::router_bin;
+use e2e::{agent_bin, failed_start};
 
 fn check(what: &str, cmd: &mut Command) {
-    let out = cmd
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "{what} started without its model:\n{text}"
-    );
-    assert!(
-        text.contains("no-such-model.gguf"),
-        "{what} does not name the file:\n{text}"
-    );
+    let text = failed_start(cmd.env("RUST_BACKTRACE", "1"), &["no-such-model.gguf"]);
     assert!(
         !text.contains('\u{1b}'),
         "{what} writes colour codes to a pipe:\n{text}"
@@ -68,25 +55,20 @@ fn a_taken_central_events_port_names_the_setting() {
         ),
     )
     .unwrap();
-    let out = Command::new(router_bin())
-        .arg("--model")
-        .arg(e2e::model_path())
-        .args(["--pod", "http://127.0.0.1:9", "--port", "0"])
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
-    for part in [
-        "centralized KV events mode",
-        "kvEventsConfig.zmqEndpoint",
-        &*config.to_string_lossy(),
-        &format!("tcp://127.0.0.1:{port}"),
-        "another process holds the port",
-    ] {
-        assert!(text.contains(part), "missing {part:?} in:\n{text}");
-    }
+    failed_start(
+        Command::new(router_bin())
+            .arg("--model")
+            .arg(e2e::model_path())
+            .args(["--pod", "http://127.0.0.1:9", "--port", "0"])
+            .arg("--config")
+            .arg(&config),
+        &[
+            "centralized KV events mode",
+            "kvEventsConfig.zmqEndpoint",
+            &config.to_string_lossy(),
+            &format!("tcp://127.0.0.1:{port}"),
+            "another process holds the port",
+        ],
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
