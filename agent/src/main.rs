@@ -39,13 +39,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// RUST_LOG when set, else `--uvicorn-log-level`.
+/// RUST_LOG when set, else VLLM_LOGGING_LEVEL (as llm-d's pod specs set it), else
+/// `--uvicorn-log-level`.
 fn init_tracing(uvicorn_level: &str) {
-    let level = match uvicorn_level {
-        "critical" => "error",
-        "warning" => "warn",
-        other => other,
-    };
+    let vllm_level = std::env::var("VLLM_LOGGING_LEVEL").ok();
+    let level = agent::cli::log_level(vllm_level.as_deref(), uvicorn_level);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)

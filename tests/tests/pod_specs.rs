@@ -3,7 +3,7 @@
 //! noting at start-up each flag that means nothing here; a flag that would change results
 //! without support stops it with a clear error.
 
-use e2e::{agent_bin, failed_start, model_path, Agent, SERVED_MODEL};
+use e2e::{agent_bin, failed_start, model_path, Agent, Launch, SERVED_MODEL};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,5 +55,24 @@ fn a_flag_that_would_change_results_stops_the_agent() {
             .arg(model_path())
             .args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]),
         &["tool-call parsing is not implemented"],
+    );
+}
+
+/// llm-d's pod specs set `VLLM_LOGGING_LEVEL`; the agent follows it (here: no info lines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_logging_level_sets_the_log_level() {
+    let launch = Launch {
+        env: vec![("VLLM_LOGGING_LEVEL".into(), "WARNING".into())],
+        ..Launch::default()
+    };
+    let agent = Agent::launch(&launch, &["--enforce-eager"]).await;
+    let log = agent.log();
+    assert!(
+        !log.contains("Starting vLLM-compatible API server"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("--enforce-eager: "),
+        "an info note at WARNING:\n{log}"
     );
 }

@@ -247,6 +247,23 @@ pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
 
 pub use compat::notes as compatibility_notes;
 
+/// The log level without RUST_LOG: vLLM's `VLLM_LOGGING_LEVEL` (DEBUG, INFO, WARNING, ERROR,
+/// CRITICAL, any case) when set and valid, else `--uvicorn-log-level`, in tracing's names.
+pub fn log_level(vllm_logging_level: Option<&str>, uvicorn_level: &str) -> &'static str {
+    let named = |level: &str| match level.to_ascii_lowercase().as_str() {
+        "critical" | "error" => Some("error"),
+        "warning" | "warn" => Some("warn"),
+        "info" => Some("info"),
+        "debug" => Some("debug"),
+        "trace" => Some("trace"),
+        _ => None,
+    };
+    vllm_logging_level
+        .and_then(named)
+        .or_else(|| named(uvicorn_level))
+        .unwrap_or("info")
+}
+
 impl ServeArgs {
     /// The model path, from the positional MODEL or `--model`.
     pub fn model_path(&self) -> PathBuf {
@@ -379,6 +396,15 @@ mod tests {
         Cli::try_parse_from(normalize_args(full)).map(|cli| match cli.command {
             Command::Serve(args) => *args,
         })
+    }
+
+    #[test]
+    fn log_level_from_vllm_env_then_uvicorn_flag() {
+        assert_eq!(log_level(None, "info"), "info");
+        assert_eq!(log_level(None, "critical"), "error");
+        assert_eq!(log_level(Some("DEBUG"), "info"), "debug");
+        assert_eq!(log_level(Some("WARNING"), "debug"), "warn");
+        assert_eq!(log_level(Some("loud"), "warning"), "warn");
     }
 
     #[test]
