@@ -160,7 +160,9 @@ impl PodStream {
             }
             let pod = &self.pod;
             tracing::warn!(%pod, "too many KV events waiting on a replay: giving it up");
-            self.give_up_recovery(ctx);
+            if let Some(recovery) = self.recovery.take() {
+                self.give_up(ctx, recovery);
+            }
         }
         self.on_batch(ctx, seq, batch)
     }
@@ -289,8 +291,7 @@ impl PodStream {
                 self.backoff_until = Some(Instant::now() + wait);
                 let (pod, start) = (&self.pod, recovery.start);
                 tracing::warn!(%pod, start, error = %e, ?wait, "KV event replay failed; next one not before the wait");
-                self.recovery = Some(recovery);
-                self.give_up_recovery(ctx);
+                self.give_up(ctx, recovery);
                 return;
             }
         }
@@ -339,12 +340,9 @@ impl PodStream {
         }
     }
 
-    /// Gives up the recovery in flight: what it would have filled stays unknown, so the pod
-    /// is cleared, and the held batches are applied as a stream that starts with them.
-    fn give_up_recovery(&mut self, ctx: &Ctx) {
-        let Some(recovery) = self.recovery.take() else {
-            return;
-        };
+    /// Gives up a recovery (taken out of the stream): what it would have filled stays unknown,
+    /// so the pod is cleared, and the held batches are applied as a stream that starts with them.
+    fn give_up(&mut self, ctx: &Ctx, recovery: Recovery) {
         if self.last.is_some() || recovery.restart {
             self.reset(ctx);
         }
