@@ -479,6 +479,22 @@ mod tests {
         }
     }
 
+    /// Reads one replay to its end marker: the seqs of its batches, each `["", seq, payload]`
+    /// with a payload that decodes.
+    fn replayed_seqs(dealer: &zmq::Socket) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        loop {
+            let frames = recv(dealer, 5000).expect("replay reply");
+            match ReplayReply::from_frames(&frames).expect("a well-formed reply") {
+                ReplayReply::End => return seqs,
+                ReplayReply::Batch { seq, payload } => {
+                    decode_batch(payload).unwrap();
+                    seqs.push(seq);
+                }
+            }
+        }
+    }
+
     #[test]
     fn publishes_batches_and_replays_them() {
         let config = loopback_config("kv@pod:8000@m", 3);
@@ -533,20 +549,7 @@ mod tests {
         dealer
             .send_multipart([&b""[..], &encode_seq(0)], 0)
             .unwrap();
-        let mut replayed = Vec::new();
-        loop {
-            let frames = recv(&dealer, 5000).expect("replay reply");
-            assert_eq!(frames.len(), 3);
-            assert!(frames[0].is_empty());
-            match ReplayReply::parse(&frames[1], &frames[2]).unwrap() {
-                ReplayReply::End => break,
-                ReplayReply::Batch { seq, payload } => {
-                    decode_batch(payload).unwrap();
-                    replayed.push(seq);
-                }
-            }
-        }
-        assert_eq!(replayed, [seq - 2, seq - 1, seq]);
+        assert_eq!(replayed_seqs(&dealer), [seq - 2, seq - 1, seq]);
         // A malformed request still gets the end marker, so the client never hangs.
         dealer.send_multipart([&b""[..], b"bad"], 0).unwrap();
         let frames = recv(&dealer, 5000).expect("end marker");
@@ -592,14 +595,7 @@ mod tests {
         let live = recv(&sub, 2000).expect("a live batch during the replay");
         assert_eq!(decode_seq(&live[1]), Some(total_before));
 
-        let mut replayed = Vec::new();
-        loop {
-            let frames = recv(&dealer, 5000).expect("replay reply");
-            match ReplayReply::parse(&frames[1], &frames[2]).unwrap() {
-                ReplayReply::End => break,
-                ReplayReply::Batch { seq, .. } => replayed.push(seq),
-            }
-        }
+        let replayed = replayed_seqs(&dealer);
         // Everything buffered when it was asked for, in order; the batch published after the
         // request is not part of it.
         assert_eq!(replayed, (0..total_before).collect::<Vec<_>>());
