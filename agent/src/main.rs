@@ -225,10 +225,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
 /// Binds and serves until SIGTERM or SIGINT, then lets in-flight requests finish (at most
 /// `--shutdown-grace`).
 async fn run_http(args: &ServeArgs, state: AppState) -> Result<()> {
-    let addr = format!("{}:{}", args.host, args.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("cannot bind {addr}"))?;
+    let listener = args.listen.bind().await?;
     let local: SocketAddr = listener.local_addr().context("reading the bound address")?;
     let app = server::router(state);
     info!("Starting vLLM-compatible API server on http://{local}");

@@ -4,8 +4,10 @@
 
 mod body;
 mod limits;
+mod listen;
 mod serve;
 
 pub use body::{body_timeout, BodyTimeout};
 pub use limits::{HttpLimitArgs, HttpLimits};
+pub use listen::{BindError, ListenArgs};
 pub use serve::{serve, shutdown_signal};

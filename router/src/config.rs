@@ -18,10 +18,8 @@ use crate::scoring::{Picker, Profile, Scorer, WeightedScorer, DEFAULT_QUEUE_THRE
 #[derive(Debug, Clone, Parser)]
 #[command(name = "router", version)]
 pub struct Args {
-    #[arg(long, default_value = "0.0.0.0")]
-    pub host: String,
-    #[arg(long, default_value_t = 8000)]
-    pub port: u16,
+    #[command(flatten)]
+    pub listen: httpserve::ListenArgs,
     #[command(flatten)]
     pub http: httpserve::HttpLimitArgs,
     /// The model the pods serve, for its tokenizer and chat template: a GGUF file, a Hugging

@@ -145,12 +145,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         events: ingest.stats(),
         choosing: Default::default(),
     });
-    let addr = format!("{}:{}", args.host, args.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
+    let listener = args.listen.bind().await?;
     tracing::info!(
-        %addr,
+        addr = args.listen.addr(),
         model,
         profile = %scheduling.profile.name,
         picker = scheduling.profile.picker.plugin_type(),

@@ -73,12 +73,8 @@ pub struct ServeArgs {
     #[arg(long, num_args = 1.., value_name = "NAME")]
     pub served_model_name: Vec<String>,
 
-    /// Address to bind.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub host: String,
-
-    #[arg(long, default_value_t = 8000)]
-    pub port: u16,
+    #[command(flatten)]
+    pub listen: httpserve::ListenArgs,
 
     #[command(flatten)]
     pub http: httpserve::HttpLimitArgs,
@@ -532,7 +528,7 @@ mod tests {
     fn defaults_match_vllm() {
         let a = parse(&["/m.gguf"]).unwrap();
         assert_eq!(a.model_path(), PathBuf::from("/m.gguf"));
-        assert_eq!((a.host.as_str(), a.port), ("0.0.0.0", 8000));
+        assert_eq!((a.listen.host.as_str(), a.listen.port), ("0.0.0.0", 8000));
         assert_eq!(a.block_size, 16);
         assert_eq!(a.max_num_seqs, 256);
         assert_eq!(a.max_num_batched_tokens, 2048);
