@@ -114,6 +114,7 @@ fn step(
         slots: &slots,
         seqs: &attn,
         logits_rows: &logits_rows,
+        hidden_rows: &[],
     };
     model.forward(&input, cache, logits)?;
     std::hint::black_box(logits.rows());

@@ -228,6 +228,7 @@ fn engine_round(
         enable_prefix_caching: true,
         hash_algo: HashAlgo::Sha256Cbor,
         hash_seed: None,
+        log_requests: false,
     };
     let rt = tokio::runtime::Builder::new_current_thread().build()?;
     let handle = engine::start(
@@ -254,6 +255,7 @@ fn engine_round(
                 params,
                 cache_salt: None,
                 parent: None,
+                pooling: None,
             })?);
         }
         for mut s in streams {

@@ -6,7 +6,8 @@
 //! - [`model`]: weights from GGUF / HF files and the forward pass (the tokenizer and chat
 //!   template come from the `prompt` crate).
 //! - [`engine`]: scheduler, sampling, the engine loop and the handle the server talks to.
-//! - [`server`]: HTTP (OpenAI protocol, errors, streaming); [`metrics`]: Prometheus.
+//! - [`server`]: HTTP (OpenAI protocol, errors, streaming); [`metrics`]: Prometheus;
+//!   [`stats_log`]: vLLM's periodic stats line, from the metrics.
 
 pub mod cli;
 pub mod engine;
@@ -15,3 +16,4 @@ pub mod kv_events;
 pub mod metrics;
 pub mod model;
 pub mod server;
+pub mod stats_log;

@@ -132,6 +132,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         enable_prefix_caching: args.prefix_caching(),
         hash_algo,
         hash_seed: std::env::var("PYTHONHASHSEED").ok(),
+        log_requests: args.enable_log_requests && !args.disable_log_requests,
     };
     info!(
         "KV cache: {num_blocks} blocks of {} tokens ({kv_bytes} bytes, {kv_dtype:?}), \
@@ -201,6 +202,10 @@ fn serve(args: &ServeArgs) -> Result<()> {
     )
     .context("starting the engine")?;
 
+    if !args.disable_log_stats {
+        let every = agent::stats_log::interval(std::env::var("VLLM_LOG_STATS_INTERVAL").ok().as_deref());
+        runtime.spawn(agent::stats_log::run(metrics.clone(), every));
+    }
     let state = AppState::new(
         engine,
         tokenizer,

@@ -65,6 +65,32 @@ impl Serialize for TopLogprobMap {
     }
 }
 
+/// One token's entry in vLLM's `prompt_logprobs`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PromptTokenLogprob {
+    pub logprob: f64,
+    pub rank: usize,
+    pub decoded_token: String,
+}
+
+/// One prompt position of `prompt_logprobs`: token id → entry, in vLLM's order (the prompt's
+/// token first, then the top alternatives).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PromptLogprobMap(pub Vec<(u32, PromptTokenLogprob)>);
+
+impl Serialize for PromptLogprobMap {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (id, entry) in &self.0 {
+            map.serialize_entry(&id.to_string(), entry)?;
+        }
+        map.end()
+    }
+}
+
+/// vLLM's `prompt_logprobs`: `null` for the first prompt token, then one map per token.
+pub type PromptLogprobs = Vec<Option<PromptLogprobMap>>;
+
 /// `logprobs` of a completions choice.
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct CompletionLogprobs {
@@ -113,8 +139,8 @@ pub struct CompletionChoice {
     pub finish_reason: Option<&'static str>,
     pub stop_reason: Option<StopReasonWire>,
     pub token_ids: Option<Vec<u32>>,
-    /// Always `null`: prompt logprobs are not computed.
-    pub prompt_logprobs: Option<Value>,
+    /// With `prompt_logprobs` (or completions' `echo` with `logprobs`).
+    pub prompt_logprobs: Option<PromptLogprobs>,
     pub prompt_token_ids: Option<Vec<u32>>,
 }
 
@@ -204,8 +230,8 @@ pub struct ChatCompletionResponse {
     pub service_tier: Option<String>,
     pub system_fingerprint: Option<String>,
     pub usage: UsageInfo,
-    /// Always `null`: prompt logprobs are not computed.
-    pub prompt_logprobs: Option<Value>,
+    /// With `prompt_logprobs` (or completions' `echo` with `logprobs`).
+    pub prompt_logprobs: Option<PromptLogprobs>,
     pub prompt_token_ids: Option<Vec<u32>>,
     pub kv_transfer_params: Option<Value>,
 }

@@ -10,6 +10,7 @@ use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::index::routed::RoutedConfig;
 use crate::index::{IndexConfig, TierWeights};
 use crate::pods::{Discovery, PodSpec};
 use crate::scoring::{Picker, Profile, Scorer, WeightedScorer, DEFAULT_QUEUE_THRESHOLD};
@@ -214,6 +215,11 @@ pub struct Scheduling {
     pub topic_filter: Option<String>,
     /// Which setting asked for centralized mode, for the log and for a bind error.
     pub events_bind_from: Option<String>,
+    /// The `prefix-cache-scorer` parameters, when the profile scores with it.
+    pub routed: Option<RoutedConfig>,
+    /// One line per parameter given that the router does not read, saying why (logged at
+    /// start-up).
+    pub ignored: Vec<String>,
 }
 
 impl EndpointPickerConfig {
@@ -248,6 +254,21 @@ impl EndpointPickerConfig {
                 .first()
                 .ok_or_else(|| invalid("no schedulingProfiles"))?,
         };
+        let mut ignored = Vec::new();
+        for plugin in &self.plugins {
+            // Every plugin is checked, referenced or not: a typo must not pass unnoticed.
+            if let PluginKind::ProfileHandler = plugin_kind(plugin)? {
+                if name.is_none() && self.scheduling_profiles.len() > 1 {
+                    return Err(invalid(format!(
+                        "{} runs one scheduling profile, and the config has {}: keep one, or \
+                         pick one with --profile",
+                        plugin.kind,
+                        self.scheduling_profiles.len()
+                    )));
+                }
+            }
+            ignored.extend(ignored_parameters(plugin));
+        }
         let mut scorers = Vec::new();
         let mut picker = None;
         for r in &spec.plugins {
@@ -283,8 +304,23 @@ impl EndpointPickerConfig {
                         spec.name
                     )))
                 }
+                PluginKind::ProfileHandler => {
+                    return Err(invalid(format!(
+                        "profile {:?} refers to the profile handler {:?}: it belongs in \
+                         plugins only",
+                        spec.name, r.plugin_ref
+                    )))
+                }
             }
         }
+        let routed = match spec.plugins.iter().find_map(|r| {
+            self.plugins
+                .iter()
+                .find(|p| p.name() == r.plugin_ref && p.kind == "prefix-cache-scorer")
+        }) {
+            Some(p) => Some(routed_parameters(&p.parameters)?),
+            None => None,
+        };
         let mut index = IndexConfig::new(model);
         index.block_size = block_size;
         let (mut events_bind, mut topic_filter) = (None, None);
@@ -312,6 +348,8 @@ impl EndpointPickerConfig {
             events_bind,
             topic_filter,
             events_bind_from,
+            routed,
+            ignored,
         })
     }
 }
@@ -319,12 +357,15 @@ impl EndpointPickerConfig {
 enum PluginKind {
     Scorer(Scorer),
     Picker(Picker),
+    /// `single-profile-handler`: the one profile is the primary one (ours always is).
+    ProfileHandler,
 }
 
 fn plugin_kind(p: &PluginSpec) -> Result<PluginKind, ConfigError> {
     Ok(match p.kind.as_str() {
         "precise-prefix-cache-scorer" => PluginKind::Scorer(Scorer::PrecisePrefixCache),
         "kv-cache-utilization-scorer" => PluginKind::Scorer(Scorer::KvCacheUtilization),
+        "prefix-cache-scorer" => PluginKind::Scorer(Scorer::PrefixCache),
         "queue-scorer" => PluginKind::Scorer(Scorer::Queue),
         "load-aware-scorer" => {
             let threshold = match p.parameters.get("threshold") {
@@ -338,6 +379,7 @@ fn plugin_kind(p: &PluginSpec) -> Result<PluginKind, ConfigError> {
         "max-score-picker" => PluginKind::Picker(Picker::MaxScore),
         "random-picker" => PluginKind::Picker(Picker::Random),
         "round-robin-picker" => PluginKind::Picker(Picker::RoundRobin),
+        "single-profile-handler" => PluginKind::ProfileHandler,
         other => return Err(invalid(format!("unknown plugin type {other:?}"))),
     })
 }
@@ -387,6 +429,102 @@ fn prefix_parameters(params: &Value, index: &mut IndexConfig) -> Result<(), Conf
         storage: weight("storage", default.storage)?,
     };
     Ok(())
+}
+
+/// `prefix-cache-scorer`'s `maxPrefixBlocksToMatch` and `lruCapacityPerServer` (llm-d's
+/// defaults when absent; 0 or less means the default, as there).
+fn routed_parameters(params: &Value) -> Result<RoutedConfig, ConfigError> {
+    let default = RoutedConfig::default();
+    let count = |key: &str, d: usize| -> Result<usize, ConfigError> {
+        match &params[key] {
+            Value::Null => Ok(d),
+            v => match v.as_i64() {
+                Some(n) if n > 0 => Ok(n as usize),
+                Some(_) => Ok(d),
+                None => Err(invalid(format!(
+                    "prefix-cache-scorer {key} must be an integer, got {v}"
+                ))),
+            },
+        }
+    };
+    Ok(RoutedConfig {
+        max_prefix_blocks: count("maxPrefixBlocksToMatch", default.max_prefix_blocks)?,
+        lru_capacity_per_server: count("lruCapacityPerServer", default.lru_capacity_per_server)?,
+    })
+}
+
+/// The parameters each plugin type reads, as dotted paths of object keys.
+fn known_parameters(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "precise-prefix-cache-scorer" => &[
+            "indexerConfig.tokenProcessorConfig.blockSize",
+            "indexerConfig.kvBlockIndexConfig.inMemoryConfig.size",
+            "indexerConfig.kvBlockIndexConfig.inMemoryConfig.podCacheSize",
+            "kvEventsConfig.zmqEndpoint",
+            "kvEventsConfig.topicFilter",
+            "tierWeights.gpu",
+            "tierWeights.cpu",
+            "tierWeights.storage",
+            "maxBlocksPerPod",
+        ],
+        "prefix-cache-scorer" => &["maxPrefixBlocksToMatch", "lruCapacityPerServer"],
+        "load-aware-scorer" => &["threshold"],
+        _ => &[],
+    }
+}
+
+/// Why a parameter llm-d's plugins take means nothing here, by its last key.
+fn why_ignored(kind: &str, key: &str) -> &'static str {
+    match (kind, key) {
+        (_, "hashSeed") => {
+            "the router keys blocks from each event's token_ids with its own chained hash \
+             (seeded with the model name), so the pods' hash seed never matters"
+        }
+        (_, "enableMetrics" | "metricsLoggingInterval") => {
+            "the index's figures are always on the router's /metrics"
+        }
+        (_, "tokenizersPoolConfig" | "tokenizersCacheDir" | "modelName") => {
+            "requests are tokenized with --model's tokenizer"
+        }
+        (_, "concurrency") => "each pod's events are applied in order by one worker",
+        ("prefix-cache-scorer", "hashBlockSize" | "blockSize") => {
+            "blocks are the pods' KV blocks of token ids (--block-size), not characters"
+        }
+        ("prefix-cache-scorer", "autoTune") => "capacity is lruCapacityPerServer as given",
+        _ => "not a parameter of this router",
+    }
+}
+
+/// One line per parameter of `plugin` outside [`known_parameters`].
+fn ignored_parameters(plugin: &PluginSpec) -> Vec<String> {
+    let known = known_parameters(&plugin.kind);
+    let mut out = Vec::new();
+    let mut stack: Vec<(String, &Value)> = vec![(String::new(), &plugin.parameters)];
+    while let Some((path, value)) = stack.pop() {
+        let Value::Object(map) = value else { continue };
+        for (key, v) in map {
+            let full = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            let below = format!("{full}.");
+            if known.contains(&full.as_str()) {
+                continue;
+            }
+            if known.iter().any(|k| k.starts_with(&below)) {
+                stack.push((full, v));
+                continue;
+            }
+            out.push(format!(
+                "{} parameter {full} ignored: {}",
+                plugin.name(),
+                why_ignored(&plugin.kind, key)
+            ));
+        }
+    }
+    out.sort();
+    out
 }
 
 /// The scheduling configuration the flags select: `--config` (and `--profile`) or the
@@ -496,6 +634,73 @@ mod tests {
         assert_eq!(first.profile.picker, Picker::Random);
     }
 
+    /// llm-d's CPU-tier guide: the approximate scorer with its LRU capacity, a profile handler.
+    #[test]
+    fn approximate_prefix_scorer_and_single_profile_handler() {
+        let yaml = "plugins:\n- type: single-profile-handler\n- type: prefix-cache-scorer\n  \
+                    parameters: {lruCapacityPerServer: 4000, hashBlockSize: 64, autoTune: false}\n\
+                    - type: queue-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  \
+                    - pluginRef: prefix-cache-scorer\n    weight: 3\n  - pluginRef: queue-scorer\n";
+        let s = EndpointPickerConfig::from_yaml(yaml)
+            .unwrap()
+            .resolve(None, "m", 16)
+            .unwrap();
+        assert_eq!(
+            weights(&s),
+            vec![(Scorer::PrefixCache, 3.0), (Scorer::Queue, 1.0)]
+        );
+        assert!(s.profile.uses_prefix());
+        assert!(!s.profile.uses(Scorer::PrecisePrefixCache));
+        assert_eq!(
+            s.routed,
+            Some(RoutedConfig {
+                max_prefix_blocks: 256,
+                lru_capacity_per_server: 4000
+            })
+        );
+        assert_eq!(s.ignored.len(), 2, "{:?}", s.ignored);
+        assert!(s.ignored[0].starts_with("prefix-cache-scorer parameter autoTune ignored"));
+        assert!(s.ignored[1].contains("hashBlockSize ignored: blocks are the pods' KV blocks"));
+
+        // Without the scorer in the profile there is no routing history.
+        let s = scheduling(&args(&[]), "m").unwrap();
+        assert_eq!((s.routed, s.ignored.len()), (None, 0));
+
+        // One profile handler, several profiles: which one runs must be said.
+        let two = "plugins:\n- type: single-profile-handler\n- type: random-picker\n\
+                   schedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: random-picker\n\
+                   - name: b\n  plugins:\n  - pluginRef: random-picker\n";
+        let cfg = EndpointPickerConfig::from_yaml(two).unwrap();
+        let e = cfg.resolve(None, "m", 16).unwrap_err().to_string();
+        assert!(e.contains("single-profile-handler runs one scheduling profile"), "{e}");
+        assert_eq!(cfg.resolve(Some("b"), "m", 16).unwrap().profile.name, "b");
+    }
+
+    /// llm-d's precise-prefix-cache-scorer parameters the router does not read are each named
+    /// with why.
+    #[test]
+    fn llm_d_parameters_the_router_does_not_read_are_named() {
+        let yaml = "plugins:\n- type: precise-prefix-cache-scorer\n  parameters:\n    \
+                    indexerConfig:\n      tokenProcessorConfig: {blockSize: 16, hashSeed: \"42\"}\n      \
+                    kvBlockIndexConfig: {enableMetrics: true, inMemoryConfig: {size: 100}}\n    \
+                    kvEventsConfig: {zmqEndpoint: \"tcp://*:5557\", concurrency: 4}\n\
+                    schedulingProfiles:\n- name: default\n  plugins:\n  \
+                    - pluginRef: precise-prefix-cache-scorer\n";
+        let s = EndpointPickerConfig::from_yaml(yaml)
+            .unwrap()
+            .resolve(None, "m", 16)
+            .unwrap();
+        assert_eq!(s.index.max_keys, 100);
+        let ignored = s.ignored.join("\n");
+        assert_eq!(s.ignored.len(), 3, "{ignored}");
+        assert!(ignored.contains(
+            "indexerConfig.tokenProcessorConfig.hashSeed ignored: the router keys blocks from \
+             each event's token_ids"
+        ));
+        assert!(ignored.contains("kvBlockIndexConfig.enableMetrics ignored"));
+        assert!(ignored.contains("kvEventsConfig.concurrency ignored"));
+    }
+
     #[test]
     fn config_errors_name_the_problem() {
         let err = |yaml: &str| {
@@ -518,5 +723,10 @@ mod tests {
         )
         .contains("weight -1"));
         assert!(err("plugins: {").contains("invalid scheduling config"));
+        // An unreferenced plugin is checked as well.
+        assert!(err(
+            "plugins:\n- type: typo-scorer\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: queue-scorer\n"
+        )
+        .contains("unknown plugin type \"typo-scorer\""));
     }
 }

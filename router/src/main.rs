@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use router::config::{self, Args};
 use router::events::{EventIngest, IngestConfig};
+use router::index::routed::RoutedPrefixes;
 use router::index::PrefixIndex;
 use router::load::MonitorConfig;
 use router::metrics::RouterMetrics;
@@ -66,6 +67,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )
         })?;
     let scheduling = config::scheduling(&args, &model)?;
+    for line in &scheduling.ignored {
+        tracing::info!("{line}");
+    }
+    let routed = scheduling
+        .routed
+        .map(|cfg| Arc::new(RoutedPrefixes::new(cfg)));
     let index = Arc::new(PrefixIndex::new(scheduling.index.clone())?);
     let topic_filter = scheduling
         .topic_filter
@@ -110,6 +117,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let hooks = IndexHooks {
         ingest: ingest.clone(),
         index: index.clone(),
+        routed: routed.clone(),
     };
     let pods = Arc::new(PodSet::new(monitor_client, monitor, Arc::new(hooks)));
     for spec in &args.pods {
@@ -128,6 +136,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let state = Arc::new(RouterState {
         pods,
         index,
+        routed,
         scheduler: Scheduler::new(scheduling.profile.clone()),
         tokenizer: Arc::new(tokenizer),
         metrics: RouterMetrics::new()?,

@@ -188,9 +188,20 @@ pub struct ServeArgs {
     #[arg(long, default_value = "info", value_parser = ["critical", "error", "warning", "info", "debug", "trace"])]
     pub uvicorn_log_level: String,
 
-    /// Accepted for compatibility; requests are logged at debug level only.
+    /// Log one line per request as it arrives (its sampling parameters and prompt length) and
+    /// one as it ends (status, prompt, generated and cached tokens, latency). Off by default,
+    /// as in vLLM.
+    #[arg(long)]
+    pub enable_log_requests: bool,
+
+    /// No request log lines, whatever --enable-log-requests says (vLLM's older spelling).
     #[arg(long)]
     pub disable_log_requests: bool,
+
+    /// No periodic stats line (throughput, running/waiting requests, KV cache usage, prefix
+    /// cache hit rate; every VLLM_LOG_STATS_INTERVAL seconds, 10 by default, while busy).
+    #[arg(long)]
+    pub disable_log_stats: bool,
 }
 
 impl Cli {

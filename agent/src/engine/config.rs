@@ -23,4 +23,6 @@ pub struct EngineConfig {
     pub hash_algo: HashAlgo,
     /// `PYTHONHASHSEED`, when set: seeds the prefix-cache hash as in vLLM.
     pub hash_seed: Option<String>,
+    /// One info line per request as it arrives and as it ends (`--enable-log-requests`).
+    pub log_requests: bool,
 }

@@ -170,6 +170,8 @@ impl EngineCore {
                     FinishReason::Error,
                     Some(EngineError::DuplicateRequestId(request.request_id).to_string()),
                 )),
+                prompt_logprobs: None,
+                embedding: None,
                 num_prompt_tokens: prompt_len,
                 num_cached_tokens: 0,
             };
@@ -177,6 +179,13 @@ impl EngineCore {
             return;
         }
         let id = request.request_id.clone();
+        if self.config.log_requests {
+            tracing::info!(
+                "Received request {id}: params: {:?}, num_prompt_tokens: {}",
+                request.params,
+                request.prompt_token_ids.len()
+            );
+        }
         self.requests
             .insert(id.clone(), Request::new(request, outputs));
         self.scheduler.add(id);
@@ -202,6 +211,17 @@ impl EngineCore {
         m.e2e_request_latency
             .observe(now.duration_since(t.arrival).as_secs_f64());
         let generated = req.num_output_tokens();
+        if self.config.log_requests {
+            tracing::info!(
+                "Finished request {}: status: {}, num_prompt_tokens: {}, \
+                 num_generation_tokens: {generated}, num_cached_tokens: {}, e2e: {:.3}s",
+                req.id,
+                reason.as_str(),
+                req.prompt_len,
+                req.num_cached_tokens.unwrap_or(0),
+                now.duration_since(t.arrival).as_secs_f64(),
+            );
+        }
         m.request_prompt_tokens.observe(req.prompt_len as f64);
         m.request_generation_tokens.observe(generated as f64);
         m.request_params_max_tokens
@@ -303,8 +323,14 @@ impl EngineCore {
         let mut positions = Vec::with_capacity(total);
         let mut slots = Vec::with_capacity(total);
         let mut logits_rows = Vec::new();
-        // Which scheduled entries sample a token this step (their prefill is complete).
+        let mut hidden_rows = Vec::new();
+        // (scheduled entry, logits row) of the entries that sample a token this step (their
+        // prefill is complete).
         let mut samples = Vec::new();
+        // (scheduled entry, position, logits row) of each prompt-logprob row, and (scheduled
+        // entry, position) of each pooled row (hidden row `k` is `pooled[k]`).
+        let mut prompt_rows = Vec::new();
+        let mut pooled = Vec::new();
         for (i, s) in plan.scheduled.iter().enumerate() {
             let req = &self.requests[&s.request_id];
             let table = self.kv.block_table(&s.request_id);
@@ -313,10 +339,18 @@ impl EngineCore {
                 token_ids.push(req.all_token_ids[pos]);
                 positions.push(pos);
                 slots.push(table[pos / block_size] as usize * block_size + pos % block_size);
+                if req.wants_prompt_logprob(pos) {
+                    prompt_rows.push((i, pos, logits_rows.len()));
+                    logits_rows.push(token_ids.len() - 1);
+                }
+                if req.wants_hidden(pos) {
+                    hidden_rows.push(token_ids.len() - 1);
+                    pooled.push((i, pos));
+                }
             }
-            if start + s.num_new_tokens == req.num_tokens() {
+            if req.pooling.is_none() && start + s.num_new_tokens == req.num_tokens() {
+                samples.push((i, logits_rows.len()));
                 logits_rows.push(token_ids.len() - 1);
-                samples.push(i);
             }
         }
         let mut query_start = 0;
@@ -341,6 +375,7 @@ impl EngineCore {
             slots: &slots,
             seqs: &seqs,
             logits_rows: &logits_rows,
+            hidden_rows: &hidden_rows,
         };
         self.model
             .forward(&input, &mut self.cache, &mut self.logits)?;
@@ -354,11 +389,25 @@ impl EngineCore {
             }
         }
 
-        let now = Instant::now();
         let mut finished = Vec::new();
+        for &(i, pos, row) in &prompt_rows {
+            if let Some(req) = self.requests.get_mut(&plan.scheduled[i].request_id) {
+                req.record_prompt_logprob(pos, self.logits.row(row));
+            }
+        }
+        for (row, &(i, pos)) in pooled.iter().enumerate() {
+            let id = &plan.scheduled[i].request_id;
+            if let Some(req) = self.requests.get_mut(id) {
+                if req.record_hidden(pos, self.logits.hidden_row(row)) {
+                    finished.push((id.clone(), Finish::new(FinishReason::Stop, None)));
+                }
+            }
+        }
+
+        let now = Instant::now();
         let mut new_tokens = 0u64;
         let mut prompt_tokens = 0usize;
-        for (row, &i) in samples.iter().enumerate() {
+        for &(i, row) in &samples {
             let id = &plan.scheduled[i].request_id;
             let Some(req) = self.requests.get_mut(id) else {
                 continue;

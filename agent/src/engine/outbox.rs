@@ -85,6 +85,8 @@ mod tests {
             text: text.to_string(),
             logprobs: Vec::new(),
             finish,
+            prompt_logprobs: None,
+            embedding: None,
             num_prompt_tokens: 3,
             num_cached_tokens: 0,
         }

@@ -11,8 +11,8 @@ use super::outbox::Outbox;
 use super::sampling::{Sampled, SequenceSampler};
 use super::stop_checker::StopChecker;
 use super::types::{
-    Finish, FinishReason, GenerateOutput, GenerateRequest, ParentRequest, SamplingParams,
-    StopReason,
+    Finish, FinishReason, GenerateOutput, GenerateRequest, ParentRequest, Pooling,
+    PromptLogprob, SamplingParams, StopReason,
 };
 
 /// Timestamps of a request's life, for the latency histograms.
@@ -44,7 +44,20 @@ pub(crate) struct Request {
     outputs: UnboundedSender<GenerateOutput>,
     /// Output accumulated during the current step, sent by [`Request::send_pending`].
     pending: GenerateOutput,
+    /// `prompt_logprobs` computed so far (entry `k`: prompt token `k + 1`), until sent.
+    prompt_logprobs: Vec<PromptLogprob>,
+    /// Prompt positions whose logprob is done; positions recomputed after a preemption are
+    /// not computed again.
+    prompt_logprobs_done: usize,
+    pub pooling: Option<Pooling>,
+    /// The pooled hidden state so far (a sum for [`Pooling::Mean`]) and the rows in it.
+    pooled: Vec<f32>,
+    pooled_rows: usize,
 }
+
+/// Most prompt tokens of a `prompt_logprobs` request computed in one step: each needs a row of
+/// logits (vocabulary-sized), which would otherwise take `--max-num-batched-tokens` rows.
+pub(crate) const PROMPT_LOGPROBS_STEP_TOKENS: usize = 256;
 
 impl Request {
     pub fn new(req: GenerateRequest, outputs: UnboundedSender<GenerateOutput>) -> Self {
@@ -75,7 +88,96 @@ impl Request {
             stop_checker,
             outputs,
             pending: empty_output(prompt_len),
+            prompt_logprobs: Vec::new(),
+            prompt_logprobs_done: 0,
+            pooling: req.pooling,
+            pooled: Vec::new(),
+            pooled_rows: 0,
         }
+    }
+
+    /// Whether the prefix cache may supply this request's prompt: not when every prompt
+    /// position's output is needed (prompt logprobs, mean pooling).
+    pub fn reads_prefix_cache(&self) -> bool {
+        self.params.prompt_logprobs.is_none() && self.pooling != Some(Pooling::Mean)
+    }
+
+    /// Most tokens to compute in one step (see [`PROMPT_LOGPROBS_STEP_TOKENS`]).
+    pub fn max_step_tokens(&self) -> usize {
+        if self.params.prompt_logprobs.is_some() && self.prompt_logprobs_done + 1 < self.prompt_len
+        {
+            PROMPT_LOGPROBS_STEP_TOKENS
+        } else {
+            usize::MAX
+        }
+    }
+
+    /// Whether position `pos` computed this step needs its logits for a prompt logprob.
+    pub fn wants_prompt_logprob(&self, pos: usize) -> bool {
+        self.params.prompt_logprobs.is_some()
+            && pos + 1 < self.prompt_len
+            && pos >= self.prompt_logprobs_done
+    }
+
+    /// Records position `pos`'s prompt logprob from its raw logits.
+    pub fn record_prompt_logprob(&mut self, pos: usize, logits: &[f32]) {
+        let (Some(n), Some(&next)) = (self.params.prompt_logprobs, self.all_token_ids.get(pos + 1))
+        else {
+            return;
+        };
+        if pos == self.prompt_logprobs_done {
+            let lp = self.sampler.prompt_logprob(logits, next, n);
+            self.prompt_logprobs.push(lp);
+            self.prompt_logprobs_done += 1;
+        }
+    }
+
+    /// Computed positions stop at `prompt_len - 1`; `prompt_len` marks them sent.
+    fn prompt_logprobs_sent(&self) -> bool {
+        self.prompt_logprobs_done == self.prompt_len
+    }
+
+    /// Whether position `pos` computed this step is pooled into the embedding.
+    pub fn wants_hidden(&self, pos: usize) -> bool {
+        match self.pooling {
+            None => false,
+            Some(Pooling::Last) => pos + 1 == self.prompt_len,
+            Some(Pooling::Mean) => pos < self.prompt_len && pos >= self.pooled_rows,
+        }
+    }
+
+    /// Pools position `pos`'s final hidden state. Returns true once the embedding is complete
+    /// (it is then in the pending output and the request is done).
+    pub fn record_hidden(&mut self, pos: usize, hidden: &[f32]) -> bool {
+        match self.pooling {
+            None => return false,
+            Some(Pooling::Last) => {
+                self.pooled = hidden.to_vec();
+                self.pooled_rows = self.prompt_len;
+            }
+            Some(Pooling::Mean) if pos == self.pooled_rows => {
+                if self.pooled.is_empty() {
+                    self.pooled = vec![0.0; hidden.len()];
+                }
+                for (acc, h) in self.pooled.iter_mut().zip(hidden) {
+                    *acc += h;
+                }
+                self.pooled_rows += 1;
+            }
+            Some(Pooling::Mean) => {}
+        }
+        if self.pooled_rows < self.prompt_len {
+            return false;
+        }
+        let mut e = std::mem::take(&mut self.pooled);
+        let norm = e.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            for x in &mut e {
+                *x /= norm;
+            }
+        }
+        self.pending.embedding = Some(e);
+        true
     }
 
     pub fn num_tokens(&self) -> usize {
@@ -171,6 +273,14 @@ impl Request {
             return true;
         }
         let mut out = std::mem::replace(&mut self.pending, empty_output(self.prompt_len));
+        if self.params.prompt_logprobs.is_some()
+            && self.prompt_logprobs_done + 1 >= self.prompt_len
+            && !self.prompt_logprobs_sent()
+        {
+            out.prompt_logprobs = Some(std::mem::take(&mut self.prompt_logprobs));
+            // Marks them sent: nothing is recorded past the prompt.
+            self.prompt_logprobs_done = self.prompt_len;
+        }
         out.finish = finish;
         out.num_cached_tokens = self.num_cached_tokens.unwrap_or(0);
         outbox.push(&self.outputs, out)
@@ -188,6 +298,8 @@ fn empty_output(prompt_len: usize) -> GenerateOutput {
         text: String::new(),
         logprobs: Vec::new(),
         finish: None,
+        prompt_logprobs: None,
+        embedding: None,
         num_prompt_tokens: prompt_len,
         num_cached_tokens: 0,
     }

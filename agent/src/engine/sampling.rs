@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use super::types::{SamplingParams, TokenLogprob};
+use super::types::{PromptLogprob, SamplingParams, TokenLogprob};
 
 /// Below this temperature sampling is greedy (vLLM's `_SAMPLING_EPS`).
 const SAMPLING_EPS: f32 = 1e-5;
@@ -124,6 +124,27 @@ impl SequenceSampler {
                 logprob: self.raw[token_id as usize] - lse,
                 top,
             }),
+        }
+    }
+
+    /// A prompt position's logprob of `token_id` (the prompt's next token) and its `n` highest
+    /// alternatives, from the raw logits: no processor applies to prompt logprobs, as in vLLM.
+    pub fn prompt_logprob(&mut self, logits: &[f32], token_id: u32, n: usize) -> PromptLogprob {
+        let lse = log_sum_exp(logits, &mut self.weights);
+        let top = match n {
+            0 => Vec::new(),
+            n => top_logprobs(logits, &self.weights, n, lse, &mut self.candidates),
+        };
+        let logit = logits.get(token_id as usize).copied();
+        let logit = logit.unwrap_or(f32::NEG_INFINITY);
+        PromptLogprob {
+            entry: TokenLogprob {
+                token_id,
+                logprob: logit - lse,
+                top,
+            },
+            // vLLM's rank: 1 + the tokens strictly more likely.
+            rank: 1 + logits.iter().filter(|&&l| l > logit).count(),
         }
     }
 

@@ -98,7 +98,9 @@ impl Scheduler {
                 self.running.remove(i);
                 continue;
             };
-            let num_new = (req.num_tokens() - req.num_computed_tokens).min(budget);
+            let num_new = (req.num_tokens() - req.num_computed_tokens)
+                .min(budget)
+                .min(req.max_step_tokens());
             if num_new == 0 {
                 i += 1;
                 continue;
@@ -145,12 +147,26 @@ impl Scheduler {
                 self.waiting.pop_front();
                 continue;
             };
-            let (cached_blocks, num_cached) = if self.limits.enable_prefix_caching {
-                kv.find_cached_prefix(&id, &req.all_token_ids, req.cache_salt.as_deref())
-            } else {
-                (Vec::new(), 0)
+            let (cached_blocks, num_cached) = match self.limits.enable_prefix_caching {
+                // Looked up either way: the lookup also keeps the request's cache_salt for
+                // the blocks it will store.
+                true => {
+                    let found = kv.find_cached_prefix(
+                        &id,
+                        &req.all_token_ids,
+                        req.cache_salt.as_deref(),
+                    );
+                    if req.reads_prefix_cache() {
+                        found
+                    } else {
+                        (Vec::new(), 0)
+                    }
+                }
+                false => (Vec::new(), 0),
             };
-            let num_new = (req.num_tokens() - num_cached).min(budget);
+            let num_new = (req.num_tokens() - num_cached)
+                .min(budget)
+                .min(req.max_step_tokens());
             if kv
                 .allocate_slots(&id, num_cached + num_new, &cached_blocks)
                 .is_err()
@@ -204,6 +220,7 @@ mod tests {
             params,
             cache_salt: None,
             parent: None,
+            pooling: None,
         };
         reqs.insert(id.to_string(), Request::new(req, tx));
         sched.add(id.to_string());

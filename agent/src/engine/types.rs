@@ -27,6 +27,9 @@ pub struct SamplingParams {
     pub include_stop_str_in_output: bool,
     /// Number of top logprobs to return per generated token (`None`: no logprobs).
     pub logprobs: Option<usize>,
+    /// Number of top logprobs to return per prompt token (`None`: none). Such a request reads
+    /// nothing from the prefix cache (every prompt position's logits are needed, as in vLLM).
+    pub prompt_logprobs: Option<usize>,
     pub logit_bias: HashMap<u32, f32>,
     pub skip_special_tokens: bool,
     pub spaces_between_special_tokens: bool,
@@ -50,6 +53,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             include_stop_str_in_output: false,
             logprobs: None,
+            prompt_logprobs: None,
             logit_bias: HashMap::new(),
             skip_special_tokens: true,
             spaces_between_special_tokens: true,
@@ -73,6 +77,19 @@ pub struct GenerateRequest {
     pub cache_salt: Option<String>,
     /// The `n > 1` choices of one prompt share one; None for a lone sequence.
     pub parent: Option<Arc<ParentRequest>>,
+    /// Set for an embedding request: the prompt is run, its final hidden states pooled, and the
+    /// request ends with the embedding instead of generating.
+    pub pooling: Option<Pooling>,
+}
+
+/// How an embedding pools a prompt's final hidden states (vLLM's `PoolingType`); the result is
+/// L2-normalised, as vLLM's embed pooler does by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The last token's (vLLM's default for decoder models).
+    Last,
+    /// The mean over all prompt tokens.
+    Mean,
 }
 
 /// The `n` sequences of one prompt, for the metrics vLLM keeps per parent request
@@ -138,6 +155,14 @@ pub struct TokenLogprob {
     pub top: Vec<(u32, f32)>,
 }
 
+/// One prompt token's logprob (`prompt_logprobs`): its entry and its rank in the vocabulary
+/// (1 = the most likely), which vLLM reports for prompt tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprob {
+    pub entry: TokenLogprob,
+    pub rank: usize,
+}
+
 /// Output produced for one request by one engine step (or its final message).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateOutput {
@@ -150,6 +175,11 @@ pub struct GenerateOutput {
     pub logprobs: Vec<TokenLogprob>,
     /// Set on the last output of the request.
     pub finish: Option<Finish>,
+    /// With `prompt_logprobs`, once, on the first output after the prompt: entry `k` is
+    /// prompt token `k + 1`'s (the first token has none).
+    pub prompt_logprobs: Option<Vec<PromptLogprob>>,
+    /// An embedding request's result, on its last output.
+    pub embedding: Option<Vec<f32>>,
     pub num_prompt_tokens: usize,
     /// Prompt tokens served from the prefix cache (reported as `cached_tokens`).
     pub num_cached_tokens: usize,

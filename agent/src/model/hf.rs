@@ -377,6 +377,7 @@ mod tests {
                 slots: &slots,
                 seqs: &seqs,
                 logits_rows: &[chunk.len() - 1],
+                hidden_rows: &[],
             };
             let mut logits = Logits::default();
             model.forward(&input, &mut cache, &mut logits).unwrap();

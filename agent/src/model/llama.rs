@@ -50,17 +50,28 @@ pub struct StepInput<'a> {
     pub seqs: &'a [SeqAttn<'a>],
     /// Rows whose logits to return, in this order.
     pub logits_rows: &'a [usize],
+    /// Rows whose final hidden states (after the last norm) to return, in this order: what
+    /// embeddings pool.
+    pub hidden_rows: &'a [usize],
 }
 
-/// The logits of one step's `logits_rows`, `[rows, vocab]`. Its owner keeps it across steps,
-/// so the buffer (16 rows of a 49,152-token vocabulary: 3 MB) is allocated and zeroed once.
+/// The logits of one step's `logits_rows`, `[rows, vocab]`, and the final hidden states of its
+/// `hidden_rows`, `[rows, hidden]`. Its owner keeps it across steps, so the buffer (16 rows of a
+/// 49,152-token vocabulary: 3 MB) is allocated and zeroed once.
 #[derive(Debug, Default)]
 pub struct Logits {
     data: Vec<f32>,
     vocab: usize,
+    hidden: Vec<f32>,
+    hidden_size: usize,
 }
 
 impl Logits {
+    /// The final hidden state of `hidden_rows[i]`.
+    pub fn hidden_row(&self, i: usize) -> &[f32] {
+        &self.hidden[i * self.hidden_size..][..self.hidden_size]
+    }
+
     pub fn rows(&self) -> usize {
         self.data.len().checked_div(self.vocab).unwrap_or(0)
     }
@@ -595,19 +606,28 @@ impl LlamaModel {
         // for a prefill chunk that does not end its prompt); the last MLP output joins those
         // rows' residual stream as they are gathered.
         let hidden = self.hidden;
-        let mut last = Vec::with_capacity(input.logits_rows.len() * hidden);
-        for &r in input.logits_rows {
-            let g = &groups[groups.partition_point(|g| g.rows.end <= r)];
-            let at = (r - g.rows.start) * hidden;
-            let x = &g.a.x[at..][..hidden];
-            if self.layers.is_empty() {
-                last.extend_from_slice(x);
-            } else {
-                last.extend(x.iter().zip(&g.a.proj[at..]).map(|(x, p)| x + p));
+        let gather = |rows: &[usize]| {
+            let mut last = Vec::with_capacity(rows.len() * hidden);
+            for &r in rows {
+                let g = &groups[groups.partition_point(|g| g.rows.end <= r)];
+                let at = (r - g.rows.start) * hidden;
+                let x = &g.a.x[at..][..hidden];
+                if self.layers.is_empty() {
+                    last.extend_from_slice(x);
+                } else {
+                    last.extend(x.iter().zip(&g.a.proj[at..]).map(|(x, p)| x + p));
+                }
             }
+            last
+        };
+        logits.hidden_size = hidden;
+        logits.hidden.clear();
+        if !input.hidden_rows.is_empty() {
+            self.norm
+                .run(&mut gather(input.hidden_rows), None, &mut logits.hidden);
         }
         let mut normed = Vec::new();
-        self.norm.run(&mut last, None, &mut normed);
+        self.norm.run(&mut gather(input.logits_rows), None, &mut normed);
         logits.vocab = self.lm_head.rows();
         Matmul::run_all([&self.lm_head], &normed, [&mut logits.data])
     }
@@ -745,8 +765,13 @@ impl LlamaModel {
                 ));
             }
         }
-        if let Some(r) = input.logits_rows.iter().find(|&&r| r >= t) {
-            return bad(format!("logits row {r} >= {t} rows"));
+        if let Some(r) = input
+            .logits_rows
+            .iter()
+            .chain(input.hidden_rows)
+            .find(|&&r| r >= t)
+        {
+            return bad(format!("output row {r} >= {t} rows"));
         }
         Ok(())
     }
@@ -877,6 +902,7 @@ mod tests {
             slots: &slots,
             seqs: &seqs,
             logits_rows: &rows,
+            hidden_rows: &[],
         };
         let mut logits = Logits::default();
         match groups {
@@ -1212,6 +1238,7 @@ mod tests {
                 slots: &pos,
                 seqs,
                 logits_rows: &[],
+                hidden_rows: &[],
             };
             let split = RowGroup::split(&input, n, row_work);
             let rows: Vec<_> = split.iter().map(|g| g.rows.clone()).collect();
@@ -1456,6 +1483,7 @@ mod tests {
                 slots: &slots,
                 seqs: &seqs,
                 logits_rows: &rows,
+                hidden_rows: &[],
             };
             let mut logits = Logits::default();
             m.model.forward(&input, &mut cache, &mut logits).unwrap();

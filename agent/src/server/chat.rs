@@ -20,7 +20,7 @@ use crate::engine::FinishReason;
 
 use super::extract::VllmJson;
 use super::generate::{self, ChoiceEvent, ChoiceOutput, PreparedPrompt};
-use super::logprobs::{chat_logprobs, TokenNamer};
+use super::logprobs::{chat_logprobs, prompt_logprobs, TokenNamer};
 use super::prepare::{self, Plan, PromptInput};
 use super::response::{request_id_base, UsagePolicy};
 use super::state::{unix_now, AppState};
@@ -119,6 +119,7 @@ pub async fn create_chat_completion(
             .logprobs
             .is_some_and(|b| b.0)
             .then(|| fields.top_logprobs.map_or(0, |t| t.0)),
+        prompt_logprobs: validation::prompt_logprobs(&common)?,
         add_special_tokens: Endpoint::ChatCompletions.add_special_tokens(common.add_special_tokens),
         need_text: false,
     };
@@ -172,6 +173,10 @@ fn full_response(state: &AppState, c: &Chat, outputs: Vec<ChoiceOutput>) -> Chat
     let namer = TokenNamer::new(&state.tokenizer, c.tokens_as_ids);
     let completion_tokens = outputs.iter().map(|o| o.token_ids.len()).sum();
     let cached = outputs.first().map(|o| o.num_cached_tokens);
+    let prompt_lps = outputs
+        .first()
+        .and_then(|o| o.prompt_logprobs.as_deref())
+        .map(|p| prompt_logprobs(p, &namer));
     let choices = outputs
         .into_iter()
         .enumerate()
@@ -203,7 +208,7 @@ fn full_response(state: &AppState, c: &Chat, outputs: Vec<ChoiceOutput>) -> Chat
         service_tier: None,
         system_fingerprint: c.fingerprint.clone(),
         usage,
-        prompt_logprobs: None,
+        prompt_logprobs: prompt_lps,
         prompt_token_ids: c.return_token_ids.then(|| c.prompt.token_ids.clone()),
         kv_transfer_params: None,
     }

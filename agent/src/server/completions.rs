@@ -9,14 +9,18 @@ use futures::stream::{BoxStream, Stream, StreamExt};
 use prompt::Endpoint;
 use protocol::request::{CompletionRequest, Generation, Prompt};
 use protocol::response::{
-    CompletionChoice, CompletionResponse, CompletionStreamChoice, CompletionStreamResponse,
-    StopReasonWire, UsageInfo,
+    CompletionChoice, CompletionLogprobs, CompletionResponse, CompletionStreamChoice,
+    CompletionStreamResponse, StopReasonWire, UsageInfo,
 };
 use protocol::ApiError;
 
+use crate::engine::{PromptLogprob, TokenLogprob};
+
 use super::extract::VllmJson;
 use super::generate::{self, ChoiceEvent, ChoiceOutput, PreparedPrompt};
-use super::logprobs::{completion_logprobs, TokenNamer};
+use super::logprobs::{
+    completion_logprobs, echo_completion_logprobs, prompt_logprobs, TokenNamer,
+};
 use super::prepare::{self, Plan, PromptInput};
 use super::response::{request_id_base, UsagePolicy};
 use super::state::{unix_now, AppState};
@@ -56,13 +60,13 @@ pub async fn create_completion(
         .map_or(DEFAULT_COMPLETION_MAX_TOKENS, |m| m.0);
     let echo = common.echo();
     let echo_only = echo && max_tokens == 0;
-    if echo && fields.logprobs.is_some() {
-        // vLLM answers with prompt logprobs here, which this engine does not compute.
-        return Err(ApiError::invalid(
-            "`echo` together with `logprobs` is not supported by this server.",
-            "echo",
-        ));
-    }
+    let logprobs = fields.logprobs.map(|l| l.0);
+    let explicit_prompt_logprobs = validation::prompt_logprobs(&common)?;
+    // vLLM: echoing with logprobs reports the prompt's logprobs too.
+    let prompt_logprobs = match (echo, logprobs) {
+        (true, Some(k)) => Some(k),
+        _ => explicit_prompt_logprobs,
+    };
     let inputs = match fields.prompt {
         Some(Prompt::Text(text)) => vec![PromptInput::Text(text)],
         Some(Prompt::Texts(texts)) => texts.into_iter().map(PromptInput::Text).collect(),
@@ -81,7 +85,8 @@ pub async fn create_completion(
         // vLLM generates one token it then drops when echoing with max_tokens=0.
         requested_max_tokens: Some(if echo_only { 1 } else { max_tokens }),
         max_tokens_param: "max_tokens",
-        logprobs: fields.logprobs.map(|l| l.0),
+        logprobs,
+        prompt_logprobs,
         add_special_tokens: Endpoint::Completions.add_special_tokens(common.add_special_tokens),
         need_text: echo,
     };
@@ -142,16 +147,17 @@ fn full_response(
             } else {
                 out.text
             };
+            let prompt_lps = out.prompt_logprobs.as_deref();
             CompletionChoice {
                 index,
                 text,
                 logprobs: c
                     .logprobs
-                    .map(|k| completion_logprobs(&out.logprobs, k, &namer, 0)),
+                    .map(|k| choice_logprobs(c, prompt, prompt_lps, &out.logprobs, k, &namer, 0)),
                 finish_reason: Some(out.finish.reason.as_str()),
                 stop_reason: out.finish.stop_reason.as_ref().map(StopReasonWire::from),
                 token_ids: c.return_token_ids.then_some(out.token_ids),
-                prompt_logprobs: None,
+                prompt_logprobs: prompt_lps.map(|p| prompt_logprobs(p, &namer)),
                 prompt_token_ids: c.return_token_ids.then(|| prompt.token_ids.clone()),
             }
         })
@@ -170,6 +176,25 @@ fn full_response(
         usage,
         kv_transfer_params: None,
     }
+}
+
+/// A choice's `logprobs`: with `echo`, the prompt's first (and only the prompt's when
+/// `max_tokens` is 0, as the one generated token is dropped).
+fn choice_logprobs(
+    c: &Completion,
+    prompt: &PreparedPrompt,
+    prompt_lps: Option<&[PromptLogprob]>,
+    generated: &[TokenLogprob],
+    k: usize,
+    namer: &TokenNamer<'_>,
+    offset: usize,
+) -> CompletionLogprobs {
+    if !c.echo {
+        return completion_logprobs(generated, k, namer, offset);
+    }
+    let generated = if c.echo_only { &[] } else { generated };
+    let prompt_lps = prompt_lps.unwrap_or_default();
+    echo_completion_logprobs(&prompt.token_ids, prompt_lps, generated, k, namer)
 }
 
 /// The SSE chunks of a streamed request (without the final `[DONE]`).
@@ -196,7 +221,8 @@ fn stream_chunks(
             cached.get_or_insert(out.num_cached_tokens);
             let prompt = &c.prompts[index / c.n];
             let mut prompt_token_ids = None;
-            let text = if c.echo && !prompt_sent[index] {
+            let echoing = c.echo && !prompt_sent[index];
+            let text = if echoing {
                 prompt_sent[index] = true;
                 prompt_token_ids = Some(prompt.token_ids.clone());
                 if c.echo_only {
@@ -219,9 +245,13 @@ fn stream_chunks(
                 }
                 out.text.clone()
             };
-            let logprobs = c
-                .logprobs
-                .map(|k| completion_logprobs(&out.logprobs, k, &namer, text_chars[index]));
+            let logprobs = c.logprobs.map(|k| match echoing {
+                true => {
+                    let prompt_lps = out.prompt_logprobs.as_deref();
+                    choice_logprobs(&c, prompt, prompt_lps, &out.logprobs, k, &namer, 0)
+                }
+                false => completion_logprobs(&out.logprobs, k, &namer, text_chars[index]),
+            });
             text_chars[index] += text.chars().count();
             num_tokens[index] += out.token_ids.len();
             if out.finish.as_ref().is_some_and(|f| f.reason == crate::engine::FinishReason::Error) {

@@ -11,7 +11,7 @@ use protocol::ApiError;
 
 use crate::engine::{
     EngineHandle, Finish, FinishReason, GenerateOutput, GenerateRequest, ParentRequest,
-    RequestStream, SamplingParams, TokenLogprob,
+    PromptLogprob, RequestStream, SamplingParams, TokenLogprob,
 };
 
 use super::validation::child_params;
@@ -57,6 +57,7 @@ pub fn submit(
                 params: child_params(&prompt.params, i),
                 cache_salt: cache_salt.map(str::to_string),
                 parent: parent.clone(),
+                pooling: None,
             };
             // An error drops the streams made so far, which aborts them.
             streams.push(choice_events(p * n + i, engine.generate(request)?));
@@ -89,8 +90,21 @@ pub struct ChoiceOutput {
     pub token_ids: Vec<u32>,
     pub text: String,
     pub logprobs: Vec<TokenLogprob>,
+    /// With `prompt_logprobs`: prompt tokens 1.. (see [`GenerateOutput::prompt_logprobs`]).
+    pub prompt_logprobs: Option<Vec<PromptLogprob>>,
     pub finish: Finish,
     pub num_cached_tokens: usize,
+}
+
+/// A choice's outputs so far.
+#[derive(Debug, Default)]
+struct Partial {
+    token_ids: Vec<u32>,
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    prompt_logprobs: Option<Vec<PromptLogprob>>,
+    num_cached_tokens: usize,
+    finish: Option<Finish>,
 }
 
 /// Waits for every choice to finish. A lost choice is a dead engine (500); a choice the engine
@@ -99,39 +113,39 @@ pub async fn collect(
     mut events: BoxStream<'static, ChoiceEvent>,
     num_choices: usize,
 ) -> Result<Vec<ChoiceOutput>, ApiError> {
-    let mut partial: Vec<(Vec<u32>, String, Vec<TokenLogprob>, usize)> =
-        vec![(Vec::new(), String::new(), Vec::new(), 0); num_choices];
-    let mut finished: Vec<Option<Finish>> = vec![None; num_choices];
+    let mut partial: Vec<Partial> = (0..num_choices).map(|_| Partial::default()).collect();
     while let Some(event) = events.next().await {
         let (index, out) = match event {
             ChoiceEvent::Output(index, out) => (index, out),
             ChoiceEvent::Lost(_) => return Err(ApiError::engine_dead()),
         };
         let slot = &mut partial[index];
-        slot.0.extend(out.token_ids);
-        slot.1.push_str(&out.text);
-        slot.2.extend(out.logprobs);
-        slot.3 = out.num_cached_tokens;
+        slot.token_ids.extend(out.token_ids);
+        slot.text.push_str(&out.text);
+        slot.logprobs.extend(out.logprobs);
+        if out.prompt_logprobs.is_some() {
+            slot.prompt_logprobs = out.prompt_logprobs;
+        }
+        slot.num_cached_tokens = out.num_cached_tokens;
         if let Some(finish) = out.finish {
             if finish.reason == FinishReason::Error {
                 return Err(ApiError::generation_failed());
             }
-            finished[index] = Some(finish);
+            slot.finish = Some(finish);
         }
     }
     partial
         .into_iter()
-        .zip(finished)
-        .map(|((token_ids, text, logprobs, num_cached_tokens), finish)| {
-            finish
-                .map(|finish| ChoiceOutput {
-                    token_ids,
-                    text,
-                    logprobs,
-                    finish,
-                    num_cached_tokens,
-                })
-                .ok_or_else(ApiError::engine_dead)
+        .map(|p| {
+            let finish = p.finish.ok_or_else(ApiError::engine_dead)?;
+            Ok(ChoiceOutput {
+                token_ids: p.token_ids,
+                text: p.text,
+                logprobs: p.logprobs,
+                prompt_logprobs: p.prompt_logprobs,
+                finish,
+                num_cached_tokens: p.num_cached_tokens,
+            })
         })
         .collect()
 }
@@ -148,6 +162,8 @@ mod tests {
             text: text.into(),
             logprobs: Vec::new(),
             finish: finish.map(|r| Finish::new(r, None)),
+            prompt_logprobs: None,
+            embedding: None,
             num_prompt_tokens: 2,
             num_cached_tokens: 0,
         }

@@ -7,9 +7,12 @@
 //! `return_tokens_as_token_ids`. Logprobs are floored at -9999.0.
 
 use prompt::Tokenizer;
-use protocol::response::{ChatLogprobEntry, ChatTopLogprob, CompletionLogprobs, TopLogprobMap};
+use protocol::response::{
+    ChatLogprobEntry, ChatTopLogprob, CompletionLogprobs, PromptLogprobMap, PromptLogprobs,
+    PromptTokenLogprob, TopLogprobMap,
+};
 
-use crate::engine::TokenLogprob;
+use crate::engine::{PromptLogprob, TokenLogprob};
 
 /// vLLM's floor for `-inf` logprobs (JSON cannot carry infinities).
 const MIN_LOGPROB: f64 = -9999.0;
@@ -77,6 +80,60 @@ pub fn completion_logprobs(
     out
 }
 
+/// Completions `logprobs` with `echo`: the prompt's tokens first (the first one without a
+/// logprob, as vLLM reports it), then the generated ones.
+pub fn echo_completion_logprobs(
+    prompt_token_ids: &[u32],
+    prompt: &[PromptLogprob],
+    generated: &[TokenLogprob],
+    num_top: usize,
+    namer: &TokenNamer<'_>,
+) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    let Some(&first) = prompt_token_ids.first() else {
+        return completion_logprobs(generated, num_top, namer, 0);
+    };
+    let token = namer.name(first);
+    out.text_offset.push(0);
+    let offset = token.chars().count();
+    out.tokens.push(token);
+    out.token_logprobs.push(None);
+    out.top_logprobs.push(None);
+    let steps: Vec<TokenLogprob> = prompt
+        .iter()
+        .map(|p| p.entry.clone())
+        .chain(generated.iter().cloned())
+        .collect();
+    out.extend(completion_logprobs(&steps, num_top, namer, offset));
+    out
+}
+
+/// vLLM's `prompt_logprobs` field: `null` for the first prompt token, then per token a map
+/// from token id to `{logprob, rank, decoded_token}`, the prompt token first, then the top
+/// alternatives (ranks 1, 2, …) it is not among.
+pub fn prompt_logprobs(prompt: &[PromptLogprob], namer: &TokenNamer<'_>) -> PromptLogprobs {
+    let entry = |id: u32, lp: f32, rank: usize| {
+        let decoded_token = namer.name(id);
+        let logprob = floor(lp);
+        (id, PromptTokenLogprob { logprob, rank, decoded_token })
+    };
+    let mut list = Vec::with_capacity(prompt.len() + 1);
+    list.push(None);
+    for p in prompt {
+        let step = &p.entry;
+        let mut map = vec![entry(step.token_id, step.logprob, p.rank)];
+        map.extend(
+            step.top
+                .iter()
+                .enumerate()
+                .filter(|(_, (id, _))| *id != step.token_id)
+                .map(|(i, &(id, lp))| entry(id, lp, i + 1)),
+        );
+        list.push(Some(PromptLogprobMap(map)));
+    }
+    list
+}
+
 /// Chat `logprobs.content` entries for `steps`.
 pub fn chat_logprobs(
     steps: &[TokenLogprob],
@@ -139,6 +196,27 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&lp.top_logprobs).unwrap(),
             r#"[{"hello":-0.5}]"#
+        );
+    }
+
+    #[test]
+    fn prompt_logprobs_and_echo_shapes() {
+        let tok = test_tokenizer();
+        let namer = TokenNamer::new(&tok, false);
+        // Prompt "hello world": "world" (2) was the second most likely after "hello" (1).
+        let prompt = [PromptLogprob {
+            entry: step(2, -1.5, &[(1, -0.5), (2, -1.5)]),
+            rank: 2,
+        }];
+        assert_eq!(
+            serde_json::to_string(&prompt_logprobs(&prompt, &namer)).unwrap(),
+            r#"[null,{"2":{"logprob":-1.5,"rank":2,"decoded_token":"world"},"1":{"logprob":-0.5,"rank":1,"decoded_token":"hello"}}]"#
+        );
+        let generated = [step(3, -0.25, &[(3, -0.25)])];
+        let lp = echo_completion_logprobs(&[1, 2], &prompt, &generated, 1, &namer);
+        assert_eq!(
+            serde_json::to_string(&lp).unwrap(),
+            r#"{"text_offset":[0,5,10],"token_logprobs":[null,-1.5,-0.25],"tokens":["hello","world","foo"],"top_logprobs":[null,{"world":-1.5,"hello":-0.5},{"foo":-0.25}]}"#
         );
     }
 

@@ -25,6 +25,8 @@ pub struct Plan {
     pub max_tokens_param: &'static str,
     /// Requested top-logprobs count, if any.
     pub logprobs: Option<i64>,
+    /// Requested prompt top-logprobs count, if any.
+    pub prompt_logprobs: Option<i64>,
     pub add_special_tokens: bool,
     /// Whether token prompts need their text (for `echo`).
     pub need_text: bool,
@@ -92,7 +94,13 @@ pub fn prepare(
                 plan.max_tokens_param,
                 max_model_len,
             )?;
-            let params = validation::sampling_params(common, budget, plan.logprobs, limits)?;
+            let params = validation::sampling_params(
+                common,
+                budget,
+                plan.logprobs,
+                plan.prompt_logprobs,
+                limits,
+            )?;
             Ok(PreparedPrompt {
                 token_ids,
                 text,
@@ -127,6 +135,7 @@ mod tests {
         requested_max_tokens: Some(16),
         max_tokens_param: "max_tokens",
         logprobs: None,
+        prompt_logprobs: None,
         add_special_tokens: true,
         need_text: true,
     };

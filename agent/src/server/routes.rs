@@ -542,6 +542,8 @@ mod tests {
                 })
                 .collect(),
             finish,
+            prompt_logprobs: None,
+            embedding: None,
             num_prompt_tokens: 1,
             num_cached_tokens: 0,
         }

@@ -33,9 +33,6 @@ pub fn check_unsupported(common: &CommonFields) -> Result<(), ApiError> {
     if common.bad_words.as_ref().is_some_and(|w| !w.0.is_empty()) {
         return Err(unsupported("bad_words"));
     }
-    if common.prompt_logprobs.is_some() {
-        return Err(unsupported("prompt_logprobs"));
-    }
     if common.logprob_token_ids.is_some() {
         return Err(unsupported("logprob_token_ids"));
     }
@@ -68,6 +65,18 @@ pub fn check_unsupported(common: &CommonFields) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// The request's `prompt_logprobs`; vLLM refuses them on a stream.
+pub fn prompt_logprobs(common: &CommonFields) -> Result<Option<i64>, ApiError> {
+    let k = common.prompt_logprobs.map(|l| l.0);
+    if common.stream() && k.is_some_and(|k| k > 0 || k == -1) {
+        return Err(ApiError::invalid(
+            "`prompt_logprobs` are not available when `stream=True`.",
+            "prompt_logprobs",
+        ));
+    }
+    Ok(k)
 }
 
 /// `n`, checked as `SamplingParams` does.
@@ -201,12 +210,13 @@ pub struct Limits {
     pub max_logprobs: usize,
 }
 
-/// `SamplingParams` for one sequence, checked in vLLM's `_verify_args` order. `logprobs` is the
-/// requested count (`-1`: the whole vocabulary).
+/// `SamplingParams` for one sequence, checked in vLLM's `_verify_args` order. `logprobs` and
+/// `prompt_logprobs` are the requested counts (`-1`: the whole vocabulary).
 pub fn sampling_params(
     common: &CommonFields,
     max_tokens: usize,
     logprobs: Option<i64>,
+    prompt_logprobs: Option<i64>,
     limits: Limits,
 ) -> Result<SamplingParams, ApiError> {
     let float = |f: Option<protocol::fields::LaxFloat>, default: f64| f.map_or(default, |v| v.0);
@@ -291,34 +301,8 @@ pub fn sampling_params(
             "min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}."
         )));
     }
-    let logprobs = match logprobs {
-        None => None,
-        Some(k) if k < -1 => {
-            return Err(ApiError::invalid_value(
-                format!("logprobs must be non-negative or -1, got {k}."),
-                "logprobs",
-                k,
-            ))
-        }
-        Some(k) => {
-            let k = if k == -1 {
-                limits.vocab_size
-            } else {
-                k as usize
-            };
-            if k > limits.max_logprobs {
-                return Err(ApiError::invalid_value(
-                    format!(
-                        "Requested sample logprobs of {k}, which is greater than max allowed: {}",
-                        limits.max_logprobs
-                    ),
-                    "logprobs",
-                    k,
-                ));
-            }
-            Some(k)
-        }
-    };
+    let logprobs = logprob_count(logprobs, "logprobs", "sample", limits)?;
+    let prompt_logprobs = logprob_count(prompt_logprobs, "prompt_logprobs", "prompt", limits)?;
     let stop = common
         .stop
         .as_ref()
@@ -365,10 +349,45 @@ pub fn sampling_params(
         ignore_eos: common.ignore_eos.is_some_and(|b| b.0),
         include_stop_str_in_output: common.include_stop_str_in_output.is_some_and(|b| b.0),
         logprobs,
+        prompt_logprobs,
         logit_bias,
         skip_special_tokens: common.skip_special_tokens.0,
         spaces_between_special_tokens: common.spaces_between_special_tokens.0,
     })
+}
+
+/// A logprobs count (`-1`: the whole vocabulary) checked against `--max-logprobs`; `kind`
+/// names it in vLLM's message ("sample" or "prompt").
+fn logprob_count(
+    k: Option<i64>,
+    field: &str,
+    kind: &str,
+    limits: Limits,
+) -> Result<Option<usize>, ApiError> {
+    let Some(k) = k else { return Ok(None) };
+    if k < -1 {
+        return Err(ApiError::invalid_value(
+            format!("{field} must be non-negative or -1, got {k}."),
+            field,
+            k,
+        ));
+    }
+    let k = if k == -1 {
+        limits.vocab_size
+    } else {
+        k as usize
+    };
+    if k > limits.max_logprobs {
+        return Err(ApiError::invalid_value(
+            format!(
+                "Requested {kind} logprobs of {k}, which is greater than max allowed: {}",
+                limits.max_logprobs
+            ),
+            field,
+            k,
+        ));
+    }
+    Ok(Some(k))
 }
 
 /// `logit_bias`: string keys parsed as token ids, biases clamped to [-100, 100] (OpenAI),
@@ -466,7 +485,7 @@ mod tests {
     #[test]
     fn sampling_param_ranges() {
         let err = |v: Value| {
-            sampling_params(&common(v), 16, None, LIMITS)
+            sampling_params(&common(v), 16, None, None, LIMITS)
                 .unwrap_err()
                 .message
         };
@@ -516,7 +535,7 @@ mod tests {
                                   "stop_token_ids": [5], "ignore_eos": true}),
         );
         c.logit_bias = Some(FloatDict(vec![("7".into(), 500.0)]));
-        let p = sampling_params(&c, 10, Some(3), LIMITS).unwrap();
+        let p = sampling_params(&c, 10, Some(3), None, LIMITS).unwrap();
         assert_eq!(p.temperature, 0.0);
         assert_eq!(p.top_k, -1);
         assert_eq!(p.seed, Some(u64::MAX));
@@ -527,14 +546,20 @@ mod tests {
         assert_eq!(p.logit_bias.get(&7), Some(&100.0));
         assert_eq!(p.max_tokens, 10);
         assert_eq!(child_params(&p, 2).seed, Some(1));
-        let e = sampling_params(&common(json!({})), 10, Some(21), LIMITS).unwrap_err();
+        let e = sampling_params(&common(json!({})), 10, Some(21), None, LIMITS).unwrap_err();
         assert_eq!(
             e.message,
             "Requested sample logprobs of 21, which is greater than max allowed: 20 \
              (parameter=logprobs, value=21)"
         );
-        assert!(sampling_params(&common(json!({})), 10, Some(-1), LIMITS).is_err());
-        let defaults = sampling_params(&common(json!({})), 10, None, LIMITS).unwrap();
+        assert!(sampling_params(&common(json!({})), 10, Some(-1), None, LIMITS).is_err());
+        let p = sampling_params(&common(json!({})), 10, None, Some(0), LIMITS).unwrap();
+        assert_eq!((p.logprobs, p.prompt_logprobs), (None, Some(0)));
+        let e = sampling_params(&common(json!({})), 10, None, Some(30), LIMITS).unwrap_err();
+        assert!(e
+            .message
+            .starts_with("Requested prompt logprobs of 30, which is greater than max allowed"));
+        let defaults = sampling_params(&common(json!({})), 10, None, None, LIMITS).unwrap();
         assert_eq!(defaults.temperature, 1.0);
         assert!(defaults.skip_special_tokens);
     }
@@ -542,7 +567,6 @@ mod tests {
     #[test]
     fn unsupported_features_are_refused() {
         assert!(check_unsupported(&common(json!({"use_beam_search": true}))).is_err());
-        assert!(check_unsupported(&common(json!({"prompt_logprobs": 1}))).is_err());
         assert!(
             check_unsupported(&common(json!({"response_format": {"type": "json_object"}})))
                 .is_err()

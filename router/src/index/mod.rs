@@ -21,6 +21,7 @@
 //! removing one clears both.
 
 mod keys;
+pub mod routed;
 mod table;
 
 use std::collections::HashMap;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use crate::events::{EventIngest, PodEndpoints};
+use crate::index::routed::RoutedPrefixes;
 use crate::index::PrefixIndex;
 use crate::load::{self, MonitorConfig, PodLoad};
 
@@ -31,6 +32,8 @@ pub trait PodHooks: Send + Sync {
 pub struct IndexHooks {
     pub ingest: Arc<EventIngest>,
     pub index: Arc<PrefixIndex>,
+    /// The routing history (`prefix-cache-scorer`), whose guesses die with the pod's cache.
+    pub routed: Option<Arc<RoutedPrefixes>>,
 }
 
 impl PodHooks for IndexHooks {
@@ -47,6 +50,9 @@ impl PodHooks for IndexHooks {
 
     fn left(&self, name: &str) {
         self.ingest.remove_pod(name);
+        if let Some(r) = &self.routed {
+            r.forget(name);
+        }
     }
 
     fn restarted(&self, name: &str) {
@@ -54,6 +60,9 @@ impl PodHooks for IndexHooks {
         // thread is busy (a replay may wait on a dead socket); the stream then clears again in
         // order with its batches and refetches what the new engine already published.
         self.index.clear_pod(name);
+        if let Some(r) = &self.routed {
+            r.forget(name);
+        }
         self.ingest.pod_restarted(name);
     }
 }
@@ -217,6 +226,7 @@ mod tests {
         let hooks = IndexHooks {
             ingest: Arc::new(EventIngest::start(index.clone(), IngestConfig::default())),
             index: index.clone(),
+            routed: None,
         };
         let set = PodSet::new(
             reqwest::Client::new(),

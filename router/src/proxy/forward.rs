@@ -73,6 +73,10 @@ pub async fn send(s: &RouterState, mut decision: Decision, attempt: Attempt) -> 
                 tracing::debug!(pod = %pod.name, "503, trying the next pod");
             }
             Ok(resp) => {
+                // The first choice was recorded as it was chosen; a fallback takes it over.
+                if let Some(routed) = s.routed.as_ref().filter(|_| i > 0) {
+                    routed.record(&pod.name, &decision.routed_keys);
+                }
                 s.metrics.decision(
                     &pod.name,
                     decision.prefix_blocks[i],

@@ -19,10 +19,11 @@ use protocol::ApiError;
 use serde_json::{Map, Value};
 
 use crate::events::IngestStats;
+use crate::index::routed::RoutedPrefixes;
 use crate::index::PrefixIndex;
 use crate::metrics::RouterMetrics;
 use crate::pods::PodSet;
-use crate::scoring::{PodView, Scheduler};
+use crate::scoring::{PodView, Scheduler, Scorer};
 
 pub use forward::{Attempt, POD_HEADER};
 
@@ -34,6 +35,8 @@ const INLINE_TOKENIZE_BYTES: usize = 16 << 10;
 pub struct RouterState {
     pub pods: Arc<PodSet>,
     pub index: Arc<PrefixIndex>,
+    /// The routing history, when the profile scores with `prefix-cache-scorer`.
+    pub routed: Option<Arc<RoutedPrefixes>>,
     pub scheduler: Scheduler,
     pub tokenizer: Arc<Preprocessor>,
     pub metrics: RouterMetrics,
@@ -71,6 +74,9 @@ pub struct Decision {
     pub latency: Duration,
     /// The request already counted in flight on `order[0]`, taken when it was chosen.
     pub first_in_flight: Option<crate::load::InFlight>,
+    /// The prompt's blocks for the routing history (recorded for `order[0]` when chosen, and
+    /// for a fallback pod that takes the request instead).
+    pub routed_keys: Vec<u64>,
 }
 
 impl RouterState {
@@ -78,11 +84,21 @@ impl RouterState {
     /// in the picker's order; unhealthy ones follow as a last resort.
     pub fn decide(&self, prompt: Option<&PromptKey>, arrived: Instant) -> Decision {
         let pods = self.pods.list();
-        let matches = match prompt {
-            Some(p) if self.scheduler.profile().uses_prefix() => self
-                .index
-                .longest_prefix(&self.index.block_keys(&p.tokens, p.cache_salt.as_deref())),
+        let profile = self.scheduler.profile();
+        let keys = match prompt {
+            Some(p) if profile.uses_prefix() => {
+                self.index.block_keys(&p.tokens, p.cache_salt.as_deref())
+            }
             _ => Vec::new(),
+        };
+        let matches = if profile.uses(Scorer::PrecisePrefixCache) {
+            self.index.longest_prefix(&keys)
+        } else {
+            Vec::new()
+        };
+        let routed_keys = match &self.routed {
+            Some(r) => r.truncate(&keys).to_vec(),
+            None => Vec::new(),
         };
         // Poisoning only means another decision panicked; the guarded data is nothing.
         let _choosing = self
@@ -94,14 +110,20 @@ impl RouterState {
         let mut order = Vec::with_capacity(pods.len());
         let mut prefix_blocks = Vec::with_capacity(pods.len());
         for group in [healthy, sick] {
+            let routed = match &self.routed {
+                Some(r) => r.scores(&routed_keys, group.iter().map(|p| &*p.name)),
+                None => vec![0.0; group.len()],
+            };
             let views: Vec<PodView> = group
                 .iter()
-                .map(|p| {
+                .zip(routed)
+                .map(|(p, routed_score)| {
                     let m = matches.iter().find(|m| *m.pod == *p.name);
                     PodView {
                         load: p.load.view(now, self.stale_after),
                         prefix_score: m.map_or(0.0, |m| m.score),
                         prefix_blocks: m.map_or(0, |m| m.blocks),
+                        routed_score,
                     }
                 })
                 .collect();
@@ -111,11 +133,17 @@ impl RouterState {
             }
         }
         let first_in_flight = order.first().map(|p| p.load.dispatch());
+        // Recorded as chosen (the gateway's PreRequest), under the lock: requests arriving
+        // together with one prefix follow the first instead of scattering before it answers.
+        if let (Some(r), Some(first)) = (&self.routed, order.first()) {
+            r.record(&first.name, &routed_keys);
+        }
         Decision {
             order,
             prefix_blocks,
             latency: arrived.elapsed(),
             first_in_flight,
+            routed_keys,
         }
     }
 }

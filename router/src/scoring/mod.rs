@@ -47,13 +47,14 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// Whether requests must be tokenized and looked up in the prefix index.
+    /// Whether requests must be tokenized (for the prefix index or the routing history).
     pub fn uses_prefix(&self) -> bool {
-        self.picker != Picker::RoundRobin
-            && self
-                .scorers
-                .iter()
-                .any(|s| s.scorer == Scorer::PrecisePrefixCache)
+        self.uses(Scorer::PrecisePrefixCache) || self.uses(Scorer::PrefixCache)
+    }
+
+    /// Whether a scorer counts in the ranking.
+    pub fn uses(&self, scorer: Scorer) -> bool {
+        self.picker != Picker::RoundRobin && self.scorers.iter().any(|s| s.scorer == scorer)
     }
 }
 
@@ -129,6 +130,7 @@ mod tests {
             }),
             prefix_score: prefix,
             prefix_blocks: 0,
+            routed_score: 0.0,
         }
     }
 

@@ -15,12 +15,17 @@ pub struct PodView {
     pub prefix_score: f64,
     /// Leading prompt blocks the pod holds.
     pub prefix_blocks: usize,
+    /// The share of the prompt's leading blocks this router sent the pod before, 0..1.
+    pub routed_score: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Scorer {
     /// `precise-prefix-cache-scorer`: the index's longest-prefix score.
     PrecisePrefixCache,
+    /// `prefix-cache-scorer` (the Inference Gateway's approximate one): the routing history's
+    /// longest-prefix share, no events needed.
+    PrefixCache,
     /// `kv-cache-utilization-scorer`: `1 - kv_cache_usage_perc`.
     KvCacheUtilization,
     /// `queue-scorer`: `(maxQ - q) / (maxQ - minQ)` over the candidates, 1 when all equal.
@@ -34,6 +39,7 @@ impl Scorer {
     pub fn plugin_type(&self) -> &'static str {
         match self {
             Self::PrecisePrefixCache => "precise-prefix-cache-scorer",
+            Self::PrefixCache => "prefix-cache-scorer",
             Self::KvCacheUtilization => "kv-cache-utilization-scorer",
             Self::Queue => "queue-scorer",
             Self::LoadAware { .. } => "load-aware-scorer",
@@ -44,6 +50,7 @@ impl Scorer {
     pub fn score(&self, pods: &[PodView]) -> Vec<f64> {
         let raw: Vec<f64> = match self {
             Self::PrecisePrefixCache => pods.iter().map(|p| p.prefix_score).collect(),
+            Self::PrefixCache => pods.iter().map(|p| p.routed_score).collect(),
             Self::KvCacheUtilization => pods
                 .iter()
                 .map(|p| p.load.map_or(0.0, |l| 1.0 - l.kv_usage))
@@ -102,6 +109,7 @@ mod tests {
             }),
             prefix_score: 0.0,
             prefix_blocks: 0,
+            routed_score: 0.0,
         }
     }
 
@@ -110,6 +118,7 @@ mod tests {
             load: None,
             prefix_score: 0.0,
             prefix_blocks: 0,
+            routed_score: 0.0,
         }
     }
 
@@ -156,6 +165,11 @@ mod tests {
         a.prefix_score = 0.8;
         let mut b = stale();
         b.prefix_score = 1.2;
-        assert_eq!(Scorer::PrecisePrefixCache.score(&[a, b]), vec![0.8, 1.0]);
+        assert_eq!(
+            Scorer::PrecisePrefixCache.score(&[a.clone(), b.clone()]),
+            vec![0.8, 1.0]
+        );
+        a.routed_score = 0.25;
+        assert_eq!(Scorer::PrefixCache.score(&[a, b]), vec![0.25, 0.0]);
     }
 }
