@@ -221,6 +221,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
             enable_force_include_usage: args.enable_force_include_usage,
             system_fingerprint: Some(fingerprint),
             max_body_bytes: MAX_REQUEST_BODY_BYTES,
+            pooling: args.pooler_config.unwrap_or_default(),
         },
     );
 

@@ -12,7 +12,7 @@ use crate::python::{py_repr, py_str};
 use crate::raw;
 use crate::request::{
     ChatCompletionRequest, ChatFields, CommonFields, CompletionFields, CompletionRequest,
-    DetokenizeRequest, Generation, TokenizeRequest,
+    DetokenizeRequest, EmbeddingRequest, Generation, TokenizeRequest,
 };
 
 /// A request type with its own raw ("before") checks.
@@ -220,6 +220,12 @@ impl WireRequest for ChatCompletionRequest {
 }
 
 impl WireRequest for TokenizeRequest {
+    fn from_json(body: &Map<String, Value>) -> Result<Self, ApiError> {
+        typed(body)
+    }
+}
+
+impl WireRequest for EmbeddingRequest {
     fn from_json(body: &Map<String, Value>) -> Result<Self, ApiError> {
         typed(body)
     }

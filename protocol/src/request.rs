@@ -1,5 +1,5 @@
 //! Request bodies of the OpenAI-compatible API as vLLM reads them: `/v1/completions`,
-//! `/v1/chat/completions`, `/tokenize`, `/detokenize`. Unknown fields are ignored; the two halves
+//! `/v1/chat/completions`, `/v1/embeddings`, `/tokenize`, `/detokenize`. Unknown fields are ignored; the two halves
 //! of a generation request ([`CommonFields`] and the endpoint's own) are read separately so that
 //! each failure keeps its exact path.
 
@@ -345,6 +345,36 @@ pub struct TokenizeRequest {
     pub chat_template_kwargs: Option<Dict>,
     #[serde(default)]
     pub tools: Option<Vec<Dict>>,
+}
+
+/// `POST /v1/embeddings`: `input` in the shapes of completions' `prompt`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingRequest {
+    #[serde(default)]
+    pub model: Option<Str>,
+    #[serde(default)]
+    pub input: Option<Prompt>,
+    /// vLLM's chat form of the request (not served here: a 400 says so).
+    #[serde(default)]
+    pub messages: Option<Value>,
+    /// `float` (default) or `base64` (little-endian float32 bytes).
+    #[serde(default)]
+    pub encoding_format: Option<Str>,
+    #[serde(default)]
+    pub dimensions: Option<LaxInt>,
+    #[serde(default)]
+    pub user: Option<Str>,
+    #[serde(default)]
+    pub truncate_prompt_tokens: Option<LaxInt>,
+    #[serde(default)]
+    pub add_special_tokens: Option<LaxBool>,
+    /// vLLM's pooling parameter: L2-normalise (default: the server's pooler config).
+    #[serde(default)]
+    pub normalize: Option<LaxBool>,
+    #[serde(default)]
+    pub request_id: Option<Str>,
+    #[serde(default)]
+    pub priority: Option<LaxInt>,
 }
 
 /// `POST /detokenize`.

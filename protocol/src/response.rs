@@ -41,6 +41,33 @@ impl UsageInfo {
     }
 }
 
+/// `/v1/embeddings` response.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EmbeddingResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub data: Vec<EmbeddingData>,
+    pub usage: UsageInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EmbeddingData {
+    pub index: usize,
+    pub object: &'static str,
+    pub embedding: EmbeddingValue,
+}
+
+/// An embedding as `encoding_format` asks: a list of floats, or base64 of little-endian
+/// float32 bytes (what the `openai` client asks for by default).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum EmbeddingValue {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
 /// `top_logprobs` entry of the completions API: `{token: logprob}` in vLLM's order. Equal
 /// token strings collapse as in a Python dict (first position, last value).
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -69,6 +69,20 @@ impl Oracle {
     }
 }
 
+/// The GGUF's token embedding (`token_embd.weight`, which this model's tied LM head is),
+/// dequantized: `[vocab, hidden]` row-major, and `hidden`.
+pub fn token_embeddings(path: &Path) -> anyhow::Result<(Vec<f32>, usize)> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let content = gguf_file::Content::read(&mut file)?;
+    let device = Device::Cpu;
+    let weights = content
+        .tensor(&mut file, "token_embd.weight", &device)?
+        .dequantize(&device)?;
+    let (_, hidden) = weights.dims2()?;
+    Ok((weights.flatten_all()?.to_vec1::<f32>()?, hidden))
+}
+
 /// The index of the largest value (the first one on ties).
 pub fn argmax(values: &[f32]) -> u32 {
     let mut best = 0;

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use kernels::KvDtype;
 
+use crate::engine::{Pooling, PoolingType};
 use crate::kv_cache::HashAlgo;
 
 /// Default KV-cache size on CPU, where `--gpu-memory-utilization` has nothing to measure.
@@ -180,6 +181,11 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub compat: compat::CompatArgs,
 
+    /// How /v1/embeddings pools a prompt (vLLM's PoolerConfig JSON): `pooling_type` LAST
+    /// (default) or MEAN, `normalize` (default true).
+    #[arg(long, value_parser = parse_pooler_config, value_name = "JSON")]
+    pub pooler_config: Option<Pooling>,
+
     /// Most logprobs a request may ask for (vLLM's --max-logprobs).
     #[arg(long, default_value_t = 20)]
     pub max_logprobs: usize,
@@ -330,6 +336,27 @@ fn parse_json_object(s: &str) -> Result<Value, String> {
     } else {
         Err("expected a JSON object".to_string())
     }
+}
+
+/// `--pooler-config`: the keys this server pools with; any other key or pooling type is an
+/// error (ignoring it would change the embeddings).
+fn parse_pooler_config(s: &str) -> Result<Pooling, String> {
+    let v = parse_json_object(s)?;
+    let mut pooling = Pooling::default();
+    for (key, value) in v.as_object().into_iter().flatten() {
+        match (key.as_str(), value) {
+            ("pooling_type", Value::String(t)) => {
+                pooling.kind = match t.to_ascii_uppercase().as_str() {
+                    "LAST" => PoolingType::Last,
+                    "MEAN" => PoolingType::Mean,
+                    _ => return Err(format!("pooling_type {t} is not supported (LAST, MEAN)")),
+                }
+            }
+            ("normalize", Value::Bool(b)) => pooling.normalize = *b,
+            (key, value) => return Err(format!("unsupported key {key} = {value}")),
+        }
+    }
+    Ok(pooling)
 }
 
 /// vLLM's `human_readable_int`: `25.6k` (×1000), `2K` (×1024, no decimals), plain integers;

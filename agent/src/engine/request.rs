@@ -12,7 +12,7 @@ use super::sampling::{Sampled, SequenceSampler};
 use super::stop_checker::StopChecker;
 use super::types::{
     Finish, FinishReason, GenerateOutput, GenerateRequest, ParentRequest, Pooling,
-    PromptLogprob, SamplingParams, StopReason,
+    PoolingType, PromptLogprob, SamplingParams, StopReason,
 };
 
 /// Timestamps of a request's life, for the latency histograms.
@@ -99,7 +99,7 @@ impl Request {
     /// Whether the prefix cache may supply this request's prompt: not when every prompt
     /// position's output is needed (prompt logprobs, mean pooling).
     pub fn reads_prefix_cache(&self) -> bool {
-        self.params.prompt_logprobs.is_none() && self.pooling != Some(Pooling::Mean)
+        self.params.prompt_logprobs.is_none() && self.pooling.map(|p| p.kind) != Some(PoolingType::Mean)
     }
 
     /// Most tokens to compute in one step (see [`PROMPT_LOGPROBS_STEP_TOKENS`]).
@@ -139,23 +139,25 @@ impl Request {
 
     /// Whether position `pos` computed this step is pooled into the embedding.
     pub fn wants_hidden(&self, pos: usize) -> bool {
-        match self.pooling {
+        match self.pooling.map(|p| p.kind) {
             None => false,
-            Some(Pooling::Last) => pos + 1 == self.prompt_len,
-            Some(Pooling::Mean) => pos < self.prompt_len && pos >= self.pooled_rows,
+            Some(PoolingType::Last) => pos + 1 == self.prompt_len,
+            Some(PoolingType::Mean) => pos < self.prompt_len && pos >= self.pooled_rows,
         }
     }
 
     /// Pools position `pos`'s final hidden state. Returns true once the embedding is complete
     /// (it is then in the pending output and the request is done).
     pub fn record_hidden(&mut self, pos: usize, hidden: &[f32]) -> bool {
-        match self.pooling {
-            None => return false,
-            Some(Pooling::Last) => {
+        let Some(pooling) = self.pooling else {
+            return false;
+        };
+        match pooling.kind {
+            PoolingType::Last => {
                 self.pooled = hidden.to_vec();
                 self.pooled_rows = self.prompt_len;
             }
-            Some(Pooling::Mean) if pos == self.pooled_rows => {
+            PoolingType::Mean if pos == self.pooled_rows => {
                 if self.pooled.is_empty() {
                     self.pooled = vec![0.0; hidden.len()];
                 }
@@ -164,17 +166,19 @@ impl Request {
                 }
                 self.pooled_rows += 1;
             }
-            Some(Pooling::Mean) => {}
+            PoolingType::Mean => {}
         }
         if self.pooled_rows < self.prompt_len {
             return false;
         }
         let mut e = std::mem::take(&mut self.pooled);
+        if pooling.kind == PoolingType::Mean {
+            let n = self.prompt_len as f32;
+            e.iter_mut().for_each(|x| *x /= n);
+        }
         let norm = e.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if norm > 0.0 {
-            for x in &mut e {
-                *x /= norm;
-            }
+        if pooling.normalize && norm > 0.0 {
+            e.iter_mut().for_each(|x| *x /= norm);
         }
         self.pending.embedding = Some(e);
         true

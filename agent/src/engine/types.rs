@@ -82,11 +82,28 @@ pub struct GenerateRequest {
     pub pooling: Option<Pooling>,
 }
 
-/// How an embedding pools a prompt's final hidden states (vLLM's `PoolingType`); the result is
-/// L2-normalised, as vLLM's embed pooler does by default.
+/// How an embedding pools a prompt's final hidden states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pooling {
-    /// The last token's (vLLM's default for decoder models).
+pub struct Pooling {
+    pub kind: PoolingType,
+    /// L2-normalise the result (vLLM's embed default).
+    pub normalize: bool,
+}
+
+impl Default for Pooling {
+    /// vLLM's default for a decoder model's embeddings: the last token, normalised.
+    fn default() -> Self {
+        Self {
+            kind: PoolingType::Last,
+            normalize: true,
+        }
+    }
+}
+
+/// vLLM's `PoolingType`, the ones a decoder model's embedding uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolingType {
+    /// The last token's hidden state (vLLM's default for decoder models).
     Last,
     /// The mean over all prompt tokens.
     Mean,

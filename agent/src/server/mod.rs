@@ -8,6 +8,7 @@
 
 pub mod chat;
 pub mod completions;
+pub mod embeddings;
 pub mod errors;
 pub mod extract;
 pub mod generate;

@@ -8,7 +8,7 @@ use prompt::{ChatTemplate, Tokenizer};
 use protocol::ApiError;
 use sha2::{Digest, Sha256};
 
-use crate::engine::EngineHandle;
+use crate::engine::{EngineHandle, Pooling};
 use crate::metrics::Metrics;
 
 /// Server settings (from the command line and the loaded model).
@@ -29,6 +29,8 @@ pub struct ServerConfig {
     pub system_fingerprint: Option<String>,
     /// Largest request body accepted; larger ones get a 413.
     pub max_body_bytes: usize,
+    /// How `/v1/embeddings` pools (`--pooler-config`).
+    pub pooling: Pooling,
 }
 
 /// Shared handler state; cheap to clone.

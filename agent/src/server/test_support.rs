@@ -71,6 +71,7 @@ pub fn test_config() -> ServerConfig {
         enable_force_include_usage: false,
         system_fingerprint: Some("fp-test".into()),
         max_body_bytes: 16 << 20,
+        pooling: crate::engine::Pooling::default(),
     }
 }
 
