@@ -3,7 +3,7 @@
 //!
 //! - [`request`]: request bodies ([`fields`]: pydantic-style lax scalars and field errors).
 //! - [`body`]: bytes → typed request with vLLM's 400s; [`raw`]: its "before" validators.
-//! - [`response`]: response bodies, field order as vLLM's.
+//! - [`response`]: response bodies, field order as vLLM's; [`responses`]: the Responses API.
 //! - [`error`]: [`ApiError`], the `{"error": {...}}` body and its HTTP status.
 //! - [`python`]: Python's spelling of values inside messages.
 //! - [`sse`]: the event-stream framing of streamed responses.
@@ -18,6 +18,7 @@ pub mod python;
 pub mod raw;
 pub mod request;
 pub mod response;
+pub mod responses;
 pub mod sse;
 
 pub use error::ApiError;

@@ -11,6 +11,12 @@ pub fn event(json: &str) -> String {
     format!("data: {json}\n\n")
 }
 
+/// The frame of a typed event (the Responses API's streams): `event: <type>` before the data.
+/// Such streams end without `[DONE]`.
+pub fn typed_event(kind: &str, json: &str) -> String {
+    format!("event: {kind}\ndata: {json}\n\n")
+}
+
 /// How a stream that fails after its head ends: the error as an event, then `[DONE]`.
 pub fn error_ending(error: &ApiError) -> String {
     event(&error.to_json()) + DONE
@@ -23,6 +29,7 @@ mod tests {
     #[test]
     fn frames() {
         assert_eq!(event("{\"a\":1}"), "data: {\"a\":1}\n\n");
+        assert_eq!(typed_event("t", "{}"), "event: t\ndata: {}\n\n");
         let ending = error_ending(&ApiError::internal("cut"));
         assert!(
             ending.starts_with("data: {\"error\":{\"message\":\"cut\""),

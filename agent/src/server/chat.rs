@@ -31,11 +31,11 @@ use super::validation;
 const RESPONSE_ROLE: &str = "assistant";
 
 /// What shapes the response of one chat request.
-struct Chat {
-    id: String,
-    created: u64,
-    model: String,
-    prompt: PreparedPrompt,
+pub(super) struct Chat {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub prompt: PreparedPrompt,
     n: usize,
     role: String,
     /// With `echo`: the last message's content, sent before the generated text.
@@ -73,6 +73,23 @@ pub async fn create_chat_completion(
     headers: HeaderMap,
     VllmJson(request): VllmJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
+    let stream = request.common.stream();
+    let (chat, events) = start(&state, &headers, request, "chatcmpl-").await?;
+    if stream {
+        return Ok(sse_response(stream_chunks(state, chat, events)));
+    }
+    let choices = generate::collect(events, chat.n).await?;
+    Ok(Json(full_response(&state, &chat, choices)).into_response())
+}
+
+/// Checks, templates and submits a chat request (also the Responses API's, turned into one):
+/// what shapes its answer and the engine's events. `id_prefix` starts the response id.
+pub(super) async fn start(
+    state: &AppState,
+    headers: &HeaderMap,
+    request: ChatCompletionRequest,
+    id_prefix: &str,
+) -> Result<(Chat, BoxStream<'static, ChoiceEvent>), ApiError> {
     let Generation { fields, common } = request;
     state.admit(&common)?;
     let template_in_kwargs = fields
@@ -135,8 +152,8 @@ pub async fn create_chat_completion(
     };
 
     let id = format!(
-        "chatcmpl-{}",
-        request_id_base(&headers, common.request_id.as_ref())
+        "{id_prefix}{}",
+        request_id_base(headers, common.request_id.as_ref())
     );
     let cache_salt = common.cache_salt.as_ref().map(|s| s.0.as_str());
     let events = generate::submit(
@@ -158,14 +175,10 @@ pub async fn create_chat_completion(
         echo,
         return_token_ids: common.return_token_ids(),
         tokens_as_ids: common.return_tokens_as_token_ids.is_some_and(|b| b.0),
-        usage: UsagePolicy::new(&state, common.stream_options.as_ref()),
+        usage: UsagePolicy::new(state, common.stream_options.as_ref()),
         fingerprint: state.config.system_fingerprint.clone(),
     };
-    if common.stream() {
-        return Ok(sse_response(stream_chunks(state, chat, events)));
-    }
-    let choices = generate::collect(events, n).await?;
-    Ok(Json(full_response(&state, &chat, choices)).into_response())
+    Ok((chat, events))
 }
 
 /// The non-streaming response.

@@ -15,6 +15,7 @@ pub mod generate;
 pub mod logprobs;
 pub mod prepare;
 pub mod response;
+pub mod responses;
 pub mod routes;
 pub mod state;
 pub mod streaming;

@@ -15,7 +15,7 @@ use protocol::ApiError;
 use sha2::{Digest, Sha256};
 
 use super::state::{unix_now, AppState};
-use super::{chat, completions, embeddings, tokenize};
+use super::{chat, completions, embeddings, responses, tokenize};
 
 const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -25,6 +25,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions::create_completion))
         .route("/v1/chat/completions", post(chat::create_chat_completion))
         .route("/v1/embeddings", post(embeddings::create_embedding))
+        .route("/v1/responses", post(responses::create_response))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))

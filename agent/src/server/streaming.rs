@@ -41,6 +41,22 @@ where
     response
 }
 
+/// A `text/event-stream` response of typed events (`(type, JSON payload)`), the Responses
+/// API's framing: no `[DONE]` at the end.
+pub fn sse_typed_response<S>(events: S) -> Response
+where
+    S: Stream<Item = (&'static str, String)> + Send + 'static,
+{
+    let frames = events
+        .map(|(kind, json)| Ok::<_, Infallible>(Bytes::from(protocol::sse::typed_event(kind, &json))));
+    let mut response = Body::from_stream(frames).into_response();
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
