@@ -2,7 +2,8 @@
 //! with `lruCapacityPerServer` and `single-profile-handler`) in front of two agents that publish
 //! no KV events: the router learns prefixes from its own routing, so every request of a
 //! shared-prefix group lands on the pod that served the group's first one, and those pods hit
-//! their prefix caches. The parameters the router does not read are logged with why.
+//! their prefix caches (also when the group's last request comes through `/v1/responses`).
+//! The parameters the router does not read are logged with why.
 
 use std::collections::HashMap;
 
@@ -47,6 +48,17 @@ fn chat(group: usize, i: usize) -> Value {
     })
 }
 
+/// The same conversation as a Responses API request.
+fn as_response(chat: &Value) -> Value {
+    json!({
+        "model": SERVED_MODEL,
+        "instructions": chat["messages"][0]["content"],
+        "input": [chat["messages"][1]],
+        "max_output_tokens": 2,
+        "temperature": 0.0,
+    })
+}
+
 fn hits(m: &Metrics) -> f64 {
     m.value("vllm:prefix_cache_hits_total")
 }
@@ -70,7 +82,13 @@ async fn shared_prefixes_stay_on_one_pod_without_events() {
     let mut served: HashMap<usize, Vec<String>> = HashMap::new();
     for i in 0..PER_GROUP {
         for group in 0..GROUPS {
-            let pod = router.post_ok("/v1/chat/completions", &chat(group, i)).await;
+            // The last round asks through the Responses API: the router reads it as the chat
+            // it amounts to, so it shares the group's prefix too.
+            let pod = if i + 1 == PER_GROUP {
+                router.post_ok("/v1/responses", &as_response(&chat(group, i))).await
+            } else {
+                router.post_ok("/v1/chat/completions", &chat(group, i)).await
+            };
             served.entry(group).or_default().push(pod);
         }
     }

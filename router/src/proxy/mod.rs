@@ -1,6 +1,7 @@
-//! The HTTP front: `/v1/completions` and `/v1/chat/completions` are scored and forwarded to the
-//! best pod (streams passed through chunk by chunk), `/v1/models` and anything else unknown go
-//! to the least loaded pod, and `/health` and `/metrics` are the router's own.
+//! The HTTP front: `/v1/completions`, `/v1/chat/completions` and `/v1/responses` are scored
+//! and forwarded to the best pod (streams passed through chunk by chunk), `/v1/models`,
+//! `/v1/embeddings` and anything else unknown go to the least loaded pod, and `/health` and
+//! `/metrics` are the router's own.
 
 mod forward;
 mod sse;
@@ -60,6 +61,7 @@ pub fn app(state: AppState) -> axum::Router {
     axum::Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/responses", post(responses))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(passthrough)
@@ -148,12 +150,25 @@ impl RouterState {
     }
 }
 
+/// The generation endpoints the router reads the prompt of.
+#[derive(Debug, Clone, Copy)]
+enum Scored {
+    Completions,
+    Chat,
+    /// Read as the chat it amounts to (`protocol::responses`).
+    Responses,
+}
+
 async fn completions(State(s): State<AppState>, req: Request) -> Response {
-    route(s, Some(Endpoint::Completions), req).await
+    route(s, Some(Scored::Completions), req).await
 }
 
 async fn chat_completions(State(s): State<AppState>, req: Request) -> Response {
-    route(s, Some(Endpoint::ChatCompletions), req).await
+    route(s, Some(Scored::Chat), req).await
+}
+
+async fn responses(State(s): State<AppState>, req: Request) -> Response {
+    route(s, Some(Scored::Responses), req).await
 }
 
 /// Requests the router does not score (`/v1/models`, `/tokenize`, `/version`, …): to the pod
@@ -170,7 +185,7 @@ async fn passthrough(State(s): State<AppState>, req: Request) -> Response {
 
 /// Reads the body, decides (by the prompt of a generation `endpoint` when the profile scores
 /// prefixes, else by load only) and forwards.
-async fn route(s: AppState, endpoint: Option<Endpoint>, req: Request) -> Response {
+async fn route(s: AppState, endpoint: Option<Scored>, req: Request) -> Response {
     let arrived = Instant::now();
     let (parts, body) = req.into_parts();
     let body = match read_body(&parts.headers, body, s.max_body_bytes).await {
@@ -195,13 +210,20 @@ async fn route(s: AppState, endpoint: Option<Endpoint>, req: Request) -> Respons
 
 async fn prompt_key(
     tokenizer: &Arc<Preprocessor>,
-    endpoint: Endpoint,
+    endpoint: Scored,
     body: &Bytes,
     max_model_len: usize,
 ) -> Option<PromptKey> {
     let parse = move |bytes: &[u8], t: &Preprocessor| {
         let obj: Map<String, Value> = serde_json::from_slice(bytes).ok()?;
-        t.prompt(endpoint, &obj, max_model_len)
+        match endpoint {
+            Scored::Completions => t.prompt(Endpoint::Completions, &obj, max_model_len),
+            Scored::Chat => t.prompt(Endpoint::ChatCompletions, &obj, max_model_len),
+            Scored::Responses => {
+                let (chat, _) = protocol::responses::to_chat_body(&obj).ok()?;
+                t.prompt(Endpoint::ChatCompletions, &chat, max_model_len)
+            }
+        }
     };
     if body.len() <= INLINE_TOKENIZE_BYTES {
         return parse(body, tokenizer);
