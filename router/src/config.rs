@@ -487,6 +487,10 @@ fn why_ignored(kind: &str, key: &str) -> &'static str {
             "requests are tokenized with --model's tokenizer"
         }
         (_, "concurrency") => "each pod's events are applied in order by one worker",
+        (_, "discoverPods") => {
+            "the router subscribes to each pod's own publisher (--pod events=, \
+             --pod-discovery) unless zmqEndpoint makes it bind one socket for all"
+        }
         ("prefix-cache-scorer", "hashBlockSize" | "blockSize") => {
             "blocks are the pods' KV blocks of token ids (--block-size), not characters"
         }
