@@ -317,6 +317,14 @@ impl Agent {
         token_ids(&body["tokens"])
     }
 
+    /// The text of `ids` from the agent's `/detokenize`.
+    pub async fn detokenize(&self, ids: &[u32]) -> String {
+        let body = self
+            .post_ok("/detokenize", &json!({"model": SERVED_MODEL, "tokens": ids}))
+            .await;
+        body["prompt"].as_str().unwrap_or_default().to_string()
+    }
+
     /// The parsed `/metrics` page.
     pub async fn metrics(&self) -> Metrics {
         let reply = self.get("/metrics").await;

@@ -75,12 +75,7 @@ async fn last_hidden_state_reproduces_the_oracle_logits() {
         .clone();
     assert_eq!(top.len(), 5, "{gen}");
     for (id, lp) in top_k(&ours, 5) {
-        let text = agent
-            .post_ok("/detokenize", &json!({"model": SERVED_MODEL, "tokens": [id]}))
-            .await["prompt"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let text = agent.detokenize(&[id]).await;
         let agent_lp = top[&text].as_f64().unwrap() as f32;
         assert!((agent_lp - lp).abs() < 1e-4, "token {id}: {lp} vs {agent_lp}");
     }

@@ -75,12 +75,7 @@ async fn prompt_logprobs_agree_with_generation() {
         let greedy_text = lp["tokens"][0].as_str().unwrap().to_string();
         let greedy_lp = lp["token_logprobs"][0].as_f64().unwrap();
         let (best_id, best_lp) = top1(list, k);
-        let best_text = agent
-            .post_ok("/detokenize", &json!({"model": SERVED_MODEL, "tokens": [best_id]}))
-            .await["prompt"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let best_text = agent.detokenize(&[best_id]).await;
         assert_eq!(best_text, greedy_text, "position {k}");
         assert!(
             (best_lp - greedy_lp).abs() < 2e-3,
