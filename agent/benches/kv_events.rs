@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent::engine::{self, EngineConfig, GenerateRequest, SamplingParams};
-use agent::kv_cache::{BlockHasher, BlockPool, HashAlgo, KvCacheManager, KvEventSink, NullSink};
+use kvcache::{BlockHasher, BlockPool, HashAlgo, KvCacheManager, KvEventSink, NullSink};
 use agent::kv_events::{self, KvEventsConfig};
 use agent::metrics::{CacheConfigInfo, Metrics};
 use agent::model;
@@ -93,15 +93,17 @@ fn subscribe(endpoint: &str, received: Arc<Received>) -> Result<()> {
 /// One synthetic engine: the manager over a pool whose events go to `sink`.
 struct Synthetic {
     kv: KvCacheManager,
+    sink: Box<dyn KvEventSink>,
     step: u64,
 }
 
 impl Synthetic {
     fn new(sink: Box<dyn KvEventSink>) -> Self {
-        let pool = BlockPool::new(POOL_BLOCKS, true, sink);
+        let pool = BlockPool::new(POOL_BLOCKS, true);
         let hasher = BlockHasher::new(HashAlgo::Sha256Cbor, None);
         Self {
             kv: KvCacheManager::new(pool, BLOCK_SIZE, hasher, true),
+            sink,
             step: 0,
         }
     }
@@ -120,7 +122,7 @@ impl Synthetic {
             self.kv.cache_blocks(&id, &tokens, n);
         }
         self.kv.free(&id);
-        self.kv.flush_events();
+        self.sink.publish(self.kv.take_events());
     }
 }
 

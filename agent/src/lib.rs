@@ -2,7 +2,7 @@
 //! KV cache with continuous batching.
 //!
 //! Layering (each layer knows nothing of the ones above it):
-//! - [`kv_cache`]: block pool, prefix-cache hashing, per-request block tables, cache events.
+//! - `kvcache` (its own crate): block pool, prefix-cache hashing, block tables, cache events.
 //! - [`model`]: weights from GGUF / HF files and the forward pass (the tokenizer and chat
 //!   template come from the `prompt` crate).
 //! - [`engine`]: scheduler, sampling, the engine loop and the handle the server talks to.
@@ -11,7 +11,6 @@
 
 pub mod cli;
 pub mod engine;
-pub mod kv_cache;
 pub mod kv_events;
 pub mod metrics;
 pub mod model;

@@ -13,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 
 use agent::cli::{Cli, Command, ServeArgs};
 use agent::engine::{self, EngineConfig};
-use agent::kv_cache::{KvEventSink, NullSink};
+use kvcache::{KvEventSink, NullSink};
 use agent::kv_events::{self, KvEventsConfig};
 use agent::metrics::{CacheConfigInfo, Metrics};
 use agent::model;

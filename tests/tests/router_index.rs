@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::kv_cache::block_hash::{BlockHasher, HashAlgo};
+use kvcache::{BlockHasher, HashAlgo};
 use e2e::cluster::Pod;
 use e2e::{LONG_TEXT, SERVED_MODEL};
 use router::events::{EventIngest, IngestConfig, PodEndpoints};

@@ -12,7 +12,7 @@ use serde_json::Value;
 use kernels::KvDtype;
 
 use crate::engine::{Pooling, PoolingType};
-use crate::kv_cache::HashAlgo;
+use kvcache::HashAlgo;
 
 /// Default KV-cache size on CPU, where `--gpu-memory-utilization` has nothing to measure.
 pub const DEFAULT_KV_CACHE_MEMORY_BYTES: u64 = 1 << 30;

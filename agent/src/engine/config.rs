@@ -2,7 +2,7 @@
 
 use kernels::KvDtype;
 
-use crate::kv_cache::HashAlgo;
+use kvcache::HashAlgo;
 
 /// How the engine sizes its KV cache and batches.
 #[derive(Debug, Clone)]

@@ -11,7 +11,7 @@ use kernels::{CpuKvCache, SeqAttn};
 use prompt::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::kv_cache::{BlockHasher, BlockPool, KvCacheManager, KvEventSink};
+use kvcache::{BlockHasher, BlockPool, KvCacheManager, KvEventSink};
 use crate::metrics::Metrics;
 use crate::model::{LlamaModel, Logits, StepInput};
 
@@ -78,6 +78,8 @@ pub(crate) struct EngineCore {
     tokenizer: Arc<Tokenizer>,
     eos_token_ids: Vec<u32>,
     metrics: Arc<Metrics>,
+    /// Where each step's cache events go (the KV-events publisher, or nowhere).
+    sink: Box<dyn KvEventSink>,
 }
 
 impl EngineCore {
@@ -94,7 +96,7 @@ impl EngineCore {
             config.kv_dtype,
         );
         let hasher = BlockHasher::new(config.hash_algo, config.hash_seed.as_deref());
-        let pool = BlockPool::new(config.num_blocks, config.enable_prefix_caching, sink);
+        let pool = BlockPool::new(config.num_blocks, config.enable_prefix_caching);
         let kv = KvCacheManager::new(
             pool,
             config.block_size,
@@ -119,6 +121,7 @@ impl EngineCore {
             tokenizer,
             eos_token_ids,
             metrics,
+            sink,
         }
     }
 
@@ -149,7 +152,7 @@ impl EngineCore {
             EngineCommand::Abort(id) => self.finish(&id, Finish::new(FinishReason::Abort, None)),
             EngineCommand::ResetPrefixCache(reply) => {
                 let ok = self.kv.reset_prefix_cache();
-                self.kv.flush_events();
+                self.publish_events();
                 let _ = reply.send(ok);
             }
             EngineCommand::CachedBlocks(reply) => {
@@ -283,8 +286,16 @@ impl EngineCore {
                 }
             }
         }
-        self.kv.flush_events();
+        self.publish_events();
         self.update_gauges();
+    }
+
+    /// Publishes this step's cache changes as one batch (nothing when nothing changed).
+    fn publish_events(&mut self) {
+        let events = self.kv.take_events();
+        if !events.is_empty() {
+            self.sink.publish(events);
+        }
     }
 
     /// Clients that went away never read their output: free their blocks now.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use super::types::{EngineError, GenerateOutput, GenerateRequest};
-use crate::kv_cache::BlockHash;
+use kvcache::BlockHash;
 
 /// Messages from handles to the engine thread.
 pub(crate) enum EngineCommand {

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-use crate::kv_cache::KvCacheManager;
+use kvcache::KvCacheManager;
 
 use super::request::Request;
 
@@ -198,12 +198,12 @@ impl Scheduler {
 mod tests {
     use super::*;
     use crate::engine::types::{GenerateRequest, SamplingParams};
-    use crate::kv_cache::{BlockHasher, BlockPool, HashAlgo, NullSink};
+    use kvcache::{BlockHasher, BlockPool, HashAlgo};
 
     const BS: usize = 16;
 
     fn manager(num_blocks: usize) -> KvCacheManager {
-        let pool = BlockPool::new(num_blocks, true, Box::new(NullSink));
+        let pool = BlockPool::new(num_blocks, true);
         KvCacheManager::new(pool, BS, BlockHasher::new(HashAlgo::Sha256Cbor, None), true)
     }
 

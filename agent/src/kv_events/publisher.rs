@@ -14,7 +14,7 @@ use kvevents::{encode_batch, encode_seq, Encoding, EventBatch, ExternalBlockHash
 use tracing::{debug, warn};
 
 use super::config::{binds, HashForm, KvEventsConfig};
-use crate::kv_cache::{BlockHash, ExtraKey, KvCacheEvent, KvEventSink};
+use kvcache::{BlockHash, ExtraKey, KvCacheEvent, KvEventSink};
 use crate::metrics::Metrics;
 
 /// How long the publisher thread waits for a batch before it looks at the replay socket.
@@ -112,7 +112,6 @@ pub fn start(
         .map_err(PublisherError::Thread)?;
     let sink = ZmqEventSink {
         queue: tx,
-        pending: Vec::new(),
         next_seq: 0,
         hash_form: config.hash_form,
         metrics,
@@ -138,7 +137,6 @@ struct Queued {
 /// events are converted (hash form) here; encoding and I/O happen on the publisher thread.
 pub struct ZmqEventSink {
     queue: SyncSender<Queued>,
-    pending: Vec<KvEvent>,
     next_seq: u64,
     hash_form: HashForm,
     metrics: Arc<Metrics>,
@@ -200,21 +198,17 @@ fn extra_key(key: ExtraKey) -> kvevents::ExtraKey {
 }
 
 impl KvEventSink for ZmqEventSink {
-    fn on_event(&mut self, event: KvCacheEvent) {
-        let event = self.convert(event);
-        self.pending.push(event);
-    }
-
-    fn end_step(&mut self) {
-        if self.pending.is_empty() {
+    fn publish(&mut self, batch: Vec<KvCacheEvent>) {
+        if batch.is_empty() {
             return;
         }
+        let events = batch.into_iter().map(|e| self.convert(e)).collect();
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         let batch = EventBatch {
             ts,
-            events: std::mem::take(&mut self.pending),
+            events,
             data_parallel_rank: None,
         };
         // The seq is taken even if the batch is dropped, so subscribers see the loss as a gap.
@@ -413,7 +407,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::kv_cache::Medium;
+    use kvcache::Medium;
     use crate::metrics::CacheConfigInfo;
 
     fn metrics() -> Arc<Metrics> {
@@ -467,8 +461,7 @@ mod tests {
     fn first_delivered(sink: &mut ZmqEventSink, sub: &zmq::Socket) -> Vec<Vec<u8>> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            sink.on_event(stored(0));
-            sink.end_step();
+            sink.publish(vec![stored(0)]);
             if let Some(frames) = recv(sub, 50) {
                 return frames;
             }
@@ -508,15 +501,15 @@ mod tests {
         assert_eq!(first[0], b"kv@pod:8000@m");
         let mut seq = decode_seq(&first[1]).unwrap();
         // A step without events sends nothing; the next batches follow in order.
-        sink.end_step();
-        sink.on_event(stored(1));
-        sink.on_event(KvCacheEvent::BlockRemoved {
-            block_hashes: vec![hash(1)],
-            medium: Medium::Gpu,
-        });
-        sink.end_step();
-        sink.on_event(KvCacheEvent::AllBlocksCleared);
-        sink.end_step();
+        sink.publish(Vec::new());
+        sink.publish(vec![
+            stored(1),
+            KvCacheEvent::BlockRemoved {
+                block_hashes: vec![hash(1)],
+                medium: Medium::Gpu,
+            },
+        ]);
+        sink.publish(vec![KvCacheEvent::AllBlocksCleared]);
         for want in 0..2 {
             let frames = recv(&sub, 5000).expect("batch");
             assert_eq!(decode_seq(&frames[1]), Some(seq + 1));
@@ -572,8 +565,7 @@ mod tests {
         let mut last = decode_seq(&first_delivered(&mut sink, &sub)[1]).unwrap();
         let total_before = last + 2501;
         while last + 1 < total_before {
-            sink.on_event(stored(1));
-            sink.end_step();
+            sink.publish(vec![stored(1)]);
             let frames = recv(&sub, 5000).expect("live batch");
             last = decode_seq(&frames[1]).unwrap();
         }
@@ -590,8 +582,7 @@ mod tests {
             .unwrap();
         // The replay fills the pipe and waits; a live batch still goes out at once.
         std::thread::sleep(Duration::from_millis(300));
-        sink.on_event(stored(2));
-        sink.end_step();
+        sink.publish(vec![stored(2)]);
         let live = recv(&sub, 2000).expect("a live batch during the replay");
         assert_eq!(decode_seq(&live[1]), Some(total_before));
 
@@ -617,8 +608,7 @@ mod tests {
         // As an agent between start-up and its first request: connected, nothing sent yet,
         // while the subscriber waits (polling, as the router's SUB does).
         assert!(recv(&sub, 500).is_none());
-        sink.on_event(stored(0));
-        sink.end_step();
+        sink.publish(vec![stored(0)]);
         let frames = recv(&sub, 5000).expect("the first batch");
         assert_eq!(decode_seq(&frames[1]), Some(0));
     }
@@ -629,14 +619,12 @@ mod tests {
         let metrics = metrics();
         let mut sink = ZmqEventSink {
             queue: tx,
-            pending: Vec::new(),
             next_seq: 0,
             hash_form: HashForm::Bytes,
             metrics: metrics.clone(),
         };
         for i in 0..2 {
-            sink.on_event(stored(i));
-            sink.end_step();
+            sink.publish(vec![stored(i)]);
         }
         assert_eq!(metrics.kv_events_dropped.get(), 1);
         let first = rx.try_recv().unwrap();
@@ -645,8 +633,7 @@ mod tests {
             panic!("{:?}", first.batch.events)
         };
         assert_eq!(s.block_hashes, [ExternalBlockHash::Bytes(vec![0; 32])]);
-        sink.on_event(stored(2));
-        sink.end_step();
+        sink.publish(vec![stored(2)]);
         assert_eq!(rx.try_recv().unwrap().seq, 2);
         assert_eq!(metrics.kv_events_published.get(), 2);
     }

@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 
-use super::block_hash::{BlockHash, BlockHasher, ExtraKey};
-use super::block_pool::{BlockId, BlockPool, NoSpace};
+use crate::block_hash::{BlockHash, BlockHasher, ExtraKey};
+use crate::block_pool::{BlockId, BlockPool, NoSpace};
+use crate::events::KvCacheEvent;
 
 /// What the manager keeps per live request.
 #[derive(Debug, Default)]
@@ -112,7 +113,7 @@ impl KvCacheManager {
     }
 
     /// After a step: caches the request's blocks completed within its first
-    /// `num_computed_tokens` tokens, announcing them through the pool's sink.
+    /// `num_computed_tokens` tokens, announcing them in the pool's events.
     pub fn cache_blocks(
         &mut self,
         request_id: &str,
@@ -194,8 +195,9 @@ impl KvCacheManager {
         self.pool.reset_prefix_cache()
     }
 
-    pub fn flush_events(&mut self) {
-        self.pool.flush_events();
+    /// The device pool's cache changes since the last call (see [`BlockPool::take_events`]).
+    pub fn take_events(&mut self) -> Vec<KvCacheEvent> {
+        self.pool.take_events()
     }
 
     pub fn cached_hashes(&self) -> Vec<BlockHash> {
@@ -207,17 +209,15 @@ impl KvCacheManager {
 mod tests {
     use std::collections::BTreeSet;
 
-    use super::super::block_hash::HashAlgo;
-    use super::super::events::{CollectingSink, KvCacheEvent};
     use super::*;
+    use crate::block_hash::HashAlgo;
 
     const BS: usize = 4;
 
-    fn manager(num_blocks: usize) -> (KvCacheManager, CollectingSink) {
-        let sink = CollectingSink::new();
-        let pool = BlockPool::new(num_blocks, true, Box::new(sink.clone()));
+    fn manager(num_blocks: usize) -> KvCacheManager {
+        let pool = BlockPool::new(num_blocks, true);
         let hasher = BlockHasher::new(HashAlgo::Sha256Cbor, None);
-        (KvCacheManager::new(pool, BS, hasher, true), sink)
+        KvCacheManager::new(pool, BS, hasher, true)
     }
 
     /// Admits a request as the engine does: prefix lookup, allocation for the whole sequence,
@@ -251,7 +251,7 @@ mod tests {
 
     #[test]
     fn allocate_and_free_leave_the_pool_free() {
-        let (mut kv, _) = manager(8);
+        let mut kv = manager(8);
         let tokens: Vec<u32> = (0..10).collect();
         assert_eq!(run_prefill(&mut kv, "a", &tokens), Ok(0));
         assert_eq!(kv.block_table("a").len(), 3);
@@ -270,12 +270,12 @@ mod tests {
 
     #[test]
     fn prefix_hits_share_blocks() {
-        let (mut kv, sink) = manager(16);
+        let mut kv = manager(16);
         let shared: Vec<u32> = (100..112).collect();
         let a: Vec<u32> = shared.iter().copied().chain([1, 2, 3]).collect();
         let b: Vec<u32> = shared.iter().copied().chain([7, 8, 9, 10, 11]).collect();
         assert_eq!(run_prefill(&mut kv, "a", &a), Ok(0));
-        let events = sink.take();
+        let events = kv.take_events();
         assert_eq!(stored_hashes(&events).len(), 3);
         let (hit, n) = kv.find_cached_prefix("b", &b, None);
         assert_eq!((hit.as_slice(), n), (&kv.block_table("a")[..3], 12));
@@ -287,7 +287,7 @@ mod tests {
         assert_eq!(kv.block_table("b").len(), 5);
         kv.cache_blocks("b", &b, b.len());
         // Only b's fourth block is new; it chains from the last shared block.
-        match sink.take().as_slice() {
+        match kv.take_events().as_slice() {
             [KvCacheEvent::BlockStored {
                 block_hashes,
                 parent_block_hash,
@@ -308,13 +308,13 @@ mod tests {
 
     #[test]
     fn salt_separates_caches() {
-        let (mut kv, sink) = manager(16);
+        let mut kv = manager(16);
         let tokens: Vec<u32> = (0..9).collect();
         let (hit, _) = kv.find_cached_prefix("a", &tokens, Some("tenant-a"));
         assert_eq!(kv.allocate_slots("a", tokens.len(), &hit), Ok(()));
         kv.cache_blocks("a", &tokens, tokens.len());
         // The events carry the salt as the first block's extra key, as the hash covered it.
-        match sink.take().as_slice() {
+        match kv.take_events().as_slice() {
             [KvCacheEvent::BlockStored { extra_keys, .. }] => assert_eq!(
                 extra_keys.as_deref(),
                 Some(&[vec![ExtraKey::Str("tenant-a".into())], vec![]][..])
@@ -328,7 +328,7 @@ mod tests {
 
     #[test]
     fn salt_applies_to_a_first_block_completed_by_decoding() {
-        let (mut kv, _) = manager(8);
+        let mut kv = manager(8);
         let mut tokens: Vec<u32> = vec![1, 2, 3];
         let (hit, _) = kv.find_cached_prefix("a", &tokens, Some("s"));
         assert_eq!(kv.allocate_slots("a", 3, &hit), Ok(()));
@@ -342,7 +342,7 @@ mod tests {
 
     #[test]
     fn hit_is_capped_below_the_full_sequence() {
-        let (mut kv, _) = manager(8);
+        let mut kv = manager(8);
         let tokens: Vec<u32> = (0..8).collect();
         assert_eq!(run_prefill(&mut kv, "a", &tokens), Ok(0));
         // Same 8 tokens (two full blocks): only the first block may hit.
@@ -356,11 +356,11 @@ mod tests {
 
     #[test]
     fn allocation_is_all_or_nothing() {
-        let (mut kv, sink) = manager(4);
+        let mut kv = manager(4);
         let a: Vec<u32> = (0..9).collect();
         assert_eq!(run_prefill(&mut kv, "a", &a), Ok(0));
         kv.free("a");
-        sink.take();
+        kv.take_events();
         // b hits a's two full blocks (both at ref 0, in the free queue) and needs 3 more blocks;
         // only 2 others are free, since the hits themselves are taken.
         let b: Vec<u32> = (0..20).collect();
@@ -375,37 +375,37 @@ mod tests {
         );
         assert_eq!(kv.num_free_blocks(), 4);
         assert!(kv.block_table("b").is_empty());
-        assert!(sink.take().is_empty());
+        assert!(kv.take_events().is_empty());
         assert_eq!(kv.cached_hashes().len(), 2);
         // 16 tokens fit: two hits plus two fresh blocks, without evicting the hits.
         assert_eq!(kv.allocate_slots("b", 16, &hit), Ok(()));
         assert_eq!(&kv.block_table("b")[..2], hit.as_slice());
-        assert!(removed_hashes(&sink.take()).is_empty());
+        assert!(removed_hashes(&kv.take_events()).is_empty());
         kv.pool.check_invariants();
     }
 
     #[test]
     fn lru_eviction_order() {
-        let (mut kv, sink) = manager(6);
+        let mut kv = manager(6);
         let a: Vec<u32> = (0..9).collect();
         let b: Vec<u32> = (50..59).collect();
         assert_eq!(run_prefill(&mut kv, "a", &a), Ok(0));
         kv.free("a");
         assert_eq!(run_prefill(&mut kv, "b", &b), Ok(0));
         kv.free("b");
-        let stored = stored_hashes(&sink.take());
+        let stored = stored_hashes(&kv.take_events());
         assert_eq!(stored.len(), 4);
         let (b0, b1) = (stored[2], stored[3]);
         // A hit on a's blocks makes them the most recently used.
         assert_eq!(run_prefill(&mut kv, "a2", &a), Ok(8));
         kv.free("a2");
-        assert!(sink.take().is_empty());
+        assert!(kv.take_events().is_empty());
         // Fresh blocks come from the uncached free blocks first, then from the least recently
         // used chain, b, tail block first.
         assert_eq!(kv.allocate_slots("c", 12, &[]), Ok(()));
-        assert_eq!(removed_hashes(&sink.take()), vec![b1]);
+        assert_eq!(removed_hashes(&kv.take_events()), vec![b1]);
         assert_eq!(kv.allocate_slots("c", 16, &[]), Ok(()));
-        assert_eq!(removed_hashes(&sink.take()), vec![b0]);
+        assert_eq!(removed_hashes(&kv.take_events()), vec![b0]);
         let mut a_hashes = stored[..2].to_vec();
         a_hashes.sort_unstable();
         assert_eq!(kv.cached_hashes(), a_hashes);
@@ -415,29 +415,26 @@ mod tests {
 
     #[test]
     fn reset_prefix_cache_needs_an_idle_pool() {
-        let (mut kv, sink) = manager(4);
+        let mut kv = manager(4);
         let a: Vec<u32> = (0..9).collect();
         assert_eq!(run_prefill(&mut kv, "a", &a), Ok(0));
-        sink.take();
+        kv.take_events();
         assert!(!kv.reset_prefix_cache());
         kv.free("a");
         assert!(kv.reset_prefix_cache());
-        assert_eq!(sink.take(), vec![KvCacheEvent::AllBlocksCleared]);
+        assert_eq!(kv.take_events(), vec![KvCacheEvent::AllBlocksCleared]);
         assert_eq!(kv.find_cached_prefix("b", &a, None).1, 0);
-        kv.flush_events();
-        assert_eq!(sink.steps(), 1);
     }
 
     #[test]
     fn disabled_prefix_caching_never_hits() {
-        let sink = CollectingSink::new();
-        let pool = BlockPool::new(8, false, Box::new(sink.clone()));
+        let pool = BlockPool::new(8, false);
         let mut kv = KvCacheManager::new(pool, BS, BlockHasher::new(HashAlgo::Sha256, None), false);
         let a: Vec<u32> = (0..9).collect();
         assert_eq!(run_prefill(&mut kv, "a", &a), Ok(0));
         assert_eq!(run_prefill(&mut kv, "b", &a), Ok(0));
         assert!(kv.cached_hashes().is_empty());
-        assert!(sink.take().is_empty());
+        assert!(kv.take_events().is_empty());
     }
 
     /// splitmix64: a deterministic generator for the randomized workload.
@@ -484,7 +481,7 @@ mod tests {
 
     #[test]
     fn events_track_the_cache_over_a_random_workload() {
-        let (mut kv, sink) = manager(24);
+        let mut kv = manager(24);
         let mut rng = Rng(7);
         // A few shared prefixes so that requests hit, collide and evict each other.
         let prefixes: Vec<Vec<u32>> = (0..4)
@@ -551,8 +548,7 @@ mod tests {
                 }
                 _ => {}
             }
-            kv.flush_events();
-            apply(&sink.take(), &mut announced);
+            apply(&kv.take_events(), &mut announced);
             assert_eq!(
                 announced.iter().copied().collect::<Vec<_>>(),
                 kv.cached_hashes()

@@ -92,11 +92,13 @@ pub struct BlockHash {
 }
 
 impl BlockHash {
-    pub(crate) fn from_digest(digest: &[u8]) -> Self {
+    /// The hash of a digest (its first 32 bytes), e.g. one read back from a tier's files.
+    pub fn from_digest(digest: &[u8]) -> Self {
+        let n = digest.len().min(32);
         let mut bytes = [0u8; 32];
-        bytes[..digest.len()].copy_from_slice(digest);
+        bytes[..n].copy_from_slice(&digest[..n]);
         Self {
-            len: digest.len() as u8,
+            len: n as u8,
             bytes,
         }
     }

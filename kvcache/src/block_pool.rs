@@ -1,12 +1,13 @@
 //! The fixed pool of KV-cache blocks (vLLM `v1/core/block_pool.py`): reference counts, the free
 //! queue in eviction order, and the prefix cache (block hash -> block). Every change to the set
-//! of cached blocks goes through the event sink: a block is announced once when it becomes a
-//! cached full block and retracted once when its hash leaves the cache.
+//! of cached blocks becomes an event the engine pulls ([`BlockPool::take_events`]): a block is
+//! announced once when it becomes a cached full block and retracted once when its hash leaves
+//! the cache. The pool is the device tier: its events carry `medium` GPU.
 
 use std::collections::HashMap;
 
-use super::block_hash::{BlockHash, ExtraKey};
-use super::events::{KvCacheEvent, KvEventSink, Medium};
+use crate::block_hash::{BlockHash, ExtraKey};
+use crate::events::{KvCacheEvent, Medium};
 
 /// Index of a block in the pool (and in the KV tensors), `0..num_blocks`.
 pub type BlockId = u32;
@@ -97,11 +98,12 @@ pub struct BlockPool {
     /// One block per hash: a block computed twice concurrently stays uncached the second time.
     cached: HashMap<BlockHash, BlockId>,
     enable_caching: bool,
-    sink: Box<dyn KvEventSink>,
+    /// Changes of the cached set since the last [`BlockPool::take_events`].
+    events: Vec<KvCacheEvent>,
 }
 
 impl BlockPool {
-    pub fn new(num_blocks: usize, enable_caching: bool, sink: Box<dyn KvEventSink>) -> Self {
+    pub fn new(num_blocks: usize, enable_caching: bool) -> Self {
         // The sentinel takes id `num_blocks`.
         assert!(
             num_blocks < BlockId::MAX as usize,
@@ -113,7 +115,7 @@ impl BlockPool {
             free: FreeQueue::new(num_blocks),
             cached: HashMap::new(),
             enable_caching,
-            sink,
+            events: Vec::new(),
         }
     }
 
@@ -165,7 +167,7 @@ impl BlockPool {
             blocks.push(id);
         }
         if !removed.is_empty() {
-            self.sink.on_event(KvCacheEvent::BlockRemoved {
+            self.events.push(KvCacheEvent::BlockRemoved {
                 block_hashes: removed,
                 medium: Medium::Gpu,
             });
@@ -257,11 +259,11 @@ impl BlockPool {
                 self.cached.insert(hash, id);
                 run_start.get_or_insert(i);
             } else if let Some(start) = run_start.take() {
-                self.sink.on_event(meta.event(start..i));
+                self.events.push(meta.event(start..i));
             }
         }
         if let Some(start) = run_start {
-            self.sink.on_event(meta.event(start..blocks.len()));
+            self.events.push(meta.event(start..blocks.len()));
         }
     }
 
@@ -278,14 +280,15 @@ impl BlockPool {
         self.cached.clear();
         self.hashes.fill(None);
         if self.enable_caching {
-            self.sink.on_event(KvCacheEvent::AllBlocksCleared);
+            self.events.push(KvCacheEvent::AllBlocksCleared);
         }
         true
     }
 
-    /// Ends the current engine step for the event sink (one batch per step).
-    pub fn flush_events(&mut self) {
-        self.sink.end_step();
+    /// The cache changes since the last call, oldest first (the engine publishes them once per
+    /// step, merged with its connectors').
+    pub fn take_events(&mut self) -> Vec<KvCacheEvent> {
+        std::mem::take(&mut self.events)
     }
 
     /// The cached hashes, sorted (tests and debugging).
@@ -360,13 +363,11 @@ impl StoredMeta<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::block_hash::{BlockHasher, HashAlgo};
-    use super::super::events::CollectingSink;
+    use crate::block_hash::{BlockHasher, HashAlgo};
     use super::*;
 
-    fn pool(n: usize) -> (BlockPool, CollectingSink) {
-        let sink = CollectingSink::new();
-        (BlockPool::new(n, true, Box::new(sink.clone())), sink)
+    fn pool(n: usize) -> BlockPool {
+        BlockPool::new(n, true)
     }
 
     fn hashes(n: usize) -> Vec<BlockHash> {
@@ -398,7 +399,7 @@ mod tests {
 
     #[test]
     fn allocation_is_all_or_nothing() {
-        let (mut p, _) = pool(4);
+        let mut p = pool(4);
         assert_eq!(p.get_new_blocks(3), Ok(vec![0, 1, 2]));
         assert_eq!(
             p.get_new_blocks(2),
@@ -417,7 +418,7 @@ mod tests {
 
     #[test]
     fn uncached_blocks_are_reused_first_cached_last() {
-        let (mut p, _) = pool(4);
+        let mut p = pool(4);
         let hs = hashes(1);
         let b = p.get_new_blocks(4).expect("enough free blocks");
         p.cache_full_blocks(&b[..1], &hs, &[0, 1], None, None, None);
@@ -430,12 +431,12 @@ mod tests {
 
     #[test]
     fn store_touch_evict_emit_matching_events() {
-        let (mut p, sink) = pool(3);
+        let mut p = pool(3);
         let hs = hashes(2);
         let b = p.get_new_blocks(2).expect("enough free blocks");
         p.cache_full_blocks(&b, &hs, &[0, 1, 2, 3], None, Some("lora"), None);
         assert_eq!(
-            sink.take(),
+            p.take_events(),
             vec![KvCacheEvent::BlockStored {
                 block_hashes: hs.clone(),
                 parent_block_hash: None,
@@ -456,7 +457,7 @@ mod tests {
         // Two new blocks: the never-used block 2, then the cached block 1 (evicted).
         assert_eq!(p.get_new_blocks(2), Ok(vec![2, b[1]]));
         assert_eq!(
-            sink.take(),
+            p.take_events(),
             vec![KvCacheEvent::BlockRemoved {
                 block_hashes: vec![hs[1]],
                 medium: Medium::Gpu
@@ -469,12 +470,12 @@ mod tests {
 
     #[test]
     fn duplicate_hash_stays_uncached_and_splits_the_event() {
-        let (mut p, sink) = pool(6);
+        let mut p = pool(6);
         let hs = hashes(3);
         let toks = [0, 1, 2, 3, 4, 5];
         let a = p.get_new_blocks(3).expect("enough free blocks");
         p.cache_full_blocks(&a[1..2], &hs[1..2], &toks[2..4], Some(hs[0]), None, None);
-        sink.take();
+        p.take_events();
         let b = p.get_new_blocks(3).expect("enough free blocks");
         p.cache_full_blocks(&b, &hs, &toks, None, None, None);
         let stored = |hashes: Vec<BlockHash>, parent, tokens: Vec<u32>| KvCacheEvent::BlockStored {
@@ -487,7 +488,7 @@ mod tests {
             medium: Medium::Gpu,
         };
         assert_eq!(
-            sink.take(),
+            p.take_events(),
             vec![
                 stored(vec![hs[0]], None, vec![0, 1]),
                 stored(vec![hs[2]], Some(hs[1]), vec![4, 5])
@@ -496,45 +497,42 @@ mod tests {
         assert_eq!(p.get_cached_block(&hs[1]), Some(a[1]));
         // Re-caching the same blocks announces nothing new.
         p.cache_full_blocks(&b, &hs, &toks, None, None, None);
-        assert!(sink.take().is_empty());
+        assert!(p.take_events().is_empty());
         // Evicting the uncached duplicate announces nothing either.
         p.free_blocks(b.iter().rev().copied());
         p.free_blocks(a.iter().rev().copied());
         assert_eq!(p.get_new_blocks(2).map(|v| v.len()), Ok(2));
-        assert!(sink.take().is_empty());
+        assert!(p.take_events().is_empty());
         p.check_invariants();
     }
 
     #[test]
     fn reset_only_when_idle() {
-        let (mut p, sink) = pool(2);
+        let mut p = pool(2);
         let hs = hashes(1);
         let b = p.get_new_blocks(1).expect("enough free blocks");
         p.cache_full_blocks(&b, &hs, &[0, 1], None, None, None);
-        sink.take();
+        p.take_events();
         assert!(!p.reset_prefix_cache());
         assert_eq!(p.cached_hashes(), hs);
-        assert!(sink.take().is_empty());
+        assert!(p.take_events().is_empty());
         p.free_blocks(b);
         assert!(p.reset_prefix_cache());
         assert!(p.cached_hashes().is_empty());
-        assert_eq!(sink.take(), vec![KvCacheEvent::AllBlocksCleared]);
+        assert_eq!(p.take_events(), vec![KvCacheEvent::AllBlocksCleared]);
         // The block lost its hash: reusing it is not an eviction.
         assert_eq!(p.get_new_blocks(2).map(|v| v.len()), Ok(2));
-        assert!(sink.take().is_empty());
-        p.flush_events();
-        assert_eq!(sink.steps(), 1);
+        assert!(p.take_events().is_empty());
     }
 
     #[test]
     fn caching_disabled_stores_nothing() {
-        let sink = CollectingSink::new();
-        let mut p = BlockPool::new(2, false, Box::new(sink.clone()));
+        let mut p = BlockPool::new(2, false);
         let b = p.get_new_blocks(1).expect("enough free blocks");
         p.cache_full_blocks(&b, &hashes(1), &[0, 1], None, None, None);
         assert!(p.cached_hashes().is_empty());
         p.free_blocks(b);
         assert!(p.reset_prefix_cache());
-        assert!(sink.take().is_empty());
+        assert!(p.take_events().is_empty());
     }
 }

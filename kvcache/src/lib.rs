@@ -1,0 +1,16 @@
+//! Paged KV-cache bookkeeping, shared by the engine and the tiers below it: the device block
+//! pool, prefix-cache hashing, per-request block tables, and the cache events each store
+//! produces (pulled by the engine, published once per step). Knows nothing of the model,
+//! ZMQ, files or HTTP.
+
+pub mod block_hash;
+pub mod block_pool;
+pub mod events;
+pub mod manager;
+
+pub use block_hash::{
+    BlockHash, BlockHasher, ExtraKey, HashAlgo, UnknownHashAlgo, DEFAULT_NONE_HASH_SEED,
+};
+pub use block_pool::{BlockId, BlockPool, NoSpace};
+pub use events::{KvCacheEvent, KvEventSink, Medium, NullSink};
+pub use manager::KvCacheManager;
