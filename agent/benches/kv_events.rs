@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent::engine::{self, EngineConfig, GenerateRequest, SamplingParams};
-use kvcache::{BlockHasher, BlockPool, HashAlgo, KvCacheManager, KvEventSink, NullSink};
 use agent::kv_events::{self, KvEventsConfig};
 use agent::metrics::{CacheConfigInfo, Metrics};
 use agent::model;
 use anyhow::{bail, Context, Result};
 use common::median;
+use kvcache::{BlockHasher, BlockPool, HashAlgo, KvCacheManager, KvEventSink, NullSink};
 use kvevents::{decode_batch, KvEvent};
 
 const BLOCK_SIZE: usize = 16;

@@ -13,11 +13,11 @@ use tracing_subscriber::EnvFilter;
 
 use agent::cli::{Cli, Command, ServeArgs};
 use agent::engine::{self, EngineConfig};
-use kvcache::{KvEventSink, NullSink};
 use agent::kv_events::{self, KvEventsConfig};
 use agent::metrics::{CacheConfigInfo, Metrics};
 use agent::model;
 use agent::server::{self, AppState, ServerConfig};
+use kvcache::{KvEventSink, NullSink};
 
 /// Largest request body accepted. vLLM has no limit; this one is far above any prompt that
 /// fits a context, so long prompts still get vLLM's "too long" 400 rather than a 413.
@@ -203,7 +203,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
     .context("starting the engine")?;
 
     if !args.disable_log_stats {
-        let every = agent::stats_log::interval(std::env::var("VLLM_LOG_STATS_INTERVAL").ok().as_deref());
+        let every =
+            agent::stats_log::interval(std::env::var("VLLM_LOG_STATS_INTERVAL").ok().as_deref());
         runtime.spawn(agent::stats_log::run(metrics.clone(), every));
     }
     let state = AppState::new(

@@ -175,7 +175,9 @@ mod tests {
         // The line that shows the pod gone idle is still at info, the next is not.
         let after = logger.line(done, 10.0);
         assert!(after.busy);
-        assert!(after.text.contains("Avg generation throughput: 0.0 tokens/s, Running: 0 reqs"));
+        assert!(after
+            .text
+            .contains("Avg generation throughput: 0.0 tokens/s, Running: 0 reqs"));
         assert!(!logger.line(done, 10.0).busy);
     }
 

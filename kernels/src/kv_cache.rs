@@ -120,6 +120,36 @@ impl CpuKvCache {
         }
     }
 
+    /// The bytes of `block` in layer `layer`'s K array (`v == false`) or V array: one
+    /// contiguous region of `num_kv_heads × block_size × head_dim` elements (see
+    /// [`crate::kv_layout`]), how tiers and transfers copy blocks.
+    pub fn block_region(&self, layer: usize, v: bool, block: usize) -> &[u8] {
+        let range = self.region_range(block);
+        match &self.storage {
+            Storage::F32(a) => as_bytes(&pick(a.layer(layer), v)[range]),
+            Storage::F16(a) => as_bytes(&pick(a.layer(layer), v)[range]),
+            Storage::Bf16(a) => as_bytes(&pick(a.layer(layer), v)[range]),
+        }
+    }
+
+    /// [`Self::block_region`], writable.
+    pub fn block_region_mut(&mut self, layer: usize, v: bool, block: usize) -> &mut [u8] {
+        let range = self.region_range(block);
+        match &mut self.storage {
+            Storage::F32(a) => as_bytes_mut(&mut pick_mut(a.layer_mut(layer), v)[range]),
+            Storage::F16(a) => as_bytes_mut(&mut pick_mut(a.layer_mut(layer), v)[range]),
+            Storage::Bf16(a) => as_bytes_mut(&mut pick_mut(a.layer_mut(layer), v)[range]),
+        }
+    }
+
+    /// Elements of `block` in a layer's K or V array.
+    fn region_range(&self, block: usize) -> std::ops::Range<usize> {
+        let l = &self.layout;
+        let len = l.num_kv_heads * l.block_size * l.head_dim;
+        let start = l.head_region(block, 0);
+        start..start + len
+    }
+
     /// Mutable K and V of one layer.
     pub fn layer_mut(&mut self, layer: usize) -> KvLayerMut<'_> {
         match &mut self.storage {
@@ -139,9 +169,73 @@ impl CpuKvCache {
     }
 }
 
+fn pick<'a, E>((k, v): (&'a [E], &'a [E]), want_v: bool) -> &'a [E] {
+    if want_v {
+        v
+    } else {
+        k
+    }
+}
+
+fn pick_mut<'a, E>((k, v): (&'a mut [E], &'a mut [E]), want_v: bool) -> &'a mut [E] {
+    if want_v {
+        v
+    } else {
+        k
+    }
+}
+
+/// The storage types are plain numbers (`f32`, `f16`, `bf16`: no padding, every bit pattern
+/// valid), so their memory can be viewed and written as bytes.
+trait Plain: Copy {}
+impl Plain for f32 {}
+impl Plain for f16 {}
+impl Plain for bf16 {}
+
+fn as_bytes<E: Plain>(x: &[E]) -> &[u8] {
+    // SAFETY: `E` is a plain number type (see `Plain`); the view covers exactly `x`'s bytes
+    // and borrows it.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), std::mem::size_of_val(x)) }
+}
+
+fn as_bytes_mut<E: Plain>(x: &mut [E]) -> &mut [u8] {
+    // SAFETY: as in `as_bytes`; any bytes written are a valid `E`.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), std::mem::size_of_val(x)) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_block_region_is_that_block_of_every_head() {
+        let layout = KvLayout {
+            num_layers: 2,
+            num_blocks: 3,
+            block_size: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+        };
+        let mut cache = CpuKvCache::new(layout, KvDtype::F16);
+        // Slot 1 of block 2 (slot 9): every head's K and V rows land in block 2's regions only.
+        let k: Vec<f32> = (0..16).map(|i| i as f32 + 1.0).collect();
+        cache.write_kv(1, &[9], &k, &k);
+        for block in 0..3 {
+            for v in [false, true] {
+                let region = cache.block_region(1, v, block);
+                assert_eq!(region.len(), 2 * 4 * 8 * 2);
+                let nonzero = region.iter().any(|&b| b != 0);
+                assert_eq!(nonzero, block == 2, "block {block} v={v}");
+                assert!(cache.block_region(0, v, block).iter().all(|&b| b == 0));
+            }
+        }
+        // Copying block 2's regions into block 0 makes them equal.
+        for v in [false, true] {
+            let bytes = cache.block_region(1, v, 2).to_vec();
+            cache.block_region_mut(1, v, 0).copy_from_slice(&bytes);
+            assert_eq!(cache.block_region(1, v, 0), &bytes[..]);
+        }
+    }
 
     #[test]
     fn caches_start_zeroed_in_their_dtype() {

@@ -363,8 +363,8 @@ impl StoredMeta<'_> {
 
 #[cfg(test)]
 mod tests {
-    use crate::block_hash::{BlockHasher, HashAlgo};
     use super::*;
+    use crate::block_hash::{BlockHasher, HashAlgo};
 
     fn pool(n: usize) -> BlockPool {
         BlockPool::new(n, true)

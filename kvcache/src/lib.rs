@@ -1,11 +1,13 @@
 //! Paged KV-cache bookkeeping, shared by the engine and the tiers below it: the device block
-//! pool, prefix-cache hashing, per-request block tables, and the cache events each store
-//! produces (pulled by the engine, published once per step). Knows nothing of the model,
+//! pool, prefix-cache hashing, per-request block tables, the cache events each store produces
+//! (pulled by the engine, published once per step), and the pool's layout as memory regions
+//! with the block read/write interface the executor implements. Knows nothing of the model,
 //! ZMQ, files or HTTP.
 
 pub mod block_hash;
 pub mod block_pool;
 pub mod events;
+pub mod layout;
 pub mod manager;
 
 pub use block_hash::{
@@ -13,4 +15,5 @@ pub use block_hash::{
 };
 pub use block_pool::{BlockId, BlockPool, NoSpace};
 pub use events::{KvCacheEvent, KvEventSink, Medium, NullSink};
+pub use layout::{BlockIo, BlockLayout, BlockRegion, KvPart};
 pub use manager::KvCacheManager;

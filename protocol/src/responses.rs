@@ -43,18 +43,35 @@ pub struct Echoed {
 /// they would change what the client gets.
 pub fn to_chat_body(body: &Map<String, Value>) -> Result<(Map<String, Value>, Echoed), ApiError> {
     let unsupported = |field: &str, why: &str| {
-        ApiError::invalid(format!("`{field}` is not supported by this server: {why}."), field)
+        ApiError::invalid(
+            format!("`{field}` is not supported by this server: {why}."),
+            field,
+        )
     };
-    if body.get("tools").and_then(Value::as_array).is_some_and(|t| !t.is_empty()) {
+    if body
+        .get("tools")
+        .and_then(Value::as_array)
+        .is_some_and(|t| !t.is_empty())
+    {
         return Err(unsupported("tools", "no tool-call parser"));
     }
-    if body.get("previous_response_id").is_some_and(|v| !v.is_null()) {
-        return Err(unsupported("previous_response_id", "responses are not stored"));
+    if body
+        .get("previous_response_id")
+        .is_some_and(|v| !v.is_null())
+    {
+        return Err(unsupported(
+            "previous_response_id",
+            "responses are not stored",
+        ));
     }
     if body.get("background").and_then(Value::as_bool) == Some(true) {
         return Err(unsupported("background", "responses are not stored"));
     }
-    if let Some(kind) = body.get("text").and_then(|t| t.pointer("/format/type")).and_then(Value::as_str) {
+    if let Some(kind) = body
+        .get("text")
+        .and_then(|t| t.pointer("/format/type"))
+        .and_then(Value::as_str)
+    {
         if kind != "text" {
             return Err(unsupported("text", "only the text format"));
         }
@@ -63,7 +80,12 @@ pub fn to_chat_body(body: &Map<String, Value>) -> Result<(Map<String, Value>, Ec
     let instructions = match body.get("instructions") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err(ApiError::invalid("`instructions` must be a string.", "instructions")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "`instructions` must be a string.",
+                "instructions",
+            ))
+        }
     };
     if let Some(text) = &instructions {
         messages.push(json!({"role": "system", "content": text}));
@@ -72,9 +94,10 @@ pub fn to_chat_body(body: &Map<String, Value>) -> Result<(Map<String, Value>, Ec
         Some(Value::String(text)) => messages.push(json!({"role": "user", "content": text})),
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                messages.push(input_message(item).map_err(|why| {
-                    ApiError::invalid(format!("input[{i}]: {why}"), "input")
-                })?);
+                messages.push(
+                    input_message(item)
+                        .map_err(|why| ApiError::invalid(format!("input[{i}]: {why}"), "input"))?,
+                );
             }
         }
         _ => {
@@ -153,7 +176,9 @@ fn input_message(item: &Value) -> Result<Value, String> {
                     Some("input_text" | "output_text" | "text") => {
                         text.push_str(part.get("text").and_then(Value::as_str).unwrap_or(""))
                     }
-                    Some(other) => return Err(format!("content of type {other:?} is not supported")),
+                    Some(other) => {
+                        return Err(format!("content of type {other:?} is not supported"))
+                    }
                     None => return Err("a content part needs a type".into()),
                 }
             }
@@ -431,12 +456,12 @@ mod tests {
         assert_eq!(
             Value::Object(chat),
             json!({"model": "m", "max_tokens": 8, "temperature": 0, "stream": true,
-                   "messages": [
-                       {"role": "system", "content": "Be brief."},
-                       {"role": "user", "content": "Hi"},
-                       {"role": "assistant", "content": "Hello."},
-                       {"role": "system", "content": "More"},
-                   ]})
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "system", "content": "More"},
+            ]})
         );
         assert_eq!(echoed.max_output_tokens, Some(8));
         assert_eq!(echoed.metadata, Some(json!({"k": "v"})));

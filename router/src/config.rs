@@ -676,7 +676,10 @@ mod tests {
                    - name: b\n  plugins:\n  - pluginRef: random-picker\n";
         let cfg = EndpointPickerConfig::from_yaml(two).unwrap();
         let e = cfg.resolve(None, "m", 16).unwrap_err().to_string();
-        assert!(e.contains("single-profile-handler runs one scheduling profile"), "{e}");
+        assert!(
+            e.contains("single-profile-handler runs one scheduling profile"),
+            "{e}"
+        );
         assert_eq!(cfg.resolve(Some("b"), "m", 16).unwrap().profile.name, "b");
     }
 

@@ -320,7 +320,10 @@ impl Agent {
     /// The text of `ids` from the agent's `/detokenize`.
     pub async fn detokenize(&self, ids: &[u32]) -> String {
         let body = self
-            .post_ok("/detokenize", &json!({"model": SERVED_MODEL, "tokens": ids}))
+            .post_ok(
+                "/detokenize",
+                &json!({"model": SERVED_MODEL, "tokens": ids}),
+            )
             .await;
         body["prompt"].as_str().unwrap_or_default().to_string()
     }

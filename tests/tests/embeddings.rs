@@ -25,7 +25,10 @@ fn norm(v: &[f32]) -> f32 {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 async fn embed(agent: &Agent, body: Value) -> Value {
@@ -42,7 +45,10 @@ async fn last_hidden_state_reproduces_the_oracle_logits() {
     };
     let agent = Agent::launch(
         &launch,
-        &["--pooler-config", r#"{"pooling_type": "LAST", "normalize": false}"#],
+        &[
+            "--pooler-config",
+            r#"{"pooling_type": "LAST", "normalize": false}"#,
+        ],
     )
     .await;
     let ids = agent.tokenize(TEXT).await;
@@ -77,7 +83,10 @@ async fn last_hidden_state_reproduces_the_oracle_logits() {
     for (id, lp) in top_k(&ours, 5) {
         let text = agent.detokenize(&[id]).await;
         let agent_lp = top[&text].as_f64().unwrap() as f32;
-        assert!((agent_lp - lp).abs() < 1e-4, "token {id}: {lp} vs {agent_lp}");
+        assert!(
+            (agent_lp - lp).abs() < 1e-4,
+            "token {id}: {lp} vs {agent_lp}"
+        );
     }
     // The independent implementation: the agent and candle differ by up to ~2e-3 on this
     // prompt (attention summation order), the embedding path adds nothing to that.
@@ -106,9 +115,16 @@ async fn embeddings_api() {
     assert_eq!(data.len(), 3);
     let e: Vec<Vec<f32>> = data.iter().map(|d| floats(&d["embedding"])).collect();
     for (i, d) in data.iter().enumerate() {
-        assert_eq!((d["index"].as_u64(), d["object"].as_str()), (Some(i as u64), Some("embedding")));
+        assert_eq!(
+            (d["index"].as_u64(), d["object"].as_str()),
+            (Some(i as u64), Some("embedding"))
+        );
         assert_eq!(e[i].len(), 576);
-        assert!((norm(&e[i]) - 1.0).abs() < 1e-4, "not normalised: {}", norm(&e[i]));
+        assert!(
+            (norm(&e[i]) - 1.0).abs() < 1e-4,
+            "not normalised: {}",
+            norm(&e[i])
+        );
     }
     // Same text, same embedding (the third one read the first's cached blocks); another
     // text, another point.
@@ -116,7 +132,11 @@ async fn embeddings_api() {
     assert!(max_diff(&e[0], &e[1]) > 1e-2);
     let usage = &r["usage"];
     let second = agent.tokenize("Something else entirely.").await.len();
-    assert_eq!(usage["prompt_tokens"], json!(2 * ids.len() + second), "{usage}");
+    assert_eq!(
+        usage["prompt_tokens"],
+        json!(2 * ids.len() + second),
+        "{usage}"
+    );
     assert_eq!(usage["completion_tokens"], 0);
 
     // Token ids in, and base64 out: the same floats.
@@ -137,7 +157,10 @@ async fn embeddings_api() {
     // vLLM's 400s, and the server stays healthy.
     for (body, param) in [
         (json!({"input": TEXT, "dimensions": 64}), "dimensions"),
-        (json!({"input": TEXT, "encoding_format": "bytes"}), "encoding_format"),
+        (
+            json!({"input": TEXT, "encoding_format": "bytes"}),
+            "encoding_format",
+        ),
         (json!({"input": []}), ""),
         (json!({"input": [1, 99999999]}), ""),
         (json!({"input": "word ".repeat(9000)}), ""),
@@ -164,11 +187,18 @@ async fn mean_pooling_is_the_mean_of_the_positions() {
     let raw = |kind: &str| format!(r#"{{"pooling_type": "{kind}", "normalize": false}}"#);
     let mean_cfg = raw("MEAN");
     let last_cfg = raw("LAST");
-    let mean_flags = ["--pooler-config", &mean_cfg, "--max-num-batched-tokens", "16"];
+    let mean_flags = [
+        "--pooler-config",
+        &mean_cfg,
+        "--max-num-batched-tokens",
+        "16",
+    ];
     let last_flags = ["--pooler-config", &last_cfg];
     let (mean_agent, last_agent) =
         tokio::join!(Agent::start(&mean_flags), Agent::start(&last_flags));
-    let ids = last_agent.tokenize(&format!("{TEXT} {TEXT} And one more time.")).await;
+    let ids = last_agent
+        .tokenize(&format!("{TEXT} {TEXT} And one more time."))
+        .await;
     assert!(ids.len() > 16, "{}", ids.len());
     let mean = floats(&embed(&mean_agent, json!({"input": ids})).await["data"][0]["embedding"]);
     let prefixes: Vec<&[u32]> = (1..=ids.len()).map(|k| &ids[..k]).collect();
@@ -187,7 +217,10 @@ async fn mean_pooling_is_the_mean_of_the_positions() {
     }
     let scale = expected.iter().map(|x| x.abs()).fold(0.0, f32::max);
     let diff = max_diff(&mean, &expected);
-    assert!(diff < 1e-3 * scale.max(1.0), "mean off by {diff} (scale {scale})");
+    assert!(
+        diff < 1e-3 * scale.max(1.0),
+        "mean off by {diff} (scale {scale})"
+    );
     // And it is not the last position's state.
     assert!(max_diff(&mean, &states[ids.len() - 1]) > 1e-2 * scale.max(1.0));
     // Normalised by default.

@@ -23,14 +23,20 @@ fn completion(prompt: &[u32], extra: Value) -> Value {
 fn entry(list: &Value, k: usize, id: u32) -> (f64, u64) {
     let e = &list[k][id.to_string()];
     (
-        e["logprob"].as_f64().unwrap_or_else(|| panic!("no entry {k}/{id}: {list}")),
-        e["rank"].as_u64().unwrap_or_else(|| panic!("no rank {k}/{id}: {list}")),
+        e["logprob"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no entry {k}/{id}: {list}")),
+        e["rank"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no rank {k}/{id}: {list}")),
     )
 }
 
 /// The rank-1 token of prompt position `k` and its logprob.
 fn top1(list: &Value, k: usize) -> (u32, f64) {
-    let map = list[k].as_object().unwrap_or_else(|| panic!("position {k}: {list}"));
+    let map = list[k]
+        .as_object()
+        .unwrap_or_else(|| panic!("position {k}: {list}"));
     let (id, e) = map
         .iter()
         .find(|(_, e)| e["rank"] == 1)
@@ -42,17 +48,29 @@ fn top1(list: &Value, k: usize) -> (u32, f64) {
 async fn prompt_logprobs_agree_with_generation() {
     let agent = Agent::start(&["--enable-prompt-tokens-details"]).await;
     let ids = agent.tokenize(PROMPT).await;
-    assert!(ids.len() > 16, "the prompt must fill a block: {}", ids.len());
+    assert!(
+        ids.len() > 16,
+        "the prompt must fill a block: {}",
+        ids.len()
+    );
 
     // Cache the prompt's blocks first: the prompt-logprobs request must not read them.
-    agent.post_ok("/v1/completions", &completion(&ids, json!({}))).await;
+    agent
+        .post_ok("/v1/completions", &completion(&ids, json!({})))
+        .await;
     let r = agent
-        .post_ok("/v1/completions", &completion(&ids, json!({"prompt_logprobs": 2})))
+        .post_ok(
+            "/v1/completions",
+            &completion(&ids, json!({"prompt_logprobs": 2})),
+        )
         .await;
     let list = &r["choices"][0]["prompt_logprobs"];
     assert_eq!(list.as_array().map(Vec::len), Some(ids.len()), "{list}");
     assert!(list[0].is_null(), "{list}");
-    assert_eq!(r["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{r}");
+    assert_eq!(
+        r["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{r}"
+    );
     for (k, &id) in ids.iter().enumerate().skip(1) {
         let (lp, rank) = entry(list, k, id);
         assert!(lp <= 0.0 && rank >= 1, "position {k}: {list}");
@@ -69,7 +87,10 @@ async fn prompt_logprobs_agree_with_generation() {
     // Position k's distribution is the one generation sees after the first k tokens.
     for k in [3, 9, ids.len() - 1] {
         let g = agent
-            .post_ok("/v1/completions", &completion(&ids[..k], json!({"logprobs": 1})))
+            .post_ok(
+                "/v1/completions",
+                &completion(&ids[..k], json!({"logprobs": 1})),
+            )
             .await;
         let lp = &g["choices"][0]["logprobs"];
         let greedy_text = lp["tokens"][0].as_str().unwrap().to_string();
@@ -85,10 +106,16 @@ async fn prompt_logprobs_agree_with_generation() {
 
     // Again, now that the prompt is cached twice over: the same numbers.
     let again = agent
-        .post_ok("/v1/completions", &completion(&ids, json!({"prompt_logprobs": 2})))
+        .post_ok(
+            "/v1/completions",
+            &completion(&ids, json!({"prompt_logprobs": 2})),
+        )
         .await;
     for (k, &id) in ids.iter().enumerate().skip(1) {
-        let (a, b) = (entry(list, k, id).0, entry(&again["choices"][0]["prompt_logprobs"], k, id).0);
+        let (a, b) = (
+            entry(list, k, id).0,
+            entry(&again["choices"][0]["prompt_logprobs"], k, id).0,
+        );
         assert!((a - b).abs() < 1e-4, "position {k}: {a} vs {b}");
     }
 
@@ -103,12 +130,22 @@ async fn prompt_logprobs_agree_with_generation() {
     let choice = &e["choices"][0];
     assert!(choice["text"].as_str().unwrap().starts_with(PROMPT), "{e}");
     let lp = &choice["logprobs"];
-    assert_eq!(lp["tokens"].as_array().unwrap().len(), ids.len() + 3, "{lp}");
-    assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null(), "{lp}");
+    assert_eq!(
+        lp["tokens"].as_array().unwrap().len(),
+        ids.len() + 3,
+        "{lp}"
+    );
+    assert!(
+        lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null(),
+        "{lp}"
+    );
     for (k, &id) in ids.iter().enumerate().skip(1) {
         let got = lp["token_logprobs"][k].as_f64().unwrap();
         let want = entry(list, k, id).0;
-        assert!((got - want).abs() < 1e-4, "echo position {k}: {got} vs {want}");
+        assert!(
+            (got - want).abs() < 1e-4,
+            "echo position {k}: {got} vs {want}"
+        );
     }
     assert_eq!(
         choice["prompt_logprobs"].as_array().map(Vec::len),
@@ -135,7 +172,10 @@ async fn long_prompts_chat_and_refusals() {
     let ids = agent.tokenize(&format!("{LONG_TEXT} {LONG_TEXT}")).await;
     assert!(ids.len() > 300, "{}", ids.len());
     let r = agent
-        .post_ok("/v1/completions", &completion(&ids, json!({"prompt_logprobs": 0})))
+        .post_ok(
+            "/v1/completions",
+            &completion(&ids, json!({"prompt_logprobs": 0})),
+        )
         .await;
     let list = &r["choices"][0]["prompt_logprobs"];
     assert_eq!(list.as_array().map(Vec::len), Some(ids.len()));
@@ -152,7 +192,11 @@ async fn long_prompts_chat_and_refusals() {
         )
         .await;
     let n = chat["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
-    assert_eq!(chat["prompt_logprobs"].as_array().map(Vec::len), Some(n), "{chat}");
+    assert_eq!(
+        chat["prompt_logprobs"].as_array().map(Vec::len),
+        Some(n),
+        "{chat}"
+    );
 
     let refused = agent
         .post(
@@ -163,7 +207,10 @@ async fn long_prompts_chat_and_refusals() {
     let err = refused.assert_error(400, "BadRequestError");
     assert_eq!(err["param"], "prompt_logprobs", "{err}");
     let refused = agent
-        .post("/v1/completions", &completion(&ids[..5], json!({"prompt_logprobs": 21})))
+        .post(
+            "/v1/completions",
+            &completion(&ids[..5], json!({"prompt_logprobs": 21})),
+        )
         .await;
     refused.assert_error(400, "BadRequestError");
     // The server is still healthy and its blocks are free.

@@ -56,8 +56,11 @@ async fn request_and_stats_lines() {
     assert!(finished.contains("status: length"), "{finished}");
     assert!(finished.contains("num_generation_tokens: 5"), "{finished}");
     // The interval that saw the request reports its tokens, at info.
-    let stats = wait_for_line(&agent, &["INFO", "Avg generation throughput", "GPU KV cache usage"])
-        .await;
+    let stats = wait_for_line(
+        &agent,
+        &["INFO", "Avg generation throughput", "GPU KV cache usage"],
+    )
+    .await;
     assert!(stats.contains("Prefix cache hit rate: "), "{stats}");
     let busy = agent
         .log()
@@ -71,7 +74,11 @@ async fn request_and_stats_lines() {
 async fn lines_off_by_default_and_by_flag() {
     for flags in [
         &[][..],
-        &["--enable-log-requests", "--disable-log-requests", "--disable-log-stats"][..],
+        &[
+            "--enable-log-requests",
+            "--disable-log-requests",
+            "--disable-log-stats",
+        ][..],
     ] {
         let agent = agent(flags).await;
         one_request(&agent).await;

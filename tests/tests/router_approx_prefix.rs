@@ -70,10 +70,7 @@ async fn shared_prefixes_stay_on_one_pod_without_events() {
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("epp.yaml");
     std::fs::write(&config, CONFIG).unwrap();
-    let mut args = pod_flags([
-        format!("a={}", a.base_url()),
-        format!("b={}", b.base_url()),
-    ]);
+    let mut args = pod_flags([format!("a={}", a.base_url()), format!("b={}", b.base_url())]);
     args.extend(["--config".to_string(), config.display().to_string()]);
     let router = RouterProc::start(&args).await;
 
@@ -85,9 +82,13 @@ async fn shared_prefixes_stay_on_one_pod_without_events() {
             // The last round asks through the Responses API: the router reads it as the chat
             // it amounts to, so it shares the group's prefix too.
             let pod = if i + 1 == PER_GROUP {
-                router.post_ok("/v1/responses", &as_response(&chat(group, i))).await
+                router
+                    .post_ok("/v1/responses", &as_response(&chat(group, i)))
+                    .await
             } else {
-                router.post_ok("/v1/chat/completions", &chat(group, i)).await
+                router
+                    .post_ok("/v1/chat/completions", &chat(group, i))
+                    .await
             };
             served.entry(group).or_default().push(pod);
         }

@@ -7,9 +7,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvcache::{BlockHasher, HashAlgo};
 use e2e::cluster::Pod;
 use e2e::{LONG_TEXT, SERVED_MODEL};
+use kvcache::{BlockHasher, HashAlgo};
 use router::events::{EventIngest, IngestConfig, PodEndpoints};
 use router::index::{IndexConfig, PrefixIndex};
 use serde_json::json;

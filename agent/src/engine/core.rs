@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use kernels::{CpuKvCache, SeqAttn};
+use kernels::SeqAttn;
 use prompt::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
-use kvcache::{BlockHasher, BlockPool, KvCacheManager, KvEventSink};
 use crate::metrics::Metrics;
-use crate::model::{LlamaModel, Logits, StepInput};
+use crate::model::{CpuKvPool, LlamaModel, Logits, StepInput};
+use kvcache::{BlockHasher, BlockPool, KvCacheManager, KvEventSink};
 
 use super::config::EngineConfig;
 use super::detokenizer::TokenDecoder;
@@ -68,7 +68,8 @@ impl Drop for AliveGuard {
 pub(crate) struct EngineCore {
     config: EngineConfig,
     model: LlamaModel,
-    cache: CpuKvCache,
+    /// The device KV pool (on the CPU executor, host memory).
+    pool: CpuKvPool,
     /// The step's logits, kept across steps (see [`Logits`]).
     logits: Logits,
     kv: KvCacheManager,
@@ -91,14 +92,14 @@ impl EngineCore {
         sink: Box<dyn KvEventSink>,
         outbox: Outbox,
     ) -> Self {
-        let cache = CpuKvCache::new(
+        let pool = CpuKvPool::new(
             model.kv_layout(config.num_blocks, config.block_size),
             config.kv_dtype,
         );
         let hasher = BlockHasher::new(config.hash_algo, config.hash_seed.as_deref());
-        let pool = BlockPool::new(config.num_blocks, config.enable_prefix_caching);
+        let blocks = BlockPool::new(config.num_blocks, config.enable_prefix_caching);
         let kv = KvCacheManager::new(
-            pool,
+            blocks,
             config.block_size,
             hasher,
             config.enable_prefix_caching,
@@ -112,7 +113,7 @@ impl EngineCore {
         Self {
             config,
             model,
-            cache,
+            pool,
             logits: Logits::default(),
             kv,
             scheduler,
@@ -389,7 +390,7 @@ impl EngineCore {
             hidden_rows: &hidden_rows,
         };
         self.model
-            .forward(&input, &mut self.cache, &mut self.logits)?;
+            .forward(&input, self.pool.cache_mut(), &mut self.logits)?;
         drop(seqs);
 
         for s in &plan.scheduled {

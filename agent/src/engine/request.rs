@@ -11,8 +11,8 @@ use super::outbox::Outbox;
 use super::sampling::{Sampled, SequenceSampler};
 use super::stop_checker::StopChecker;
 use super::types::{
-    Finish, FinishReason, GenerateOutput, GenerateRequest, ParentRequest, Pooling,
-    PoolingType, PromptLogprob, SamplingParams, StopReason,
+    Finish, FinishReason, GenerateOutput, GenerateRequest, ParentRequest, Pooling, PoolingType,
+    PromptLogprob, SamplingParams, StopReason,
 };
 
 /// Timestamps of a request's life, for the latency histograms.
@@ -99,7 +99,8 @@ impl Request {
     /// Whether the prefix cache may supply this request's prompt: not when every prompt
     /// position's output is needed (prompt logprobs, mean pooling).
     pub fn reads_prefix_cache(&self) -> bool {
-        self.params.prompt_logprobs.is_none() && self.pooling.map(|p| p.kind) != Some(PoolingType::Mean)
+        self.params.prompt_logprobs.is_none()
+            && self.pooling.map(|p| p.kind) != Some(PoolingType::Mean)
     }
 
     /// Most tokens to compute in one step (see [`PROMPT_LOGPROBS_STEP_TOKENS`]).

@@ -151,11 +151,8 @@ impl Scheduler {
                 // Looked up either way: the lookup also keeps the request's cache_salt for
                 // the blocks it will store.
                 true => {
-                    let found = kv.find_cached_prefix(
-                        &id,
-                        &req.all_token_ids,
-                        req.cache_salt.as_deref(),
-                    );
+                    let found =
+                        kv.find_cached_prefix(&id, &req.all_token_ids, req.cache_salt.as_deref());
                     if req.reads_prefix_cache() {
                         found
                     } else {

@@ -14,8 +14,8 @@ use kvevents::{encode_batch, encode_seq, Encoding, EventBatch, ExternalBlockHash
 use tracing::{debug, warn};
 
 use super::config::{binds, HashForm, KvEventsConfig};
-use kvcache::{BlockHash, ExtraKey, KvCacheEvent, KvEventSink};
 use crate::metrics::Metrics;
+use kvcache::{BlockHash, ExtraKey, KvCacheEvent, KvEventSink};
 
 /// How long the publisher thread waits for a batch before it looks at the replay socket.
 const REPLAY_POLL: Duration = Duration::from_millis(5);
@@ -407,8 +407,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use kvcache::Medium;
     use crate::metrics::CacheConfigInfo;
+    use kvcache::Medium;
 
     fn metrics() -> Arc<Metrics> {
         let cache = CacheConfigInfo {

@@ -627,7 +627,8 @@ impl LlamaModel {
                 .run(&mut gather(input.hidden_rows), None, &mut logits.hidden);
         }
         let mut normed = Vec::new();
-        self.norm.run(&mut gather(input.logits_rows), None, &mut normed);
+        self.norm
+            .run(&mut gather(input.logits_rows), None, &mut normed);
         logits.vocab = self.lm_head.rows();
         Matmul::run_all([&self.lm_head], &normed, [&mut logits.data])
     }

@@ -7,10 +7,12 @@
 
 mod gguf;
 mod hf;
+pub mod kv_pool;
 pub mod llama;
 
 use std::path::Path;
 
+pub use kv_pool::CpuKvPool;
 pub use llama::{LlamaModel, Logits, RopeStyle, StepInput};
 use prompt::{ChatTemplate, LoadError, Tokenizer};
 

@@ -18,9 +18,7 @@ use crate::engine::{PromptLogprob, TokenLogprob};
 
 use super::extract::VllmJson;
 use super::generate::{self, ChoiceEvent, ChoiceOutput, PreparedPrompt};
-use super::logprobs::{
-    completion_logprobs, echo_completion_logprobs, prompt_logprobs, TokenNamer,
-};
+use super::logprobs::{completion_logprobs, echo_completion_logprobs, prompt_logprobs, TokenNamer};
 use super::prepare::{self, Plan, PromptInput};
 use super::response::{request_id_base, UsagePolicy};
 use super::state::{unix_now, AppState};

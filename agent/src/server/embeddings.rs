@@ -136,7 +136,10 @@ pub async fn create_embedding(
 
 /// Each input's token ids, checked against the context as vLLM checks embedding inputs (the
 /// whole context is usable: nothing is generated).
-fn tokenize_inputs(state: &AppState, request: &EmbeddingRequest) -> Result<Vec<Vec<u32>>, ApiError> {
+fn tokenize_inputs(
+    state: &AppState,
+    request: &EmbeddingRequest,
+) -> Result<Vec<Vec<u32>>, ApiError> {
     let max_model_len = state.config.max_model_len;
     let vocab_size = state.tokenizer.vocab_size();
     let truncate = request.truncate_prompt_tokens.map(|t| t.0);

@@ -115,7 +115,14 @@ pub fn prompt_logprobs(prompt: &[PromptLogprob], namer: &TokenNamer<'_>) -> Prom
     let entry = |id: u32, lp: f32, rank: usize| {
         let decoded_token = namer.name(id);
         let logprob = floor(lp);
-        (id, PromptTokenLogprob { logprob, rank, decoded_token })
+        (
+            id,
+            PromptTokenLogprob {
+                logprob,
+                rank,
+                decoded_token,
+            },
+        )
     };
     let mut list = Vec::with_capacity(prompt.len() + 1);
     list.push(None);

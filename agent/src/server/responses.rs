@@ -31,7 +31,9 @@ pub async fn create_response(
     let message_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
     let response = ResponseObject::new(chat.id.clone(), chat.created, chat.model.clone(), &echoed);
     if stream {
-        return Ok(sse_typed_response(stream_events(chat, response, message_id, events)));
+        return Ok(sse_typed_response(stream_events(
+            chat, response, message_id, events,
+        )));
     }
     let out = generate::collect(events, 1)
         .await?

@@ -47,8 +47,9 @@ pub fn sse_typed_response<S>(events: S) -> Response
 where
     S: Stream<Item = (&'static str, String)> + Send + 'static,
 {
-    let frames = events
-        .map(|(kind, json)| Ok::<_, Infallible>(Bytes::from(protocol::sse::typed_event(kind, &json))));
+    let frames = events.map(|(kind, json)| {
+        Ok::<_, Infallible>(Bytes::from(protocol::sse::typed_event(kind, &json)))
+    });
     let mut response = Body::from_stream(frames).into_response();
     response.headers_mut().insert(
         CONTENT_TYPE,

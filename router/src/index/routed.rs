@@ -51,7 +51,9 @@ impl PodLru {
     }
 
     fn leading(&self, keys: &[u64]) -> usize {
-        keys.iter().take_while(|k| self.stamps.contains_key(k)).count()
+        keys.iter()
+            .take_while(|k| self.stamps.contains_key(k))
+            .count()
     }
 }
 
