@@ -239,6 +239,7 @@ fn engine_round(
         Arc::new(loaded.tokenizer),
         metrics,
         sink,
+        None,
         rt.handle(),
     )?;
     let start = Instant::now();

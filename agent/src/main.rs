@@ -198,6 +198,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         tokenizer.clone(),
         metrics.clone(),
         sink,
+        None,
         runtime.handle(),
     )
     .context("starting the engine")?;

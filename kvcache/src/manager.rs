@@ -174,6 +174,14 @@ impl KvCacheManager {
             .map_or(&[], |r| r.blocks.as_slice())
     }
 
+    /// The chained hashes of the request's full blocks computed so far (by
+    /// [`Self::find_cached_prefix`] and [`Self::cache_blocks`]); empty without prefix caching.
+    pub fn block_hashes(&self, request_id: &str) -> &[BlockHash] {
+        self.requests
+            .get(request_id)
+            .map_or(&[], |r| r.block_hashes.as_slice())
+    }
+
     pub fn block_size(&self) -> usize {
         self.block_size
     }

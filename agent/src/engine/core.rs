@@ -13,7 +13,10 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::Metrics;
 use crate::model::{CpuKvPool, LlamaModel, Logits, StepInput};
-use kvcache::{BlockHasher, BlockPool, KvCacheManager, KvEventSink};
+use kvcache::{
+    BlockHasher, BlockIo, BlockLayout, BlockPool, ConnectorRequest, KvCacheManager, KvConnector,
+    KvEventSink, ScheduledBlocks,
+};
 
 use super::config::EngineConfig;
 use super::detokenizer::TokenDecoder;
@@ -29,15 +32,20 @@ impl TokenDecoder for Tokenizer {
     }
 }
 
+/// Builds the KV connector (a tier below the device pool) once the pool's layout is known.
+pub type ConnectorFactory = Box<dyn FnOnce(&BlockLayout) -> Box<dyn KvConnector> + Send>;
+
 /// Starts the engine thread and returns the handle to it. `sink` receives every cached-block
-/// change (the KV-events publisher plugs in there); `runtime` runs the task that delivers the
-/// engine's outputs to the requests' streams.
+/// change (the KV-events publisher plugs in there); `connector`, when given, adds a tier below
+/// the device pool; `runtime` runs the task that delivers the engine's outputs to the requests'
+/// streams.
 pub fn start(
     config: EngineConfig,
     model: LlamaModel,
     tokenizer: Arc<Tokenizer>,
     metrics: Arc<Metrics>,
     sink: Box<dyn KvEventSink>,
+    connector: Option<ConnectorFactory>,
     runtime: &tokio::runtime::Handle,
 ) -> Result<EngineHandle, EngineError> {
     let (outbox, deliver) = Outbox::new();
@@ -50,7 +58,8 @@ pub fn start(
         .spawn(move || {
             // Marks the engine dead however the thread ends, panics included.
             let _alive = AliveGuard(flag);
-            let mut core = EngineCore::new(config, model, tokenizer, metrics, sink, outbox);
+            let mut core =
+                EngineCore::new(config, model, tokenizer, metrics, sink, connector, outbox);
             core.run(rx);
         })
         .map_err(|_| EngineError::Dead)?;
@@ -81,6 +90,8 @@ pub(crate) struct EngineCore {
     metrics: Arc<Metrics>,
     /// Where each step's cache events go (the KV-events publisher, or nowhere).
     sink: Box<dyn KvEventSink>,
+    /// A tier below the device pool, when configured.
+    connector: Option<Box<dyn KvConnector>>,
 }
 
 impl EngineCore {
@@ -90,12 +101,14 @@ impl EngineCore {
         tokenizer: Arc<Tokenizer>,
         metrics: Arc<Metrics>,
         sink: Box<dyn KvEventSink>,
+        connector: Option<ConnectorFactory>,
         outbox: Outbox,
     ) -> Self {
         let pool = CpuKvPool::new(
             model.kv_layout(config.num_blocks, config.block_size),
             config.kv_dtype,
         );
+        let connector = connector.map(|make| make(pool.layout()));
         let hasher = BlockHasher::new(config.hash_algo, config.hash_seed.as_deref());
         let blocks = BlockPool::new(config.num_blocks, config.enable_prefix_caching);
         let kv = KvCacheManager::new(
@@ -123,6 +136,7 @@ impl EngineCore {
             eos_token_ids,
             metrics,
             sink,
+            connector,
         }
     }
 
@@ -201,6 +215,9 @@ impl EngineCore {
             return;
         };
         self.scheduler.remove(id);
+        if let Some(c) = &mut self.connector {
+            c.request_finished(id);
+        }
         self.kv.free(id);
         let reason = finish.reason;
         req.send_pending(Some(finish), &mut self.outbox);
@@ -265,7 +282,12 @@ impl EngineCore {
     /// Runs one scheduler step end to end.
     fn step(&mut self) {
         self.abort_disconnected();
-        let plan = self.scheduler.schedule(&mut self.requests, &mut self.kv);
+        let plan = self.scheduler.schedule(
+            &mut self.requests,
+            &mut self.kv,
+            self.connector.as_deref_mut(),
+        );
+        self.build_connector_meta(&plan);
         self.record_schedule(&plan);
         if plan.scheduled.is_empty() {
             self.update_gauges();
@@ -291,12 +313,42 @@ impl EngineCore {
         self.update_gauges();
     }
 
-    /// Publishes this step's cache changes as one batch (nothing when nothing changed).
+    /// Publishes this step's cache changes as one batch, the device pool's then the
+    /// connector's (nothing when nothing changed).
     fn publish_events(&mut self) {
-        let events = self.kv.take_events();
+        let mut events = self.kv.take_events();
+        if let Some(c) = &mut self.connector {
+            events.extend(c.take_events());
+        }
         if !events.is_empty() {
             self.sink.publish(events);
         }
+    }
+
+    /// Shows the connector the planned step: each scheduled request's blocks and how far
+    /// they will be computed.
+    fn build_connector_meta(&mut self, plan: &SchedulerOutput) {
+        let Some(c) = &mut self.connector else {
+            return;
+        };
+        let scheduled: Vec<ScheduledBlocks<'_>> = plan
+            .scheduled
+            .iter()
+            .filter_map(|s| {
+                let req = self.requests.get(&s.request_id)?;
+                Some(ScheduledBlocks {
+                    request: ConnectorRequest {
+                        request_id: &req.id,
+                        token_ids: &req.all_token_ids,
+                        num_prompt_tokens: req.prompt_len,
+                        block_hashes: self.kv.block_hashes(&req.id),
+                    },
+                    block_ids: self.kv.block_table(&req.id),
+                    num_computed_tokens: req.num_computed_tokens + s.num_new_tokens,
+                })
+            })
+            .collect();
+        c.build_connector_meta(&scheduled);
     }
 
     /// Clients that went away never read their output: free their blocks now.
@@ -389,6 +441,9 @@ impl EngineCore {
             logits_rows: &logits_rows,
             hidden_rows: &hidden_rows,
         };
+        if let Some(c) = &mut self.connector {
+            c.start_load_kv(&mut self.pool);
+        }
         self.model
             .forward(&input, self.pool.cache_mut(), &mut self.logits)?;
         drop(seqs);
@@ -399,6 +454,9 @@ impl EngineCore {
                 self.kv
                     .cache_blocks(&s.request_id, &req.all_token_ids, req.num_computed_tokens);
             }
+        }
+        if let Some(c) = &mut self.connector {
+            c.wait_for_save(&self.pool);
         }
 
         let mut finished = Vec::new();

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-use kvcache::KvCacheManager;
+use kvcache::{ConnectorRequest, KvCacheManager, KvConnector};
 
 use super::request::Request;
 
@@ -35,6 +35,8 @@ pub(crate) struct SchedulerOutput {
     /// Prompt tokens looked up in / found in the prefix cache by newly admitted requests.
     pub prefix_cache_queries: usize,
     pub prefix_cache_hits: usize,
+    /// Prompt tokens of newly admitted requests a connector supplies (a lower tier's hits).
+    pub external_hits: usize,
 }
 
 impl SchedulerOutput {
@@ -86,6 +88,7 @@ impl Scheduler {
         &mut self,
         requests: &mut HashMap<String, Request>,
         kv: &mut KvCacheManager,
+        mut connector: Option<&mut (dyn KvConnector + 'static)>,
     ) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();
         let mut budget = self.limits.max_num_batched_tokens;
@@ -161,22 +164,41 @@ impl Scheduler {
                 }
                 false => (Vec::new(), 0),
             };
-            let num_new = (req.num_tokens() - num_cached)
+            // Then the tiers below the device: further blocks a connector holds.
+            let num_external = match connector.as_deref_mut() {
+                Some(c) if req.reads_prefix_cache() => {
+                    c.get_num_new_matched_tokens(&connector_request(req, kv), num_cached)
+                }
+                _ => 0,
+            };
+            let num_computed = num_cached + num_external;
+            let num_new = (req.num_tokens() - num_computed)
                 .min(budget)
                 .min(req.max_step_tokens());
             if kv
-                .allocate_slots(&id, num_cached + num_new, &cached_blocks)
+                .allocate_slots(&id, num_computed + num_new, &cached_blocks)
                 .is_err()
             {
                 break;
             }
+            if let Some(c) = connector.as_deref_mut() {
+                let table = kv.block_table(&id);
+                c.update_state_after_alloc(
+                    &connector_request(req, kv),
+                    table,
+                    num_cached,
+                    num_external,
+                );
+            }
             self.waiting.pop_front();
             self.running.push(id.clone());
-            req.num_computed_tokens = num_cached;
+            req.num_computed_tokens = num_computed;
             if req.num_cached_tokens.is_none() {
-                req.num_cached_tokens = Some(num_cached.min(req.prompt_len));
+                // As vLLM: cached tokens count the device hit and what a connector loaded.
+                req.num_cached_tokens = Some(num_computed.min(req.prompt_len));
                 out.prefix_cache_queries += req.prompt_len;
                 out.prefix_cache_hits += num_cached.min(req.prompt_len);
+                out.external_hits += num_external.min(req.prompt_len);
             }
             if req.timings.first_scheduled.is_none() {
                 req.timings.first_scheduled = Some(Instant::now());
@@ -188,6 +210,16 @@ impl Scheduler {
             });
         }
         out
+    }
+}
+
+/// What a connector sees of `req`.
+fn connector_request<'a>(req: &'a Request, kv: &'a KvCacheManager) -> ConnectorRequest<'a> {
+    ConnectorRequest {
+        request_id: &req.id,
+        token_ids: &req.all_token_ids,
+        num_prompt_tokens: req.prompt_len,
+        block_hashes: kv.block_hashes(&req.id),
     }
 }
 
@@ -256,7 +288,7 @@ mod tests {
         add(&mut s, &mut reqs, "a", (0..100).collect());
         let mut chunks = Vec::new();
         for _ in 0..5 {
-            let plan = s.schedule(&mut reqs, &mut kv);
+            let plan = s.schedule(&mut reqs, &mut kv, None);
             chunks.push(plan.total_tokens());
             run_step(&plan, &mut reqs, &mut kv);
         }
@@ -271,10 +303,10 @@ mod tests {
         let mut reqs = HashMap::new();
         let mut s = Scheduler::new(limits(8, 20));
         add(&mut s, &mut reqs, "a", (0..10).collect());
-        let plan = s.schedule(&mut reqs, &mut kv);
+        let plan = s.schedule(&mut reqs, &mut kv, None);
         run_step(&plan, &mut reqs, &mut kv);
         add(&mut s, &mut reqs, "b", (100..150).collect());
-        let plan = s.schedule(&mut reqs, &mut kv);
+        let plan = s.schedule(&mut reqs, &mut kv, None);
         let got: Vec<_> = plan
             .scheduled
             .iter()
@@ -291,7 +323,7 @@ mod tests {
         for id in ["a", "b", "c"] {
             add(&mut s, &mut reqs, id, vec![1, 2, 3]);
         }
-        let plan = s.schedule(&mut reqs, &mut kv);
+        let plan = s.schedule(&mut reqs, &mut kv, None);
         assert_eq!(plan.scheduled.len(), 2);
         assert_eq!((s.num_running(), s.num_waiting()), (2, 1));
     }
@@ -304,10 +336,10 @@ mod tests {
         let mut s = Scheduler::new(limits(8, 1000));
         add(&mut s, &mut reqs, "a", (0..32).collect());
         add(&mut s, &mut reqs, "b", (100..132).collect());
-        let plan = s.schedule(&mut reqs, &mut kv);
+        let plan = s.schedule(&mut reqs, &mut kv, None);
         assert_eq!(plan.scheduled.len(), 2);
         run_step(&plan, &mut reqs, &mut kv); // both now hold 33 tokens: a third block each
-        let plan = s.schedule(&mut reqs, &mut kv);
+        let plan = s.schedule(&mut reqs, &mut kv, None);
         assert_eq!(plan.num_preemptions, 1);
         assert_eq!(
             plan.scheduled,
@@ -333,7 +365,7 @@ mod tests {
             "a",
             prefix.iter().copied().chain([500, 501]).collect(),
         );
-        let plan = s.schedule(&mut reqs, &mut kv);
+        let plan = s.schedule(&mut reqs, &mut kv, None);
         run_step(&plan, &mut reqs, &mut kv);
         add(
             &mut s,
@@ -341,7 +373,7 @@ mod tests {
             "b",
             prefix.iter().copied().chain([900]).collect(),
         );
-        let plan = s.schedule(&mut reqs, &mut kv);
+        let plan = s.schedule(&mut reqs, &mut kv, None);
         assert_eq!(
             plan.scheduled[1],
             ScheduledRequest {

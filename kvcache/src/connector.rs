@@ -1,0 +1,83 @@
+//! The KV connector interface, in the shape of vLLM's `KVConnectorBase_V1`: how a store below
+//! the device pool (a CPU or storage tier, later a P/D transfer) takes part in each step.
+//!
+//! Scheduler side, in the order of vLLM's `Scheduler.schedule()`: the device prefix hit comes
+//! first, then [`KvConnector::get_num_new_matched_tokens`] says how many more tokens the
+//! connector can supply, then the blocks are allocated and
+//! [`KvConnector::update_state_after_alloc`] learns which ones to fill, and once the step is
+//! planned [`KvConnector::build_connector_meta`] sees every scheduled request's blocks;
+//! [`KvConnector::request_finished`] closes a request. Worker side, around the forward pass as
+//! vLLM's model-runner mixin does: loads before it, saves after it. Copies reach device memory
+//! only through [`BlockIo`]. Engine and worker share a process here, so one object plays both
+//! roles and keeps the step's metadata itself.
+//!
+//! Loads complete within their step (vLLM's synchronous mode). vLLM's asynchronous loads (a
+//! request waiting for remote KV while holding its blocks) and delayed frees (blocks outliving
+//! a request until a transfer reads them) join the interface with the first connector that
+//! needs them, the P/D transfer.
+
+use crate::block_hash::BlockHash;
+use crate::block_pool::BlockId;
+use crate::events::KvCacheEvent;
+use crate::layout::BlockIo;
+
+/// What a connector sees of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectorRequest<'a> {
+    pub request_id: &'a str,
+    /// Prompt followed by the tokens generated so far.
+    pub token_ids: &'a [u32],
+    pub num_prompt_tokens: usize,
+    /// The chained hash of each full block of `token_ids`.
+    pub block_hashes: &'a [BlockHash],
+}
+
+/// One scheduled request of the step, as the step's metadata needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct ScheduledBlocks<'a> {
+    pub request: ConnectorRequest<'a>,
+    /// The request's block table.
+    pub block_ids: &'a [BlockId],
+    /// Tokens whose K/V are computed once this step's forward pass ran.
+    pub num_computed_tokens: usize,
+}
+
+pub trait KvConnector: Send {
+    /// After the device hit of `num_computed_tokens`, the further tokens this connector holds:
+    /// whole blocks, never the request's last token (its logits must be computed).
+    fn get_num_new_matched_tokens(
+        &mut self,
+        request: &ConnectorRequest<'_>,
+        num_computed_tokens: usize,
+    ) -> usize;
+
+    /// The blocks were allocated: `block_ids` is the request's table, whose first
+    /// `num_device_tokens` tokens came from the device cache and the next `num_external_tokens`
+    /// are this connector's to fill.
+    fn update_state_after_alloc(
+        &mut self,
+        request: &ConnectorRequest<'_>,
+        block_ids: &[BlockId],
+        num_device_tokens: usize,
+        num_external_tokens: usize,
+    );
+
+    /// The step is planned: what to save after its forward pass.
+    fn build_connector_meta(&mut self, scheduled: &[ScheduledBlocks<'_>]);
+
+    /// A request ended (any reason); its per-request state goes.
+    fn request_finished(&mut self, request_id: &str);
+
+    /// Before the forward pass: copy this step's loads into the device pool.
+    fn start_load_kv(&mut self, device: &mut dyn BlockIo);
+
+    /// After the forward pass: this step's saves out of the device pool.
+    fn wait_for_save(&mut self, device: &dyn BlockIo);
+
+    /// This connector's store changes since the last call (its medium on each).
+    fn take_events(&mut self) -> Vec<KvCacheEvent>;
+
+    /// Drops everything the connector holds (`/reset_prefix_cache?reset_external=true`);
+    /// false if it cannot now.
+    fn reset_cache(&mut self) -> bool;
+}
