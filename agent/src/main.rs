@@ -17,7 +17,8 @@ use agent::kv_events::{self, KvEventsConfig};
 use agent::metrics::{CacheConfigInfo, Metrics};
 use agent::model;
 use agent::server::{self, AppState, ServerConfig};
-use kvcache::{KvEventSink, NullSink};
+use kvcache::{KvConnector, KvEventSink, NullSink};
+use offload::CpuOffloadConnector;
 
 /// Largest request body accepted. vLLM has no limit; this one is far above any prompt that
 /// fits a context, so long prompts still get vLLM's "too long" 400 rather than a 413.
@@ -188,6 +189,25 @@ fn serve(args: &ServeArgs) -> Result<()> {
         }
         None => Box::new(NullSink),
     };
+    let connector: Option<Box<dyn KvConnector>> =
+        match agent::cli::cpu_offload(args, args.block_size).map_err(anyhow::Error::msg)? {
+            None => None,
+            Some(cfg) => {
+                let tier = CpuOffloadConnector::new(cfg.clone(), args.block_size, bytes_per_block)
+                    .map_err(anyhow::Error::msg)?;
+                let (_, capacity) = tier.usage();
+                info!(
+                    "CPU KV tier: {capacity} blocks ({} bytes), {} blocks stored",
+                    cfg.cpu_bytes,
+                    if cfg.offload_prompt_only {
+                        "prompt"
+                    } else {
+                        "all"
+                    },
+                );
+                Some(Box::new(tier))
+            }
+        };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -198,7 +218,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
         tokenizer.clone(),
         metrics.clone(),
         sink,
-        None,
+        connector,
         runtime.handle(),
     )
     .context("starting the engine")?;

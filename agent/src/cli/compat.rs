@@ -172,14 +172,11 @@ pub fn notes(args: &ServeArgs) -> Result<Vec<String>, String> {
         "chunked prefill is always on",
     );
     note(
-        args.kv_transfer_config.is_some(),
+        args.kv_transfer_config
+            .as_ref()
+            .is_some_and(|c| c["kv_connector"] != "OffloadingConnector"),
         "--kv-transfer-config",
         "KV transfer (P/D disaggregation) is not implemented yet",
-    );
-    note(
-        args.kv_offloading_size.is_some() || args.kv_offloading_backend.is_some(),
-        "--kv-offloading-size / --kv-offloading-backend",
-        "KV offloading is not implemented yet",
     );
     for (flag, n) in [
         ("--tensor-parallel-size", args.tensor_parallel_size),

@@ -3,6 +3,7 @@
 //! deployments written for vLLM start, and say in their help what they do here.
 
 mod compat;
+mod offload;
 
 use std::path::PathBuf;
 
@@ -157,16 +158,17 @@ pub struct ServeArgs {
     #[arg(long, value_parser = parse_json_object, value_name = "JSON")]
     pub kv_events_config: Option<Value>,
 
-    /// KV transfer for prefill/decode disaggregation (JSON, vLLM's KVTransferConfig). Not
-    /// implemented yet: validated and ignored with a warning.
+    /// KV connector (JSON, vLLM's KVTransferConfig): `OffloadingConnector` with its
+    /// `kv_connector_extra_config` is the CPU tier; P/D connectors are not implemented yet
+    /// (validated and ignored with a note).
     #[arg(long, value_parser = parse_json_object, value_name = "JSON")]
     pub kv_transfer_config: Option<Value>,
 
-    /// KV offloading size in GiB. Not implemented yet: ignored with a warning.
+    /// Host memory for the CPU KV tier, in GiB (vLLM's native offloading; off by default).
     #[arg(long, value_name = "GIB")]
     pub kv_offloading_size: Option<f64>,
 
-    /// KV offloading backend (native, lmcache). Not implemented yet: ignored with a warning.
+    /// KV offloading backend: native (the default; lmcache is not available here).
     #[arg(long, value_parser = ["native", "lmcache"])]
     pub kv_offloading_backend: Option<String>,
 
@@ -259,6 +261,7 @@ pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
 }
 
 pub use compat::notes as compatibility_notes;
+pub use offload::cpu_offload;
 
 /// The log level without RUST_LOG: vLLM's `VLLM_LOGGING_LEVEL` (DEBUG, INFO, WARNING, ERROR,
 /// CRITICAL, any case) when set and valid, else `--uvicorn-log-level`, in tracing's names.

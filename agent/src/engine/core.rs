@@ -14,8 +14,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::metrics::Metrics;
 use crate::model::{CpuKvPool, LlamaModel, Logits, StepInput};
 use kvcache::{
-    BlockHasher, BlockIo, BlockLayout, BlockPool, ConnectorRequest, KvCacheManager, KvConnector,
-    KvEventSink, ScheduledBlocks,
+    BlockHasher, BlockPool, ConnectorRequest, KvCacheManager, KvConnector, KvEventSink,
+    ScheduledBlocks,
 };
 
 use super::config::EngineConfig;
@@ -32,9 +32,6 @@ impl TokenDecoder for Tokenizer {
     }
 }
 
-/// Builds the KV connector (a tier below the device pool) once the pool's layout is known.
-pub type ConnectorFactory = Box<dyn FnOnce(&BlockLayout) -> Box<dyn KvConnector> + Send>;
-
 /// Starts the engine thread and returns the handle to it. `sink` receives every cached-block
 /// change (the KV-events publisher plugs in there); `connector`, when given, adds a tier below
 /// the device pool; `runtime` runs the task that delivers the engine's outputs to the requests'
@@ -45,7 +42,7 @@ pub fn start(
     tokenizer: Arc<Tokenizer>,
     metrics: Arc<Metrics>,
     sink: Box<dyn KvEventSink>,
-    connector: Option<ConnectorFactory>,
+    connector: Option<Box<dyn KvConnector>>,
     runtime: &tokio::runtime::Handle,
 ) -> Result<EngineHandle, EngineError> {
     let (outbox, deliver) = Outbox::new();
@@ -101,14 +98,13 @@ impl EngineCore {
         tokenizer: Arc<Tokenizer>,
         metrics: Arc<Metrics>,
         sink: Box<dyn KvEventSink>,
-        connector: Option<ConnectorFactory>,
+        connector: Option<Box<dyn KvConnector>>,
         outbox: Outbox,
     ) -> Self {
         let pool = CpuKvPool::new(
             model.kv_layout(config.num_blocks, config.block_size),
             config.kv_dtype,
         );
-        let connector = connector.map(|make| make(pool.layout()));
         let hasher = BlockHasher::new(config.hash_algo, config.hash_seed.as_deref());
         let blocks = BlockPool::new(config.num_blocks, config.enable_prefix_caching);
         let kv = KvCacheManager::new(

@@ -13,6 +13,6 @@ pub mod stop_checker;
 pub mod types;
 
 pub use config::EngineConfig;
-pub use core::{start, ConnectorFactory};
+pub use core::start;
 pub use handle::{EngineHandle, RequestStream};
 pub use types::*;

@@ -1,0 +1,467 @@
+//! The CPU tier, as vLLM's native offloading (`OffloadingConnector` with `CPUOffloadingSpec`)
+//! behaves: after each forward pass the newly completed prompt blocks (all blocks with
+//! `offload_prompt_only` off) are copied into a host-memory store keyed by their chained hash;
+//! when a request's prefix runs past the device hit, the longest run of further blocks the
+//! store holds is copied back into the request's fresh device blocks before its forward pass,
+//! and counts as computed.
+//!
+//! Events: `BlockStored` / `BlockRemoved` with medium CPU, one per block; by default in vLLM's
+//! placeholder form (only the block's hash), or self-describing (parent, tokens, block size).
+//!
+//! Copies are block memcpys between host buffers on the engine thread: with the CPU executor
+//! both sides are host memory, so there is no transfer to overlap; a device executor would run
+//! them on its copy stream behind the same calls.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use kvcache::{
+    BlockHash, BlockId, BlockIo, ConnectorRequest, KvCacheEvent, KvConnector, Medium,
+    ScheduledBlocks,
+};
+
+use crate::host_store::HostStore;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuOffloadConfig {
+    /// Host memory for the store (`cpu_bytes_to_use`).
+    pub cpu_bytes: u64,
+    /// Store prompt blocks only (vLLM's default), or generated ones too.
+    pub offload_prompt_only: bool,
+    /// Events carry the block's parent, tokens and size instead of its hash alone.
+    pub self_describing_events: bool,
+}
+
+/// What the tier did, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuOffloadStats {
+    pub loaded_blocks: u64,
+    pub load_bytes: u64,
+    pub load_time: Duration,
+    pub stored_blocks: u64,
+    pub store_bytes: u64,
+    pub store_time: Duration,
+    /// Prompt tokens the tier supplied to admitted requests.
+    pub hit_tokens: u64,
+    pub evicted_blocks: u64,
+}
+
+/// One block to copy out after the forward pass.
+#[derive(Debug)]
+struct Save {
+    block: BlockId,
+    hash: BlockHash,
+    parent: Option<BlockHash>,
+    /// The block's tokens (self-describing events only).
+    tokens: Vec<u32>,
+}
+
+pub struct CpuOffloadConnector {
+    cfg: CpuOffloadConfig,
+    block_size: usize,
+    block_bytes: usize,
+    store: HostStore,
+    /// This step's loads: device block ← stored hash.
+    loads: Vec<(BlockId, BlockHash)>,
+    saves: Vec<Save>,
+    /// Per running request, the blocks already handed to a save (or found stored).
+    saved_upto: HashMap<String, usize>,
+    events: Vec<KvCacheEvent>,
+    stats: CpuOffloadStats,
+}
+
+impl CpuOffloadConnector {
+    /// A tier of `cfg.cpu_bytes` for blocks of `block_size` tokens, `block_bytes` each; an
+    /// error when not even one block fits.
+    pub fn new(
+        cfg: CpuOffloadConfig,
+        block_size: usize,
+        block_bytes: usize,
+    ) -> Result<Self, String> {
+        let capacity = usize::try_from(cfg.cpu_bytes / block_bytes.max(1) as u64).unwrap_or(0);
+        if capacity == 0 {
+            return Err(format!(
+                "the CPU offloading size ({} bytes) holds no KV block of {block_bytes} bytes",
+                cfg.cpu_bytes
+            ));
+        }
+        Ok(Self {
+            cfg,
+            block_size,
+            block_bytes,
+            store: HostStore::new(capacity, block_bytes),
+            loads: Vec::new(),
+            saves: Vec::new(),
+            saved_upto: HashMap::new(),
+            events: Vec::new(),
+            stats: CpuOffloadStats::default(),
+        })
+    }
+
+    pub fn stats(&self) -> CpuOffloadStats {
+        self.stats
+    }
+
+    /// Blocks held, and the most the store holds.
+    pub fn usage(&self) -> (usize, usize) {
+        (self.store.len(), self.store.capacity())
+    }
+
+    /// The hashes held, sorted (`/debug/kv_cache`).
+    pub fn cached_hashes(&self) -> Vec<BlockHash> {
+        self.store.hashes()
+    }
+
+    fn stored_event(&self, save: &Save) -> KvCacheEvent {
+        if self.cfg.self_describing_events {
+            KvCacheEvent::BlockStored {
+                block_hashes: vec![save.hash],
+                parent_block_hash: save.parent,
+                token_ids: save.tokens.clone(),
+                block_size: self.block_size,
+                lora_name: None,
+                extra_keys: None,
+                medium: Medium::Cpu,
+            }
+        } else {
+            KvCacheEvent::BlockStored {
+                block_hashes: vec![save.hash],
+                parent_block_hash: None,
+                token_ids: Vec::new(),
+                block_size: 0,
+                lora_name: None,
+                extra_keys: None,
+                medium: Medium::Cpu,
+            }
+        }
+    }
+}
+
+impl KvConnector for CpuOffloadConnector {
+    fn get_num_new_matched_tokens(
+        &mut self,
+        request: &ConnectorRequest<'_>,
+        num_computed_tokens: usize,
+    ) -> usize {
+        let bs = self.block_size;
+        let first = num_computed_tokens / bs;
+        // Never the last token: its logits are computed.
+        let last = (request.token_ids.len().saturating_sub(1) / bs).min(request.block_hashes.len());
+        let found = request.block_hashes[first.min(last)..last]
+            .iter()
+            .take_while(|h| self.store.contains(h))
+            .count();
+        found * bs
+    }
+
+    fn update_state_after_alloc(
+        &mut self,
+        request: &ConnectorRequest<'_>,
+        block_ids: &[BlockId],
+        num_device_tokens: usize,
+        num_external_tokens: usize,
+    ) {
+        let bs = self.block_size;
+        let first = num_device_tokens / bs;
+        let n = num_external_tokens / bs;
+        for i in first..first + n {
+            self.loads.push((block_ids[i], request.block_hashes[i]));
+        }
+        self.stats.hit_tokens += num_external_tokens as u64;
+        // Blocks that came from the device cache or from here need no save.
+        self.saved_upto
+            .insert(request.request_id.to_string(), first + n);
+    }
+
+    fn build_connector_meta(&mut self, scheduled: &[ScheduledBlocks<'_>]) {
+        let bs = self.block_size;
+        for s in scheduled {
+            let r = &s.request;
+            let limit = if self.cfg.offload_prompt_only {
+                s.num_computed_tokens.min(r.num_prompt_tokens)
+            } else {
+                s.num_computed_tokens
+            };
+            // Blocks whose hash exists yet (a generated block's comes once it is computed).
+            let full = (limit / bs)
+                .min(r.block_hashes.len())
+                .min(s.block_ids.len());
+            let from = self.saved_upto.get(r.request_id).copied().unwrap_or(0);
+            for i in from..full {
+                let tokens = if self.cfg.self_describing_events {
+                    r.token_ids[i * bs..(i + 1) * bs].to_vec()
+                } else {
+                    Vec::new()
+                };
+                self.saves.push(Save {
+                    block: s.block_ids[i],
+                    hash: r.block_hashes[i],
+                    parent: i.checked_sub(1).map(|p| r.block_hashes[p]),
+                    tokens,
+                });
+            }
+            if full > from {
+                self.saved_upto.insert(r.request_id.to_string(), full);
+            }
+        }
+    }
+
+    fn request_finished(&mut self, request_id: &str) {
+        self.saved_upto.remove(request_id);
+    }
+
+    fn start_load_kv(&mut self, device: &mut dyn BlockIo) {
+        let start = Instant::now();
+        // Lookups and loads happen in the same step, before any save can evict: every hash
+        // looked up is still held.
+        for (block, hash) in std::mem::take(&mut self.loads) {
+            if let Some(data) = self.store.get(&hash) {
+                device.write_block(block, data);
+                self.stats.loaded_blocks += 1;
+                self.stats.load_bytes += data.len() as u64;
+            }
+        }
+        self.stats.load_time += start.elapsed();
+    }
+
+    fn wait_for_save(&mut self, device: &dyn BlockIo) {
+        let start = Instant::now();
+        for save in std::mem::take(&mut self.saves) {
+            if self.store.contains(&save.hash) {
+                continue;
+            }
+            let evicted = self
+                .store
+                .insert(save.hash, |buf| device.read_block(save.block, buf));
+            if !evicted.is_empty() {
+                self.stats.evicted_blocks += evicted.len() as u64;
+                self.events.push(KvCacheEvent::BlockRemoved {
+                    block_hashes: evicted,
+                    medium: Medium::Cpu,
+                });
+            }
+            self.stats.stored_blocks += 1;
+            self.stats.store_bytes += self.block_bytes as u64;
+            let event = self.stored_event(&save);
+            self.events.push(event);
+        }
+        self.stats.store_time += start.elapsed();
+    }
+
+    fn take_events(&mut self) -> Vec<KvCacheEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn reset_cache(&mut self) -> bool {
+        let hashes = self.store.clear();
+        if !hashes.is_empty() {
+            self.events.push(KvCacheEvent::BlockRemoved {
+                block_hashes: hashes,
+                medium: Medium::Cpu,
+            });
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvcache::{BlockHasher, BlockLayout, HashAlgo};
+
+    /// A device pool of `n` blocks of 8 bytes, each byte the block's "content".
+    struct Device {
+        layout: BlockLayout,
+        data: Vec<[u8; 8]>,
+    }
+
+    impl Device {
+        fn new(n: usize) -> Self {
+            Self {
+                layout: BlockLayout {
+                    num_layers: 1,
+                    num_blocks: n,
+                    block_size: 2,
+                    num_kv_heads: 1,
+                    head_dim: 2,
+                    dtype: "float16",
+                    dtype_bytes: 2,
+                },
+                data: vec![[0; 8]; n],
+            }
+        }
+    }
+
+    impl BlockIo for Device {
+        fn layout(&self) -> &BlockLayout {
+            &self.layout
+        }
+        fn read_block(&self, block: BlockId, out: &mut [u8]) {
+            out.copy_from_slice(&self.data[block as usize]);
+        }
+        fn write_block(&mut self, block: BlockId, data: &[u8]) {
+            self.data[block as usize].copy_from_slice(data);
+        }
+    }
+
+    fn connector(blocks: u64, self_describing: bool) -> CpuOffloadConnector {
+        let cfg = CpuOffloadConfig {
+            cpu_bytes: blocks * 8,
+            offload_prompt_only: true,
+            self_describing_events: self_describing,
+        };
+        CpuOffloadConnector::new(cfg, 2, 8).unwrap()
+    }
+
+    fn hashes(tokens: &[u32]) -> Vec<BlockHash> {
+        let mut out = Vec::new();
+        BlockHasher::new(HashAlgo::Sha256Cbor, None)
+            .extend_request_hashes(&mut out, tokens, 2, None);
+        out
+    }
+
+    fn request<'a>(id: &'a str, tokens: &'a [u32], h: &'a [BlockHash]) -> ConnectorRequest<'a> {
+        ConnectorRequest {
+            request_id: id,
+            token_ids: tokens,
+            num_prompt_tokens: tokens.len(),
+            block_hashes: h,
+        }
+    }
+
+    #[test]
+    fn saves_prompt_blocks_then_loads_them_into_new_blocks() {
+        let mut c = connector(8, false);
+        let mut dev = Device::new(8);
+        let tokens: Vec<u32> = (0..7).collect();
+        let h = hashes(&tokens);
+        assert_eq!(h.len(), 3);
+        // First run: nothing held; blocks 0..4 computed in two steps.
+        let r = request("a", &tokens, &h);
+        assert_eq!(c.get_num_new_matched_tokens(&r, 0), 0);
+        c.update_state_after_alloc(&r, &[0, 1, 2, 3], 0, 0);
+        for (b, byte) in [(0, 10), (1, 11), (2, 12)] {
+            dev.data[b] = [byte; 8];
+        }
+        c.build_connector_meta(&[ScheduledBlocks {
+            request: r,
+            block_ids: &[0, 1, 2, 3],
+            num_computed_tokens: 4,
+        }]);
+        c.wait_for_save(&dev);
+        c.build_connector_meta(&[ScheduledBlocks {
+            request: r,
+            block_ids: &[0, 1, 2, 3],
+            num_computed_tokens: 7,
+        }]);
+        c.wait_for_save(&dev);
+        c.request_finished("a");
+        let events = c.take_events();
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert!(events.iter().all(|e| matches!(e, KvCacheEvent::BlockStored { token_ids, block_size: 0, parent_block_hash: None, medium: Medium::Cpu, .. } if token_ids.is_empty())));
+        assert_eq!(c.stats().stored_blocks, 3);
+
+        // Again, with the device holding block 0 only: blocks 1 and 2 come from the tier.
+        let r = request("b", &tokens, &h);
+        assert_eq!(c.get_num_new_matched_tokens(&r, 2), 4);
+        c.update_state_after_alloc(&r, &[0, 5, 6, 7], 2, 4);
+        c.start_load_kv(&mut dev);
+        assert_eq!((dev.data[5], dev.data[6]), ([11; 8], [12; 8]));
+        // Nothing to save again: those blocks are held.
+        c.build_connector_meta(&[ScheduledBlocks {
+            request: r,
+            block_ids: &[0, 5, 6, 7],
+            num_computed_tokens: 7,
+        }]);
+        c.wait_for_save(&dev);
+        assert!(c.take_events().is_empty());
+        assert_eq!(c.stats().hit_tokens, 4);
+        assert_eq!(c.stats().loaded_blocks, 2);
+    }
+
+    #[test]
+    fn the_last_token_is_never_matched_and_a_gap_ends_the_run() {
+        let mut c = connector(8, false);
+        let mut dev = Device::new(4);
+        let tokens: Vec<u32> = (0..6).collect();
+        let h = hashes(&tokens);
+        let r = request("a", &tokens, &h);
+        c.build_connector_meta(&[ScheduledBlocks {
+            request: r,
+            block_ids: &[0, 1, 2],
+            num_computed_tokens: 6,
+        }]);
+        c.wait_for_save(&dev);
+        // Three full blocks held, but the third holds the last token.
+        assert_eq!(c.get_num_new_matched_tokens(&r, 0), 4);
+        // A store without block 0 matches nothing from the start.
+        assert!(c.reset_cache());
+        let removed = c.take_events().pop();
+        assert!(
+            matches!(removed, Some(KvCacheEvent::BlockRemoved { ref block_hashes, medium: Medium::Cpu }) if block_hashes.len() == 3)
+        );
+        c.saved_upto.clear();
+        dev.data[1] = [1; 8];
+        let one = [ScheduledBlocks {
+            request: r,
+            block_ids: &[3, 1, 2],
+            num_computed_tokens: 4,
+        }];
+        c.saved_upto.insert("a".into(), 1);
+        c.build_connector_meta(&one);
+        c.wait_for_save(&dev);
+        assert_eq!(c.get_num_new_matched_tokens(&r, 0), 0);
+        assert_eq!(c.get_num_new_matched_tokens(&r, 2), 2);
+    }
+
+    #[test]
+    fn eviction_and_self_describing_events() {
+        let mut c = connector(2, true);
+        let dev = Device::new(4);
+        let tokens: Vec<u32> = (0..7).collect();
+        let h = hashes(&tokens);
+        let r = request("a", &tokens, &h);
+        c.build_connector_meta(&[ScheduledBlocks {
+            request: r,
+            block_ids: &[0, 1, 2, 3],
+            num_computed_tokens: 7,
+        }]);
+        c.wait_for_save(&dev);
+        let events = c.take_events();
+        // Three stores into two slots: the first block is evicted by the third.
+        assert_eq!(events.len(), 4, "{events:?}");
+        assert_eq!(
+            events[2],
+            KvCacheEvent::BlockRemoved {
+                block_hashes: vec![h[0]],
+                medium: Medium::Cpu
+            }
+        );
+        match &events[3] {
+            KvCacheEvent::BlockStored {
+                block_hashes,
+                parent_block_hash,
+                token_ids,
+                block_size,
+                ..
+            } => {
+                assert_eq!(block_hashes, &vec![h[2]]);
+                assert_eq!(*parent_block_hash, Some(h[1]));
+                assert_eq!(token_ids, &vec![4, 5]);
+                assert_eq!(*block_size, 2);
+            }
+            e => panic!("{e:?}"),
+        }
+        assert_eq!(c.usage(), (2, 2));
+        assert!(CpuOffloadConnector::new(
+            CpuOffloadConfig {
+                cpu_bytes: 7,
+                offload_prompt_only: true,
+                self_describing_events: false
+            },
+            2,
+            8
+        )
+        .is_err());
+    }
+}

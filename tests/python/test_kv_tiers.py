@@ -1,0 +1,121 @@
+"""The CPU KV tier (issue 18 acceptance 1) as an independent subscriber and client see it: a
+long prompt pushed out of a small device pool is reloaded from host memory, with the cold run's
+greedy output, `cached_tokens` counting the reloaded blocks, and the events showing the GPU
+removal, the CPU store, and the GPU store on reload."""
+
+import json
+import random
+import threading
+import time
+
+import httpx
+import msgpack
+import zmq
+
+from conftest import MODEL, Agent, free_port
+from test_kv_events import as_int, chained_hashes, fields
+
+BLOCK_SIZE = 16
+PROMPT_TOKENS = 1500
+# 120 blocks of 368,640 bytes (float16): room for one 1,500-token prompt, not two.
+DEVICE = ["--kv-cache-memory-bytes", str(120 * 368640), "--max-model-len", "1800"]
+
+
+class TierEvents:
+    """Every event batch in order, and per medium the set of block hashes it holds."""
+
+    def __init__(self, endpoint: str):
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"kv@")
+        self.sub.connect(endpoint)
+        self.events: list[tuple[str, str, list]] = []  # (tag, medium, hashes)
+        self.tiers: dict[str, set] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            if not self.sub.poll(100):
+                continue
+            _topic, _seq, payload = self.sub.recv_multipart()
+            _ts, events, _rank = msgpack.unpackb(payload, raw=False)
+            for event in events:
+                tag, f = fields(event)
+                medium = f.get("medium") or "GPU"
+                hashes = f.get("block_hashes", [])
+                self.events.append((tag, medium, hashes))
+                tier = self.tiers.setdefault(medium, set())
+                if tag == "BlockStored":
+                    tier.update(hashes)
+                elif tag == "BlockRemoved":
+                    tier.difference_update(hashes)
+                elif tag == "AllBlocksCleared":
+                    for t in self.tiers.values():
+                        t.clear()
+
+    def index(self, tag: str, medium: str, h: int, after: int = -1) -> int:
+        for i, (t, m, hashes) in enumerate(self.events):
+            if i > after and t == tag and m == medium and h in hashes:
+                return i
+        raise AssertionError(f"no {tag} {medium} of {h} after #{after}: {self.events[-20:]}")
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self.sub.close(linger=0)
+        self.ctx.term()
+
+
+def test_cpu_tier_reloads_a_prefix_pushed_out_of_the_device():
+    events = f"tcp://127.0.0.1:{free_port()}"
+    config = {"enable_kv_cache_events": True, "publisher": "zmq",
+              "endpoint": events.replace("127.0.0.1", "*"), "topic": f"kv@tier@{MODEL}"}
+    agent = Agent(*DEVICE, "--kv-offloading-size", "0.25", "--enable-prompt-tokens-details",
+                  "--kv-events-config", json.dumps(config))
+    http = httpx.Client(base_url=agent.base_url, timeout=300)
+    sub = TierEvents(events)
+    try:
+        # Until the subscriber is connected (a SUB misses what came before it joined).
+        deadline = time.monotonic() + 20
+        while not sub.events:
+            assert time.monotonic() < deadline, "no event reached the subscriber"
+            http.post("/reset_prefix_cache")
+            time.sleep(0.1)
+
+        rng = random.Random(18)
+        prompts = [[rng.randrange(100, 40000) for _ in range(PROMPT_TOKENS)] for _ in range(3)]
+
+        def complete(tokens):
+            r = http.post("/v1/completions", json={
+                "model": MODEL, "prompt": tokens, "max_tokens": 8, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            return body["choices"][0]["token_ids"], body["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        cold, cached = complete(prompts[0])
+        assert cached == 0
+        for other in prompts[1:]:
+            complete(other)
+        warm, cached = complete(prompts[0])
+        assert warm == cold, "the reloaded prefix changed the greedy output"
+        # Everything but the last block (and the remainder) came back from the CPU tier.
+        assert cached >= PROMPT_TOKENS - BLOCK_SIZE - PROMPT_TOKENS % BLOCK_SIZE, cached
+
+        time.sleep(0.5)
+        first = as_int(chained_hashes(prompts[0])[0])
+        stored_cpu = sub.index("BlockStored", "CPU", first)
+        removed_gpu = sub.index("BlockRemoved", "GPU", first)
+        stored_gpu = sub.index("BlockStored", "GPU", first)
+        # Stored on the device and, in the same step's batch, in the CPU tier; later evicted.
+        assert stored_gpu < stored_cpu < removed_gpu, (stored_gpu, stored_cpu, removed_gpu)
+        assert sub.index("BlockStored", "GPU", first, after=removed_gpu) > removed_gpu
+        # The CPU tier holds every full block of the three prompts.
+        for p in prompts:
+            assert {as_int(h) for h in chained_hashes(p)[:PROMPT_TOKENS // BLOCK_SIZE]} <= sub.tiers["CPU"]
+    finally:
+        sub.close()
+        http.close()
+        agent.stop()
