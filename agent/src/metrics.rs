@@ -2,9 +2,10 @@
 //!
 //! The engine updates them live; the server renders them on `/metrics`.
 
+use kvcache::ConnectorStats;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    Counter, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts,
+    Registry, TextEncoder,
 };
 
 const TTFT_BUCKETS: &[f64] = &[
@@ -78,6 +79,14 @@ pub struct Metrics {
     /// (ours; vLLM has no such metric).
     pub kv_events_published: IntCounter,
     pub kv_events_dropped: IntCounter,
+    /// The CPU tier (vLLM's `vllm:kv_offload_*` where the name exists, ours otherwise).
+    offload_load_bytes: IntCounter,
+    offload_store_bytes: IntCounter,
+    offload_load_seconds: Counter,
+    offload_store_seconds: Counter,
+    offload_hit_tokens: IntCounter,
+    offload_evicted_blocks: IntCounter,
+    offload_usage: Gauge,
     model_name: String,
 }
 
@@ -117,6 +126,11 @@ impl Metrics {
         };
         let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
             let c = IntCounter::with_opts(labels(Opts::new(name, help)))?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let fcounter = |name: &str, help: &str| -> prometheus::Result<Counter> {
+            let c = Counter::with_opts(labels(Opts::new(name, help)))?;
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
@@ -281,9 +295,58 @@ impl Metrics {
                 "agent_kv_events_dropped_batches_total",
                 "KV cache event batches dropped because the publisher queue was full.",
             )?,
+            offload_load_bytes: counter(
+                "vllm:kv_offload_load_bytes_total",
+                "Bytes loaded from the CPU KV tier into the device pool.",
+            )?,
+            offload_store_bytes: counter(
+                "vllm:kv_offload_store_bytes_total",
+                "Bytes stored from the device pool into the CPU KV tier.",
+            )?,
+            offload_load_seconds: fcounter(
+                "agent_kv_offload_load_seconds_total",
+                "Time spent copying blocks from the CPU KV tier.",
+            )?,
+            offload_store_seconds: fcounter(
+                "agent_kv_offload_store_seconds_total",
+                "Time spent copying blocks into the CPU KV tier.",
+            )?,
+            offload_hit_tokens: counter(
+                "agent_kv_offload_hit_tokens_total",
+                "Prompt tokens of admitted requests supplied by the CPU KV tier.",
+            )?,
+            offload_evicted_blocks: counter(
+                "agent_kv_offload_evicted_blocks_total",
+                "Blocks evicted from the CPU KV tier to make room.",
+            )?,
+            offload_usage: gauge(
+                "vllm:kv_offload_cpu_cache_usage_perc",
+                "CPU KV tier usage. 1 means 100 percent usage.",
+            )?,
             registry,
             model_name: model_name.to_string(),
         })
+    }
+
+    /// Advances the CPU tier's counters from `prev` to `now` (running totals).
+    pub fn record_offload(&self, prev: &ConnectorStats, now: &ConnectorStats) {
+        let delta = |a: u64, b: u64| b.saturating_sub(a);
+        self.offload_load_bytes
+            .inc_by(delta(prev.load_bytes, now.load_bytes));
+        self.offload_store_bytes
+            .inc_by(delta(prev.store_bytes, now.store_bytes));
+        self.offload_load_seconds
+            .inc_by((now.load_seconds - prev.load_seconds).max(0.0));
+        self.offload_store_seconds
+            .inc_by((now.store_seconds - prev.store_seconds).max(0.0));
+        self.offload_hit_tokens
+            .inc_by(delta(prev.hit_tokens, now.hit_tokens));
+        self.offload_evicted_blocks
+            .inc_by(delta(prev.evicted_blocks, now.evicted_blocks));
+        if now.capacity_blocks > 0 {
+            self.offload_usage
+                .set(now.used_blocks as f64 / now.capacity_blocks as f64);
+        }
     }
 
     /// Counts one finished request under its `finished_reason` label.

@@ -18,7 +18,7 @@
 
 use crate::block_hash::BlockHash;
 use crate::block_pool::BlockId;
-use crate::events::KvCacheEvent;
+use crate::events::{KvCacheEvent, Medium};
 use crate::layout::BlockIo;
 
 /// What a connector sees of a request.
@@ -40,6 +40,22 @@ pub struct ScheduledBlocks<'a> {
     pub block_ids: &'a [BlockId],
     /// Tokens whose K/V are computed once this step's forward pass ran.
     pub num_computed_tokens: usize,
+}
+
+/// Running totals of a connector's transfers and its occupancy.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ConnectorStats {
+    pub loaded_blocks: u64,
+    pub load_bytes: u64,
+    pub load_seconds: f64,
+    pub stored_blocks: u64,
+    pub store_bytes: u64,
+    pub store_seconds: f64,
+    /// Prompt tokens it supplied to admitted requests.
+    pub hit_tokens: u64,
+    pub evicted_blocks: u64,
+    pub used_blocks: usize,
+    pub capacity_blocks: usize,
 }
 
 pub trait KvConnector: Send {
@@ -73,6 +89,15 @@ pub trait KvConnector: Send {
 
     /// After the forward pass: this step's saves out of the device pool.
     fn wait_for_save(&mut self, device: &dyn BlockIo);
+
+    /// The tier this connector's blocks live in (its events' medium).
+    fn medium(&self) -> Medium;
+
+    /// The hashes this connector holds, sorted (`/debug/kv_cache`).
+    fn cached_hashes(&self) -> Vec<BlockHash>;
+
+    /// What it did so far, for the metrics.
+    fn stats(&self) -> ConnectorStats;
 
     /// This connector's store changes since the last call (its medium on each).
     fn take_events(&mut self) -> Vec<KvCacheEvent>;

@@ -13,11 +13,11 @@
 //! them on its copy stream behind the same calls.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kvcache::{
-    BlockHash, BlockId, BlockIo, ConnectorRequest, KvCacheEvent, KvConnector, Medium,
-    ScheduledBlocks,
+    BlockHash, BlockId, BlockIo, ConnectorRequest, ConnectorStats, KvCacheEvent, KvConnector,
+    Medium, ScheduledBlocks,
 };
 
 use crate::host_store::HostStore;
@@ -30,20 +30,6 @@ pub struct CpuOffloadConfig {
     pub offload_prompt_only: bool,
     /// Events carry the block's parent, tokens and size instead of its hash alone.
     pub self_describing_events: bool,
-}
-
-/// What the tier did, for the metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct CpuOffloadStats {
-    pub loaded_blocks: u64,
-    pub load_bytes: u64,
-    pub load_time: Duration,
-    pub stored_blocks: u64,
-    pub store_bytes: u64,
-    pub store_time: Duration,
-    /// Prompt tokens the tier supplied to admitted requests.
-    pub hit_tokens: u64,
-    pub evicted_blocks: u64,
 }
 
 /// One block to copy out after the forward pass.
@@ -67,7 +53,7 @@ pub struct CpuOffloadConnector {
     /// Per running request, the blocks already handed to a save (or found stored).
     saved_upto: HashMap<String, usize>,
     events: Vec<KvCacheEvent>,
-    stats: CpuOffloadStats,
+    stats: ConnectorStats,
 }
 
 impl CpuOffloadConnector {
@@ -94,22 +80,13 @@ impl CpuOffloadConnector {
             saves: Vec::new(),
             saved_upto: HashMap::new(),
             events: Vec::new(),
-            stats: CpuOffloadStats::default(),
+            stats: ConnectorStats::default(),
         })
-    }
-
-    pub fn stats(&self) -> CpuOffloadStats {
-        self.stats
     }
 
     /// Blocks held, and the most the store holds.
     pub fn usage(&self) -> (usize, usize) {
         (self.store.len(), self.store.capacity())
-    }
-
-    /// The hashes held, sorted (`/debug/kv_cache`).
-    pub fn cached_hashes(&self) -> Vec<BlockHash> {
-        self.store.hashes()
     }
 
     fn stored_event(&self, save: &Save) -> KvCacheEvent {
@@ -221,7 +198,7 @@ impl KvConnector for CpuOffloadConnector {
                 self.stats.load_bytes += data.len() as u64;
             }
         }
-        self.stats.load_time += start.elapsed();
+        self.stats.load_seconds += start.elapsed().as_secs_f64();
     }
 
     fn wait_for_save(&mut self, device: &dyn BlockIo) {
@@ -245,7 +222,24 @@ impl KvConnector for CpuOffloadConnector {
             let event = self.stored_event(&save);
             self.events.push(event);
         }
-        self.stats.store_time += start.elapsed();
+        self.stats.store_seconds += start.elapsed().as_secs_f64();
+    }
+
+    fn medium(&self) -> Medium {
+        Medium::Cpu
+    }
+
+    fn cached_hashes(&self) -> Vec<BlockHash> {
+        self.store.hashes()
+    }
+
+    fn stats(&self) -> ConnectorStats {
+        let (used_blocks, capacity_blocks) = self.usage();
+        ConnectorStats {
+            used_blocks,
+            capacity_blocks,
+            ..self.stats
+        }
     }
 
     fn take_events(&mut self) -> Vec<KvCacheEvent> {

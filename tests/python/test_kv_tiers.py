@@ -119,3 +119,52 @@ def test_cpu_tier_reloads_a_prefix_pushed_out_of_the_device():
         sub.close()
         http.close()
         agent.stop()
+
+
+def test_each_tier_rebuilt_from_events_matches_the_agent():
+    """Acceptance 4 for the device and CPU tiers: evictions in both, then an independent
+    subscriber's per-tier sets equal /debug/kv_cache; a reset with reset_external empties both
+    and the tier's metrics are on /metrics."""
+    events = f"tcp://127.0.0.1:{free_port()}"
+    config = {"enable_kv_cache_events": True, "publisher": "zmq",
+              "endpoint": events.replace("127.0.0.1", "*"), "topic": f"kv@tier@{MODEL}"}
+    # A CPU tier of 150 blocks: the four prompts' 372 blocks evict there too.
+    agent = Agent(*DEVICE, "--kv-offloading-size", str(150 * 368640 / 2**30),
+                  "--kv-events-config", json.dumps(config))
+    http = httpx.Client(base_url=agent.base_url, timeout=300)
+    sub = TierEvents(events)
+    try:
+        deadline = time.monotonic() + 20
+        while not sub.events:
+            assert time.monotonic() < deadline, "no event reached the subscriber"
+            http.post("/reset_prefix_cache")
+            time.sleep(0.1)
+        rng = random.Random(4)
+        for _ in range(4):
+            tokens = [rng.randrange(100, 40000) for _ in range(PROMPT_TOKENS)]
+            r = http.post("/v1/completions", json={"model": MODEL, "prompt": tokens,
+                                                    "max_tokens": 2, "temperature": 0})
+            assert r.status_code == 200, r.text
+
+        def agree():
+            time.sleep(0.5)
+            tiers = http.get("/debug/kv_cache").json()["tiers"]
+            for medium in ("GPU", "CPU"):
+                assert set(tiers[medium]["block_hashes"]) == sub.tiers.get(medium, set()), medium
+            return tiers
+
+        tiers = agree()
+        assert tiers["CPU"]["num_cached_blocks"] == 150
+        assert any(t == "BlockRemoved" and m == "CPU" for t, m, _ in sub.events)
+        page = http.get("/metrics").text
+        for name in ("vllm:kv_offload_store_bytes_total", "vllm:kv_offload_cpu_cache_usage_perc"):
+            assert name in page, name
+        assert 'vllm:kv_offload_cpu_cache_usage_perc{engine="0",model_name="SmolLM2-135M-Instruct"} 1' in page
+
+        assert http.post("/reset_prefix_cache", params={"reset_external": "true"}).status_code == 200
+        tiers = agree()
+        assert tiers["CPU"]["num_cached_blocks"] == 0 and tiers["GPU"]["num_cached_blocks"] == 0
+    finally:
+        sub.close()
+        http.close()
+        agent.stop()

@@ -14,13 +14,13 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::metrics::Metrics;
 use crate::model::{CpuKvPool, LlamaModel, Logits, StepInput};
 use kvcache::{
-    BlockHasher, BlockPool, ConnectorRequest, KvCacheManager, KvConnector, KvEventSink,
-    ScheduledBlocks,
+    BlockHasher, BlockPool, ConnectorRequest, ConnectorStats, KvCacheManager, KvConnector,
+    KvEventSink, Medium, ScheduledBlocks,
 };
 
 use super::config::EngineConfig;
 use super::detokenizer::TokenDecoder;
-use super::handle::{EngineCommand, EngineHandle};
+use super::handle::{EngineCommand, EngineHandle, TierBlocks};
 use super::outbox::Outbox;
 use super::request::Request;
 use super::scheduler::{Scheduler, SchedulerLimits, SchedulerOutput};
@@ -89,6 +89,8 @@ pub(crate) struct EngineCore {
     sink: Box<dyn KvEventSink>,
     /// A tier below the device pool, when configured.
     connector: Option<Box<dyn KvConnector>>,
+    /// The connector's totals at the last metrics update.
+    connector_stats: ConnectorStats,
 }
 
 impl EngineCore {
@@ -133,6 +135,7 @@ impl EngineCore {
             metrics,
             sink,
             connector,
+            connector_stats: ConnectorStats::default(),
         }
     }
 
@@ -161,13 +164,29 @@ impl EngineCore {
         match cmd {
             EngineCommand::Add { request, outputs } => self.add_request(request, outputs),
             EngineCommand::Abort(id) => self.finish(&id, Finish::new(FinishReason::Abort, None)),
-            EngineCommand::ResetPrefixCache(reply) => {
-                let ok = self.kv.reset_prefix_cache();
+            EngineCommand::ResetPrefixCache {
+                reset_external,
+                reply,
+            } => {
+                let mut ok = self.kv.reset_prefix_cache();
+                if let Some(c) = self.connector.as_mut().filter(|_| reset_external) {
+                    ok &= c.reset_cache();
+                }
                 self.publish_events();
                 let _ = reply.send(ok);
             }
             EngineCommand::CachedBlocks(reply) => {
-                let _ = reply.send(self.kv.cached_hashes());
+                let mut tiers = vec![TierBlocks {
+                    medium: Medium::Gpu,
+                    hashes: self.kv.cached_hashes(),
+                }];
+                if let Some(c) = &self.connector {
+                    tiers.push(TierBlocks {
+                        medium: c.medium(),
+                        hashes: c.cached_hashes(),
+                    });
+                }
+                let _ = reply.send(tiers);
             }
         }
         self.update_gauges();
@@ -265,7 +284,7 @@ impl EngineCore {
         }
     }
 
-    fn update_gauges(&self) {
+    fn update_gauges(&mut self) {
         self.metrics
             .num_requests_running
             .set(self.scheduler.num_running() as f64);
@@ -273,6 +292,11 @@ impl EngineCore {
             .num_requests_waiting
             .set(self.scheduler.num_waiting() as f64);
         self.metrics.kv_cache_usage_perc.set(self.kv.usage());
+        if let Some(c) = &self.connector {
+            let now = c.stats();
+            self.metrics.record_offload(&self.connector_stats, &now);
+            self.connector_stats = now;
+        }
     }
 
     /// Runs one scheduler step end to end.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use super::types::{EngineError, GenerateOutput, GenerateRequest};
-use kvcache::BlockHash;
+use kvcache::{BlockHash, Medium};
 
 /// Messages from handles to the engine thread.
 pub(crate) enum EngineCommand {
@@ -16,8 +16,20 @@ pub(crate) enum EngineCommand {
         outputs: tokio_mpsc::UnboundedSender<GenerateOutput>,
     },
     Abort(String),
-    ResetPrefixCache(oneshot::Sender<bool>),
-    CachedBlocks(oneshot::Sender<Vec<BlockHash>>),
+    /// `reset_external`: the connector's tier too.
+    ResetPrefixCache {
+        reset_external: bool,
+        reply: oneshot::Sender<bool>,
+    },
+    CachedBlocks(oneshot::Sender<Vec<TierBlocks>>),
+}
+
+/// The blocks one tier holds: the device pool first, then the connector's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierBlocks {
+    pub medium: Medium,
+    /// Sorted.
+    pub hashes: Vec<BlockHash>,
 }
 
 /// Cheap to clone; every clone talks to the same engine thread.
@@ -67,17 +79,21 @@ impl EngineHandle {
     }
 
     /// Drops every cached block no request is using; false if some blocks are still in use.
-    pub async fn reset_prefix_cache(&self) -> Result<bool, EngineError> {
-        let (tx, rx) = oneshot::channel();
+    pub async fn reset_prefix_cache(&self, reset_external: bool) -> Result<bool, EngineError> {
+        let (reply, rx) = oneshot::channel();
         self.commands
-            .send(EngineCommand::ResetPrefixCache(tx))
+            .send(EngineCommand::ResetPrefixCache {
+                reset_external,
+                reply,
+            })
             .map_err(|_| EngineError::Dead)?;
         rx.await.map_err(|_| EngineError::Dead)
     }
 
-    /// The hashes of the blocks in the prefix cache, sorted. Taken between engine steps, so it
-    /// matches the state every published event batch so far describes.
-    pub async fn cached_blocks(&self) -> Result<Vec<BlockHash>, EngineError> {
+    /// The hashes of the blocks in the prefix cache and in each tier below it, sorted. Taken
+    /// between engine steps, so it matches the state every published event batch so far
+    /// describes.
+    pub async fn cached_blocks(&self) -> Result<Vec<TierBlocks>, EngineError> {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(EngineCommand::CachedBlocks(tx))

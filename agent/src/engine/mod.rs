@@ -14,5 +14,5 @@ pub mod types;
 
 pub use config::EngineConfig;
 pub use core::start;
-pub use handle::{EngineHandle, RequestStream};
+pub use handle::{EngineHandle, RequestStream, TierBlocks};
 pub use types::*;

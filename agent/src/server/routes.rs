@@ -157,8 +157,19 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 /// Drops every cached block no request uses (vLLM answers 200 with an empty body either way).
-async fn reset_prefix_cache(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
-    let all_freed = state.engine.reset_prefix_cache().await?;
+/// vLLM's `reset_external` query flag (`reset_connector` in its engine API): the tiers below
+/// the device are cleared too. Without it they keep their blocks, as in vLLM.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ResetQuery {
+    #[serde(default, alias = "reset_connector")]
+    reset_external: bool,
+}
+
+async fn reset_prefix_cache(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<ResetQuery>,
+) -> Result<StatusCode, ApiError> {
+    let all_freed = state.engine.reset_prefix_cache(q.reset_external).await?;
     if !all_freed {
         tracing::warn!("reset_prefix_cache: blocks still in use by running requests were kept");
     }
@@ -166,16 +177,29 @@ async fn reset_prefix_cache(State(state): State<AppState>) -> Result<StatusCode,
 }
 
 /// The prefix cache's content, for checking a subscriber's reconstruction from KV events:
-/// every cached block's hash in the events' 64-bit form and as the full hex digest.
+/// every cached block's hash in the events' 64-bit form and as the full hex digest, for the
+/// device pool at the top level and per tier under `tiers` (the device as "GPU", as in the
+/// events).
 async fn debug_kv_cache(
     State(state): State<AppState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let hashes = state.engine.cached_blocks().await?;
-    Ok(Json(serde_json::json!({
-        "num_cached_blocks": hashes.len(),
-        "block_hashes": hashes.iter().map(|h| h.to_u64()).collect::<Vec<_>>(),
-        "block_digests": hashes.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
-    })))
+    let tiers = state.engine.cached_blocks().await?;
+    let describe = |hashes: &[kvcache::BlockHash]| {
+        serde_json::json!({
+            "num_cached_blocks": hashes.len(),
+            "block_hashes": hashes.iter().map(|h| h.to_u64()).collect::<Vec<_>>(),
+            "block_digests": hashes.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+        })
+    };
+    let mut body = tiers
+        .first()
+        .map_or_else(|| describe(&[]), |device| describe(&device.hashes));
+    body["tiers"] = tiers
+        .iter()
+        .map(|t| (t.medium.as_str().to_string(), describe(&t.hashes)))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    Ok(Json(body))
 }
 
 #[cfg(test)]
