@@ -385,8 +385,8 @@ fn plugin_kind(p: &PluginSpec) -> Result<PluginKind, ConfigError> {
 }
 
 /// llm-d's `indexerConfig` spellings: `tokenProcessorConfig.blockSize`,
-/// `kvBlockIndexConfig.inMemoryConfig.{size, podCacheSize}`, and this router's
-/// `tierWeights.{gpu, cpu, storage}` and `maxBlocksPerPod`.
+/// `kvBlockIndexConfig.inMemoryConfig.{size, podCacheSize}`, `kvCacheBackendConfigs`, and this
+/// router's `tierWeights.{gpu, cpu, storage}` and `maxBlocksPerPod`.
 fn prefix_parameters(params: &Value, index: &mut IndexConfig) -> Result<(), ConfigError> {
     let indexer = &params["indexerConfig"];
     let positive = |v: &Value, what: &str| -> Result<Option<usize>, ConfigError> {
@@ -428,6 +428,36 @@ fn prefix_parameters(params: &Value, index: &mut IndexConfig) -> Result<(), Conf
         cpu: weight("cpu", default.cpu)?,
         storage: weight("storage", default.storage)?,
     };
+    // llm-d's spelling: `indexerConfig.kvCacheBackendConfigs: [{name, weight}]`.
+    match &indexer["kvCacheBackendConfigs"] {
+        Value::Null => {}
+        Value::Array(backends) => {
+            for b in backends {
+                let (Some(name), Some(w)) = (b["name"].as_str(), b["weight"].as_f64()) else {
+                    return Err(invalid(format!(
+                        "kvCacheBackendConfigs entries need a name and a numeric weight, got {b}"
+                    )));
+                };
+                let slot = match name.to_ascii_lowercase().as_str() {
+                    "gpu" => &mut index.tier_weights.gpu,
+                    "cpu" => &mut index.tier_weights.cpu,
+                    "storage" => &mut index.tier_weights.storage,
+                    other => {
+                        return Err(invalid(format!(
+                            "kvCacheBackendConfigs tier {other:?}: this router knows gpu, cpu \
+                             and storage (events' media)"
+                        )))
+                    }
+                };
+                *slot = w;
+            }
+        }
+        other => {
+            return Err(invalid(format!(
+                "kvCacheBackendConfigs must be a list of {{name, weight}}, got {other}"
+            )))
+        }
+    }
     Ok(())
 }
 
@@ -460,6 +490,7 @@ fn known_parameters(kind: &str) -> &'static [&'static str] {
             "indexerConfig.tokenProcessorConfig.blockSize",
             "indexerConfig.kvBlockIndexConfig.inMemoryConfig.size",
             "indexerConfig.kvBlockIndexConfig.inMemoryConfig.podCacheSize",
+            "indexerConfig.kvCacheBackendConfigs",
             "kvEventsConfig.zmqEndpoint",
             "kvEventsConfig.topicFilter",
             "tierWeights.gpu",
@@ -681,6 +712,29 @@ mod tests {
             "{e}"
         );
         assert_eq!(cfg.resolve(Some("b"), "m", 16).unwrap().profile.name, "b");
+    }
+
+    #[test]
+    fn llm_d_tier_weights_spelling() {
+        let yaml = "plugins:\n- type: precise-prefix-cache-scorer\n  parameters:\n    \
+                    indexerConfig:\n      kvCacheBackendConfigs: [{name: GPU, weight: 1.0}, \
+                    {name: cpu, weight: 0.6}, {name: storage, weight: 0.3}]\n\
+                    schedulingProfiles:\n- name: default\n  plugins:\n  \
+                    - pluginRef: precise-prefix-cache-scorer\n";
+        let s = EndpointPickerConfig::from_yaml(yaml)
+            .unwrap()
+            .resolve(None, "m", 16)
+            .unwrap();
+        let w = s.index.tier_weights;
+        assert_eq!((w.gpu, w.cpu, w.storage), (1.0, 0.6, 0.3));
+        assert!(s.ignored.is_empty(), "{:?}", s.ignored);
+        let bad = yaml.replace("storage", "tape");
+        let e = EndpointPickerConfig::from_yaml(&bad)
+            .unwrap()
+            .resolve(None, "m", 16)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tier \"tape\""), "{e}");
     }
 
     /// llm-d's precise-prefix-cache-scorer parameters the router does not read are each named
