@@ -27,7 +27,10 @@ fn prompt(seed: u32) -> Value {
 
 /// Until the router has applied every batch `pod` (named `name`) published.
 async fn router_caught_up(router: &RouterProc, pod: &Pod, name: &str) {
-    let published = pod.metrics().await.value("agent_kv_events_published_batches_total");
+    let published = pod
+        .metrics()
+        .await
+        .value("agent_kv_events_published_batches_total");
     router
         .wait_for("the pod's batches", |m| {
             pod_events(m, name, "batches") >= published
@@ -48,9 +51,15 @@ async fn a_prefix_in_a_pods_cpu_tier_wins_it() {
     }
     router_caught_up(&router, x, &target).await;
     let (again, hit_blocks) = router.post_matched("/v1/completions", &prompt(0)).await;
-    assert_eq!(again, target, "the pod holding the prefix in its CPU tier lost it");
+    assert_eq!(
+        again, target,
+        "the pod holding the prefix in its CPU tier lost it"
+    );
     // 93 full blocks, weighted 0.8 on the CPU tier, all matched (none left on the device).
     assert!(hit_blocks >= 90.0, "matched {hit_blocks} blocks");
     let cached = x.metrics().await.value("agent_kv_offload_hit_tokens_total");
-    assert!(cached >= 1400.0, "the pod reloaded {cached} tokens from its CPU tier");
+    assert!(
+        cached >= 1400.0,
+        "the pod reloaded {cached} tokens from its CPU tier"
+    );
 }

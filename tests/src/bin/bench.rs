@@ -88,6 +88,20 @@ enum Command {
         #[arg(long)]
         get_path: Option<String>,
     },
+    /// Issue 18's tier figure, paired per round: a fresh `--tokens`-token prompt (recomputed),
+    /// another fresh one that pushes it out of a device pool sized for one, then the first
+    /// again (reloaded from the CPU tier); prints both TTFT distributions and the median
+    /// per-round ratio. Start the agent with `--kv-offloading-size` and such a pool.
+    TierReload {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value_t = 2000)]
+        tokens: usize,
+        #[arg(long, default_value = SERVED_MODEL)]
+        model: String,
+    },
     /// Single-stream greedy decoding with candle-transformers `quantized_llama`.
     OracleDecode {
         /// GGUF file.
@@ -478,6 +492,54 @@ fn oracle_decode(model: PathBuf, tokens: usize, prompt_ids: Vec<u32>) -> anyhow:
     Ok(())
 }
 
+async fn tier_reload(
+    url: String,
+    rounds: usize,
+    tokens: usize,
+    model: String,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(rounds > 0 && tokens > 16, "need rounds > 0 and tokens > 16");
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(600))
+        .build()?;
+    // Distinct prompts from a fixed sequence: no two share a block.
+    let mut next = 12_345u64;
+    let mut fresh = || {
+        (0..tokens)
+            .map(|_| {
+                next = next.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                100 + (next >> 33) as u32 % 39_000
+            })
+            .collect::<Vec<u32>>()
+    };
+    let body = |prompt: &[u32]| {
+        json!({"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+               "stream": true, "stream_options": {"include_usage": true}})
+    };
+    let (mut cold, mut warm, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let p = fresh();
+        let c = one_request(&client, &url, &body(&p)).await?.ttft;
+        one_request(&client, &url, &body(&fresh())).await?;
+        let w = one_request(&client, &url, &body(&p)).await?.ttft;
+        cold.push(c);
+        warm.push(w);
+        ratio.push(c.as_secs_f64() / w.as_secs_f64());
+    }
+    cold.sort();
+    warm.sort();
+    ratio.sort_by(f64::total_cmp);
+    println!("rounds: {rounds}, prompt tokens: {tokens}");
+    println!("recomputed TTFT p50: {:.1} ms", ms(percentile(&cold, 50.0)));
+    println!("reloaded   TTFT p50: {:.1} ms", ms(percentile(&warm, 50.0)));
+    println!(
+        "recomputed / reloaded, per round: median {:.1}x",
+        percentile(&ratio, 50.0)
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::ServeLoad {
@@ -520,6 +582,17 @@ fn main() -> anyhow::Result<()> {
             model,
             prompt,
             get_path,
+        )),
+        Command::TierReload {
+            url,
+            rounds,
+            tokens,
+            model,
+        } => tokio::runtime::Runtime::new()?.block_on(tier_reload(
+            url.trim_end_matches('/').to_string(),
+            rounds,
+            tokens,
+            model,
         )),
         Command::OracleDecode {
             model,
