@@ -302,8 +302,9 @@ def test_reset_prefix_cache_clears_everything(map_agent):
         with sub.lock:
             _, events = sub.batches[-1]
         assert [fields(e)[0] for e in events] == ["AllBlocksCleared"]
-        assert map_agent.cached() == {"num_cached_blocks": 0, "block_hashes": [],
-                                      "block_digests": []}
+        empty = {"num_cached_blocks": 0, "block_hashes": [], "block_digests": []}
+        # The device at the top level and, without lower tiers, as the only tier.
+        assert map_agent.cached() == {**empty, "tiers": {"GPU": empty}}
     finally:
         sub.close()
 
