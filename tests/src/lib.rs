@@ -411,6 +411,15 @@ pub fn greedy_ids_request(prompt: &[u32], max_tokens: usize) -> Value {
     })
 }
 
+/// Sends [`greedy_ids_request`] for every prompt at once; the responses in prompt order.
+pub async fn greedy_all(agent: &Agent, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Value> {
+    let bodies: Vec<_> = prompts
+        .iter()
+        .map(|p| greedy_ids_request(p, max_tokens))
+        .collect();
+    futures::future::join_all(bodies.iter().map(|b| agent.post_ok("/v1/completions", b))).await
+}
+
 /// The generated token ids of `choices[0]` in a completion response.
 pub fn choice_token_ids(resp: &Value) -> Vec<u32> {
     token_ids(&resp["choices"][0]["token_ids"])

@@ -4,8 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{choice_token_ids, greedy_ids_request, Agent, LONG_TEXT};
-use futures::future::join_all;
+use e2e::{choice_token_ids, greedy_all, Agent, LONG_TEXT};
 
 const BLOCK_SIZE: usize = 16;
 /// K and V, 30 layers, 16 tokens, 3 KV heads, head dim 64, float16 (the default storage).
@@ -15,15 +14,6 @@ const POOL_BLOCKS: usize = 16;
 const MAX_MODEL_LEN: usize = 128;
 const REQUESTS: usize = 8;
 const MAX_TOKENS: usize = 48;
-
-/// Sends every prompt at once; returns the responses in prompt order.
-async fn run(agent: &Agent, prompts: &[Vec<u32>]) -> Vec<serde_json::Value> {
-    let bodies: Vec<_> = prompts
-        .iter()
-        .map(|p| greedy_ids_request(p, MAX_TOKENS))
-        .collect();
-    join_all(bodies.iter().map(|b| agent.post_ok("/v1/completions", b))).await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preempted_requests_match_unpressured_output() {
@@ -60,10 +50,10 @@ async fn preempted_requests_match_unpressured_output() {
 
     // One after the other: both agents use every core.
     let started = Instant::now();
-    let roomy_out = run(&roomy, &prompts).await;
+    let roomy_out = greedy_all(&roomy, &prompts, MAX_TOKENS).await;
     println!("unpressured agent: {:?}", started.elapsed());
     let started = Instant::now();
-    let tight_out = run(&tight, &prompts).await;
+    let tight_out = greedy_all(&tight, &prompts, MAX_TOKENS).await;
     println!("pressured agent: {:?}", started.elapsed());
 
     let preemptions = tight.metrics().await.value("vllm:num_preemptions_total");
