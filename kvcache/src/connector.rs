@@ -11,10 +11,13 @@
 //! only through [`BlockIo`]. Engine and worker share a process here, so one object plays both
 //! roles and keeps the step's metadata itself.
 //!
-//! Loads complete within their step (vLLM's synchronous mode). vLLM's asynchronous loads (a
-//! request waiting for remote KV while holding its blocks) and delayed frees (blocks outliving
-//! a request until a transfer reads them) join the interface with the first connector that
-//! needs them, the P/D transfer.
+//! A load completes within its step, or asynchronously: the request then waits for its KV
+//! while holding its blocks (vLLM's WAITING_FOR_REMOTE_KVS) until
+//! [`KvConnector::get_finished_loads`] reports it, and is scheduled from there. A connector
+//! fetches asynchronously into its own buffers and writes device blocks only in
+//! [`KvConnector::start_load_kv`], on the engine thread, so a request aborted mid-load frees its
+//! blocks at once. vLLM's delayed frees (blocks outliving a request until a transfer reads them)
+//! join the interface with the P/D transfer, which needs them.
 
 use crate::block_hash::BlockHash;
 use crate::block_pool::BlockId;
@@ -30,6 +33,24 @@ pub struct ConnectorRequest<'a> {
     pub num_prompt_tokens: usize,
     /// The chained hash of each full block of `token_ids`.
     pub block_hashes: &'a [BlockHash],
+}
+
+/// What a connector can supply beyond the device hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExternalHit {
+    /// Whole blocks, never the request's last token (its logits must be computed).
+    pub num_tokens: usize,
+    /// Loading outlasts the step: the request waits until the load is reported finished.
+    pub load_async: bool,
+}
+
+/// An asynchronous load that ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinishedLoad {
+    pub request_id: String,
+    /// Tokens now in the request's device blocks, from the first external one: the promised
+    /// count, or fewer when the tail failed (the rest is recomputed).
+    pub num_tokens: usize,
 }
 
 /// One scheduled request of the step, as the step's metadata needs it.
@@ -59,13 +80,12 @@ pub struct ConnectorStats {
 }
 
 pub trait KvConnector: Send {
-    /// After the device hit of `num_computed_tokens`, the further tokens this connector holds:
-    /// whole blocks, never the request's last token (its logits must be computed).
+    /// After the device hit of `num_computed_tokens`, the further tokens this connector holds.
     fn get_num_new_matched_tokens(
         &mut self,
         request: &ConnectorRequest<'_>,
         num_computed_tokens: usize,
-    ) -> usize;
+    ) -> ExternalHit;
 
     /// The blocks were allocated: `block_ids` is the request's table, whose first
     /// `num_device_tokens` tokens came from the device cache and the next `num_external_tokens`
@@ -84,8 +104,12 @@ pub trait KvConnector: Send {
     /// A request ended (any reason); its per-request state goes.
     fn request_finished(&mut self, request_id: &str);
 
-    /// Before the forward pass: copy this step's loads into the device pool.
+    /// Before the forward pass: copy this step's loads, and the asynchronous loads whose data
+    /// arrived, into the device pool.
     fn start_load_kv(&mut self, device: &mut dyn BlockIo);
+
+    /// Asynchronous loads written into device blocks since the last call.
+    fn get_finished_loads(&mut self) -> Vec<FinishedLoad>;
 
     /// After the forward pass: this step's saves out of the device pool.
     fn wait_for_save(&mut self, device: &dyn BlockIo);

@@ -16,7 +16,9 @@ pub use block_hash::{
     BlockHash, BlockHasher, ExtraKey, HashAlgo, UnknownHashAlgo, DEFAULT_NONE_HASH_SEED,
 };
 pub use block_pool::{BlockId, BlockPool, NoSpace};
-pub use connector::{ConnectorRequest, ConnectorStats, KvConnector, ScheduledBlocks};
+pub use connector::{
+    ConnectorRequest, ConnectorStats, ExternalHit, FinishedLoad, KvConnector, ScheduledBlocks,
+};
 pub use events::{KvCacheEvent, KvEventSink, Medium, NullSink};
 pub use layout::{BlockIo, BlockLayout, BlockRegion, KvPart};
 pub use manager::KvCacheManager;

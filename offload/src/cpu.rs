@@ -16,8 +16,8 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use kvcache::{
-    BlockHash, BlockId, BlockIo, ConnectorRequest, ConnectorStats, KvCacheEvent, KvConnector,
-    Medium, ScheduledBlocks,
+    BlockHash, BlockId, BlockIo, ConnectorRequest, ConnectorStats, ExternalHit, FinishedLoad,
+    KvCacheEvent, KvConnector, Medium, ScheduledBlocks,
 };
 
 use crate::host_store::HostStore;
@@ -119,7 +119,7 @@ impl KvConnector for CpuOffloadConnector {
         &mut self,
         request: &ConnectorRequest<'_>,
         num_computed_tokens: usize,
-    ) -> usize {
+    ) -> ExternalHit {
         let bs = self.block_size;
         let first = num_computed_tokens / bs;
         // Never the last token: its logits are computed.
@@ -128,7 +128,11 @@ impl KvConnector for CpuOffloadConnector {
             .iter()
             .take_while(|h| self.store.contains(h))
             .count();
-        found * bs
+        // Host memory: copied within the step.
+        ExternalHit {
+            num_tokens: found * bs,
+            load_async: false,
+        }
     }
 
     fn update_state_after_alloc(
@@ -199,6 +203,10 @@ impl KvConnector for CpuOffloadConnector {
             }
         }
         self.stats.load_seconds += start.elapsed().as_secs_f64();
+    }
+
+    fn get_finished_loads(&mut self) -> Vec<FinishedLoad> {
+        Vec::new()
     }
 
     fn wait_for_save(&mut self, device: &dyn BlockIo) {
@@ -332,7 +340,7 @@ mod tests {
         assert_eq!(h.len(), 3);
         // First run: nothing held; blocks 0..4 computed in two steps.
         let r = request("a", &tokens, &h);
-        assert_eq!(c.get_num_new_matched_tokens(&r, 0), 0);
+        assert_eq!(c.get_num_new_matched_tokens(&r, 0).num_tokens, 0);
         c.update_state_after_alloc(&r, &[0, 1, 2, 3], 0, 0);
         for (b, byte) in [(0, 10), (1, 11), (2, 12)] {
             dev.data[b] = [byte; 8];
@@ -357,7 +365,7 @@ mod tests {
 
         // Again, with the device holding block 0 only: blocks 1 and 2 come from the tier.
         let r = request("b", &tokens, &h);
-        assert_eq!(c.get_num_new_matched_tokens(&r, 2), 4);
+        assert_eq!(c.get_num_new_matched_tokens(&r, 2).num_tokens, 4);
         c.update_state_after_alloc(&r, &[0, 5, 6, 7], 2, 4);
         c.start_load_kv(&mut dev);
         assert_eq!((dev.data[5], dev.data[6]), ([11; 8], [12; 8]));
@@ -387,7 +395,7 @@ mod tests {
         }]);
         c.wait_for_save(&dev);
         // Three full blocks held, but the third holds the last token.
-        assert_eq!(c.get_num_new_matched_tokens(&r, 0), 4);
+        assert_eq!(c.get_num_new_matched_tokens(&r, 0).num_tokens, 4);
         // A store without block 0 matches nothing from the start.
         assert!(c.reset_cache());
         let removed = c.take_events().pop();
@@ -404,8 +412,8 @@ mod tests {
         c.saved_upto.insert("a".into(), 1);
         c.build_connector_meta(&one);
         c.wait_for_save(&dev);
-        assert_eq!(c.get_num_new_matched_tokens(&r, 0), 0);
-        assert_eq!(c.get_num_new_matched_tokens(&r, 2), 2);
+        assert_eq!(c.get_num_new_matched_tokens(&r, 0).num_tokens, 0);
+        assert_eq!(c.get_num_new_matched_tokens(&r, 2).num_tokens, 2);
     }
 
     #[test]

@@ -32,6 +32,9 @@ impl TokenDecoder for Tokenizer {
     }
 }
 
+/// How often an engine with nothing to compute but asynchronous loads in flight checks them.
+const LOAD_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Starts the engine thread and returns the handle to it. `sink` receives every cached-block
 /// change (the KV-events publisher plugs in there); `connector`, when given, adds a tier below
 /// the device pool; `runtime` runs the task that delivers the engine's outputs to the requests'
@@ -146,6 +149,13 @@ impl EngineCore {
                 match commands.recv() {
                     Ok(cmd) => self.handle_command(cmd),
                     Err(_) => return,
+                }
+            } else if self.scheduler.only_waiting_for_kv() {
+                // Nothing to compute until a load lands: poll for it without spinning.
+                match commands.recv_timeout(LOAD_POLL) {
+                    Ok(cmd) => self.handle_command(cmd),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
             loop {
@@ -309,7 +319,14 @@ impl EngineCore {
         );
         self.build_connector_meta(&plan);
         self.record_schedule(&plan);
+        // Loads land before the forward pass (this step's, and asynchronous ones that arrived).
+        if let Some(c) = &mut self.connector {
+            c.start_load_kv(&mut self.pool);
+            let loads = c.get_finished_loads();
+            self.scheduler.kv_loaded(&mut self.requests, loads);
+        }
         if plan.scheduled.is_empty() {
+            self.publish_events();
             self.update_gauges();
             return;
         }
@@ -461,9 +478,6 @@ impl EngineCore {
             logits_rows: &logits_rows,
             hidden_rows: &hidden_rows,
         };
-        if let Some(c) = &mut self.connector {
-            c.start_load_kv(&mut self.pool);
-        }
         self.model
             .forward(&input, self.pool.cache_mut(), &mut self.logits)?;
         drop(seqs);

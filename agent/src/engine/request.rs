@@ -37,6 +37,10 @@ pub(crate) struct Request {
     pub cache_salt: Option<String>,
     pub parent: Option<Arc<ParentRequest>>,
     pub num_preemptions: usize,
+    /// Tokens a connector is loading asynchronously (the request waits for them).
+    pub pending_kv_tokens: Option<usize>,
+    /// Its asynchronous load ended: admitted next without another cache lookup.
+    pub kv_ready: bool,
     pub timings: Timings,
     sampler: SequenceSampler,
     detokenizer: IncrementalDetokenizer,
@@ -77,6 +81,8 @@ impl Request {
             cache_salt: req.cache_salt,
             parent: req.parent,
             num_preemptions: 0,
+            pending_kv_tokens: None,
+            kv_ready: false,
             timings: Timings {
                 arrival: Instant::now(),
                 first_scheduled: None,

@@ -50,6 +50,9 @@ pub(crate) struct Scheduler {
     waiting: VecDeque<String>,
     /// In admission order: preemption takes from the back.
     running: Vec<String>,
+    /// Holding their blocks while a connector loads their KV asynchronously (vLLM's
+    /// WAITING_FOR_REMOTE_KVS); counted as waiting.
+    waiting_for_kv: Vec<String>,
 }
 
 impl Scheduler {
@@ -58,6 +61,7 @@ impl Scheduler {
             limits,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            waiting_for_kv: Vec::new(),
         }
     }
 
@@ -70,17 +74,51 @@ impl Scheduler {
     }
 
     pub fn num_waiting(&self) -> usize {
-        self.waiting.len()
+        self.waiting.len() + self.waiting_for_kv.len()
     }
 
     pub fn has_work(&self) -> bool {
-        !self.running.is_empty() || !self.waiting.is_empty()
+        !self.running.is_empty() || !self.waiting.is_empty() || !self.waiting_for_kv.is_empty()
+    }
+
+    /// Whether every request left waits for a connector's load (nothing to compute meanwhile).
+    pub fn only_waiting_for_kv(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty() && !self.waiting_for_kv.is_empty()
     }
 
     /// Forgets a request (finished or aborted); the caller frees its blocks.
     pub fn remove(&mut self, request_id: &str) {
         self.running.retain(|id| id != request_id);
         self.waiting.retain(|id| id != request_id);
+        self.waiting_for_kv.retain(|id| id != request_id);
+    }
+
+    /// Asynchronous loads that ended: each request counts its loaded tokens as computed (a
+    /// failed tail is recomputed in the blocks it already holds) and goes back to the head of
+    /// the queue, to be scheduled without another cache lookup.
+    pub fn kv_loaded(
+        &mut self,
+        requests: &mut HashMap<String, Request>,
+        loads: Vec<kvcache::FinishedLoad>,
+    ) {
+        for load in loads {
+            let Some(at) = self
+                .waiting_for_kv
+                .iter()
+                .position(|id| *id == load.request_id)
+            else {
+                continue;
+            };
+            let id = self.waiting_for_kv.remove(at);
+            if let Some(req) = requests.get_mut(&id) {
+                let promised = req.pending_kv_tokens.take().unwrap_or(0);
+                req.num_computed_tokens += load.num_tokens.min(promised);
+                let computed = req.num_computed_tokens.min(req.prompt_len);
+                req.num_cached_tokens.get_or_insert(computed);
+                req.kv_ready = true;
+                self.waiting.push_front(id);
+            }
+        }
     }
 
     /// Decides the next step. Allocates the KV slots of everything it schedules.
@@ -150,6 +188,28 @@ impl Scheduler {
                 self.waiting.pop_front();
                 continue;
             };
+            if req.kv_ready {
+                // Back from an asynchronous load: its blocks are allocated and filled.
+                let num_new = (req.num_tokens() - req.num_computed_tokens)
+                    .min(budget)
+                    .min(req.max_step_tokens());
+                if kv
+                    .allocate_slots(&id, req.num_computed_tokens + num_new, &[])
+                    .is_err()
+                {
+                    break;
+                }
+                req.kv_ready = false;
+                self.waiting.pop_front();
+                self.running.push(id.clone());
+                req.timings.first_scheduled.get_or_insert_with(Instant::now);
+                budget -= num_new;
+                out.scheduled.push(ScheduledRequest {
+                    request_id: id,
+                    num_new_tokens: num_new,
+                });
+                continue;
+            }
             let (cached_blocks, num_cached) = match self.limits.enable_prefix_caching {
                 // Looked up either way: the lookup also keeps the request's cache_salt for
                 // the blocks it will store.
@@ -165,16 +225,26 @@ impl Scheduler {
                 false => (Vec::new(), 0),
             };
             // Then the tiers below the device: further blocks a connector holds.
-            let num_external = match connector.as_deref_mut() {
+            let hit = match connector.as_deref_mut() {
                 Some(c) if req.reads_prefix_cache() => {
                     c.get_num_new_matched_tokens(&connector_request(req, kv), num_cached)
                 }
-                _ => 0,
+                _ => kvcache::ExternalHit::default(),
+            };
+            let num_external = hit.num_tokens;
+            // Nothing to load is nothing to wait for.
+            let hit = kvcache::ExternalHit {
+                load_async: hit.load_async && num_external > 0,
+                ..hit
             };
             let num_computed = num_cached + num_external;
-            let num_new = (req.num_tokens() - num_computed)
-                .min(budget)
-                .min(req.max_step_tokens());
+            // An asynchronous load computes nothing this step: the blocks are only reserved.
+            let num_new = match hit.load_async {
+                true => 0,
+                false => (req.num_tokens() - num_computed)
+                    .min(budget)
+                    .min(req.max_step_tokens()),
+            };
             if kv
                 .allocate_slots(&id, num_computed + num_new, &cached_blocks)
                 .is_err()
@@ -191,6 +261,17 @@ impl Scheduler {
                 );
             }
             self.waiting.pop_front();
+            if hit.load_async {
+                req.num_computed_tokens = num_cached;
+                req.pending_kv_tokens = Some(num_external);
+                if req.num_cached_tokens.is_none() {
+                    out.prefix_cache_queries += req.prompt_len;
+                    out.prefix_cache_hits += num_cached.min(req.prompt_len);
+                    out.external_hits += num_external.min(req.prompt_len);
+                }
+                self.waiting_for_kv.push(id);
+                continue;
+            }
             self.running.push(id.clone());
             req.num_computed_tokens = num_computed;
             if req.num_cached_tokens.is_none() {
@@ -272,6 +353,14 @@ mod tests {
         }
     }
 
+    /// (request, tokens) of each scheduled entry, in order.
+    fn scheduled(plan: &SchedulerOutput) -> Vec<(&str, usize)> {
+        plan.scheduled
+            .iter()
+            .map(|x| (x.request_id.as_str(), x.num_new_tokens))
+            .collect()
+    }
+
     fn limits(max_num_seqs: usize, max_num_batched_tokens: usize) -> SchedulerLimits {
         SchedulerLimits {
             max_num_seqs,
@@ -307,12 +396,7 @@ mod tests {
         run_step(&plan, &mut reqs, &mut kv);
         add(&mut s, &mut reqs, "b", (100..150).collect());
         let plan = s.schedule(&mut reqs, &mut kv, None);
-        let got: Vec<_> = plan
-            .scheduled
-            .iter()
-            .map(|x| (x.request_id.as_str(), x.num_new_tokens))
-            .collect();
-        assert_eq!(got, vec![("a", 1), ("b", 19)]);
+        assert_eq!(scheduled(&plan), vec![("a", 1), ("b", 19)]);
     }
 
     #[test]
@@ -387,5 +471,164 @@ mod tests {
             (49, 48)
         );
         assert_eq!(kv.block_table("a")[..3], kv.block_table("b")[..3]);
+    }
+
+    /// A tier holding the first blocks of some prompts, loaded asynchronously: a load lands
+    /// (into the device, as `start_load_kv` would) after `delay` polls, `short` tokens short
+    /// of what was promised.
+    struct SlowTier {
+        held: std::collections::HashSet<kvcache::BlockHash>,
+        in_flight: Vec<(String, usize, u32)>,
+        delay: u32,
+        short: usize,
+        landed: Vec<kvcache::FinishedLoad>,
+    }
+
+    impl SlowTier {
+        fn poll(&mut self) {
+            for load in &mut self.in_flight {
+                load.2 = load.2.saturating_sub(1);
+            }
+            let (done, rest): (Vec<_>, Vec<_>) = self.in_flight.drain(..).partition(|l| l.2 == 0);
+            self.in_flight = rest;
+            self.landed
+                .extend(done.into_iter().map(|(id, n, _)| kvcache::FinishedLoad {
+                    request_id: id,
+                    num_tokens: n - self.short,
+                }));
+        }
+    }
+
+    impl KvConnector for SlowTier {
+        fn get_num_new_matched_tokens(
+            &mut self,
+            r: &ConnectorRequest<'_>,
+            num_computed_tokens: usize,
+        ) -> kvcache::ExternalHit {
+            let first = num_computed_tokens / BS;
+            let last = (r.token_ids.len() - 1) / BS;
+            let n = r.block_hashes[first..last]
+                .iter()
+                .take_while(|h| self.held.contains(h))
+                .count();
+            kvcache::ExternalHit {
+                num_tokens: n * BS,
+                load_async: true,
+            }
+        }
+        fn update_state_after_alloc(
+            &mut self,
+            r: &ConnectorRequest<'_>,
+            _: &[kvcache::BlockId],
+            _: usize,
+            num_external_tokens: usize,
+        ) {
+            self.in_flight
+                .push((r.request_id.to_string(), num_external_tokens, self.delay));
+        }
+        fn build_connector_meta(&mut self, _: &[kvcache::ScheduledBlocks<'_>]) {}
+        fn request_finished(&mut self, id: &str) {
+            self.in_flight.retain(|l| l.0 != id);
+        }
+        fn start_load_kv(&mut self, _: &mut dyn kvcache::BlockIo) {}
+        fn get_finished_loads(&mut self) -> Vec<kvcache::FinishedLoad> {
+            std::mem::take(&mut self.landed)
+        }
+        fn wait_for_save(&mut self, _: &dyn kvcache::BlockIo) {}
+        fn medium(&self) -> kvcache::Medium {
+            kvcache::Medium::Storage
+        }
+        fn cached_hashes(&self) -> Vec<kvcache::BlockHash> {
+            Vec::new()
+        }
+        fn stats(&self) -> kvcache::ConnectorStats {
+            kvcache::ConnectorStats::default()
+        }
+        fn take_events(&mut self) -> Vec<kvcache::KvCacheEvent> {
+            Vec::new()
+        }
+        fn reset_cache(&mut self) -> bool {
+            true
+        }
+    }
+
+    fn slow_tier(prompt: &[u32], blocks: usize, delay: u32, short: usize) -> SlowTier {
+        let mut hashes = Vec::new();
+        BlockHasher::new(HashAlgo::Sha256Cbor, None).extend_request_hashes(
+            &mut hashes,
+            prompt,
+            BS,
+            None,
+        );
+        SlowTier {
+            held: hashes.into_iter().take(blocks).collect(),
+            in_flight: Vec::new(),
+            delay,
+            short,
+            landed: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_asynchronous_load_holds_its_blocks_and_resumes_past_them() {
+        let prompt: Vec<u32> = (0..83).collect();
+        let mut tier = slow_tier(&prompt, 4, 2, 0);
+        let mut s = Scheduler::new(limits(8, 256));
+        let mut kv = manager(16);
+        let mut reqs = HashMap::new();
+        add(&mut s, &mut reqs, "a", prompt.clone());
+        add(&mut s, &mut reqs, "b", (1000..1020).collect());
+        // "a" waits for 4 blocks (64 tokens) with them reserved; "b" runs meanwhile.
+        let plan = s.schedule(&mut reqs, &mut kv, Some(&mut tier));
+        assert_eq!(scheduled(&plan), vec![("b", 20)]);
+        assert_eq!(kv.block_table("a").len(), 4);
+        assert_eq!((s.num_waiting(), s.num_running()), (1, 1));
+        assert_eq!(plan.external_hits, 64);
+        run_step(&plan, &mut reqs, &mut kv);
+        tier.poll();
+        s.kv_loaded(&mut reqs, tier.get_finished_loads());
+        let plan = s.schedule(&mut reqs, &mut kv, Some(&mut tier));
+        assert_eq!(scheduled(&plan), vec![("b", 1)], "a's load has not landed");
+        tier.poll();
+        s.kv_loaded(&mut reqs, tier.get_finished_loads());
+        // Landed: only the 19 tokens past the loaded blocks are computed.
+        let plan = s.schedule(&mut reqs, &mut kv, Some(&mut tier));
+        assert_eq!(scheduled(&plan), vec![("b", 1), ("a", 19)]);
+        assert_eq!(reqs["a"].num_computed_tokens, 64);
+        assert_eq!(reqs["a"].num_cached_tokens, Some(64));
+        assert_eq!(kv.block_table("a").len(), 6);
+    }
+
+    #[test]
+    fn a_short_load_is_recomputed_and_an_abort_frees_the_reserved_blocks() {
+        let prompt: Vec<u32> = (0..83).collect();
+        let mut tier = slow_tier(&prompt, 4, 1, 32);
+        let mut s = Scheduler::new(limits(8, 256));
+        let mut kv = manager(16);
+        let mut reqs = HashMap::new();
+        add(&mut s, &mut reqs, "a", prompt.clone());
+        assert!(s
+            .schedule(&mut reqs, &mut kv, Some(&mut tier))
+            .scheduled
+            .is_empty());
+        assert!(s.only_waiting_for_kv());
+        tier.poll();
+        s.kv_loaded(&mut reqs, tier.get_finished_loads());
+        // Two of four blocks arrived: the other 51 tokens are computed in the held blocks.
+        let plan = s.schedule(&mut reqs, &mut kv, Some(&mut tier));
+        assert_eq!(scheduled(&plan), vec![("a", 51)]);
+
+        let mut tier = slow_tier(&prompt, 4, 5, 0);
+        let mut kv = manager(16);
+        let mut s = Scheduler::new(limits(8, 256));
+        add(&mut s, &mut reqs, "c", prompt);
+        s.schedule(&mut reqs, &mut kv, Some(&mut tier));
+        assert_eq!(kv.num_free_blocks(), 12);
+        s.remove("c");
+        tier.request_finished("c");
+        kv.free("c");
+        assert_eq!(kv.num_free_blocks(), 16);
+        assert!(!s.has_work());
+        assert!(tier.in_flight.is_empty());
     }
 }
