@@ -145,9 +145,13 @@ impl KvConnector for CpuOffloadConnector {
         let bs = self.block_size;
         let first = num_device_tokens / bs;
         let n = num_external_tokens / bs;
-        for i in first..first + n {
-            self.loads.push((block_ids[i], request.block_hashes[i]));
-        }
+        let span = first..first + n;
+        self.loads.extend(
+            block_ids[span.clone()]
+                .iter()
+                .copied()
+                .zip(request.block_hashes[span].iter().copied()),
+        );
         self.stats.hit_tokens += num_external_tokens as u64;
         // Blocks that came from the device cache or from here need no save.
         self.saved_upto
@@ -384,34 +388,35 @@ mod tests {
     #[test]
     fn the_last_token_is_never_matched_and_a_gap_ends_the_run() {
         let mut c = connector(8, false);
-        let mut dev = Device::new(4);
+        let dev = Device::new(4);
         let tokens: Vec<u32> = (0..6).collect();
         let h = hashes(&tokens);
         let r = request("a", &tokens, &h);
-        c.build_connector_meta(&[ScheduledBlocks {
+        let all = [ScheduledBlocks {
             request: r,
             block_ids: &[0, 1, 2],
             num_computed_tokens: 6,
-        }]);
+        }];
+        c.build_connector_meta(&all);
         c.wait_for_save(&dev);
         // Three full blocks held, but the third holds the last token.
         assert_eq!(c.get_num_new_matched_tokens(&r, 0).num_tokens, 4);
-        // A store without block 0 matches nothing from the start.
         assert!(c.reset_cache());
         let removed = c.take_events().pop();
         assert!(
             matches!(removed, Some(KvCacheEvent::BlockRemoved { ref block_hashes, medium: Medium::Cpu }) if block_hashes.len() == 3)
         );
-        c.saved_upto.clear();
-        dev.data[1] = [1; 8];
-        let one = [ScheduledBlocks {
-            request: r,
-            block_ids: &[3, 1, 2],
-            num_computed_tokens: 4,
-        }];
-        c.saved_upto.insert("a".into(), 1);
-        c.build_connector_meta(&one);
+        // A request whose first block came from the device saves from the second on: the
+        // store then holds blocks 1 and 2 only, and a lookup from 0 finds nothing.
+        let other = request("b", &tokens, &h);
+        c.update_state_after_alloc(&other, &[0, 1, 2], 2, 0);
+        c.build_connector_meta(&[ScheduledBlocks {
+            request: other,
+            block_ids: &[0, 1, 2],
+            num_computed_tokens: 6,
+        }]);
         c.wait_for_save(&dev);
+        assert_eq!(c.usage().0, 2);
         assert_eq!(c.get_num_new_matched_tokens(&r, 0).num_tokens, 0);
         assert_eq!(c.get_num_new_matched_tokens(&r, 2).num_tokens, 2);
     }
