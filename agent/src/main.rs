@@ -18,7 +18,8 @@ use agent::metrics::{CacheConfigInfo, Metrics};
 use agent::model;
 use agent::server::{self, AppState, ServerConfig};
 use kvcache::{KvConnector, KvEventSink, NullSink};
-use offload::CpuOffloadConnector;
+use offload::files::BlockFiles;
+use offload::{CpuOffloadConnector, StorageTier};
 
 /// Largest request body accepted. vLLM has no limit; this one is far above any prompt that
 /// fits a context, so long prompts still get vLLM's "too long" 400 rather than a 413.
@@ -193,8 +194,9 @@ fn serve(args: &ServeArgs) -> Result<()> {
         match agent::cli::cpu_offload(args, args.block_size).map_err(anyhow::Error::msg)? {
             None => None,
             Some(cfg) => {
-                let tier = CpuOffloadConnector::new(cfg.clone(), args.block_size, bytes_per_block)
-                    .map_err(anyhow::Error::msg)?;
+                let mut tier =
+                    CpuOffloadConnector::new(cfg.clone(), args.block_size, bytes_per_block)
+                        .map_err(anyhow::Error::msg)?;
                 let (_, capacity) = tier.usage();
                 info!(
                     "CPU KV tier: {capacity} blocks ({} bytes), {} blocks stored",
@@ -205,6 +207,33 @@ fn serve(args: &ServeArgs) -> Result<()> {
                         "all"
                     },
                 );
+                if let Some(fs) = &cfg.storage {
+                    let layout = model::kv_pool::block_layout(
+                        &loaded.model.kv_layout(num_blocks, args.block_size),
+                        kv_dtype,
+                    );
+                    let seed = config.hash_seed.as_deref().unwrap_or("");
+                    let files = BlockFiles::open(
+                        &fs.root_dir,
+                        &model_name,
+                        &layout,
+                        &format!("{hash_algo}/{seed}"),
+                    )
+                    .map_err(anyhow::Error::msg)?;
+                    info!(
+                        "storage KV tier: {} ({} read, {} write threads)",
+                        files.base().display(),
+                        fs.read_threads,
+                        fs.write_threads
+                    );
+                    let storage = StorageTier::start(
+                        files,
+                        bytes_per_block,
+                        fs.read_threads,
+                        fs.write_threads,
+                    );
+                    tier = tier.with_storage(storage);
+                }
                 Some(Box::new(tier))
             }
         };

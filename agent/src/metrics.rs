@@ -86,6 +86,9 @@ pub struct Metrics {
     offload_store_seconds: Counter,
     offload_hit_tokens: IntCounter,
     offload_evicted_blocks: IntCounter,
+    offload_stores_skipped: IntCounter,
+    offload_store_failures: IntCounter,
+    offload_corrupt_blocks: IntCounter,
     offload_usage: Gauge,
     model_name: String,
 }
@@ -319,6 +322,18 @@ impl Metrics {
                 "agent_kv_offload_evicted_blocks_total",
                 "Blocks evicted from the CPU KV tier to make room.",
             )?,
+            offload_stores_skipped: counter(
+                "vllm:kv_offload_stores_skipped_total",
+                "Blocks not stored in the storage tier: its write queue was full.",
+            )?,
+            offload_store_failures: counter(
+                "agent_kv_offload_store_failures_total",
+                "Blocks the storage tier failed to write (a full or read-only volume).",
+            )?,
+            offload_corrupt_blocks: counter(
+                "agent_kv_offload_corrupt_blocks_total",
+                "Stored blocks found damaged when read back (removed and recomputed).",
+            )?,
             offload_usage: gauge(
                 "vllm:kv_offload_cpu_cache_usage_perc",
                 "CPU KV tier usage. 1 means 100 percent usage.",
@@ -343,6 +358,12 @@ impl Metrics {
             .inc_by(delta(prev.hit_tokens, now.hit_tokens));
         self.offload_evicted_blocks
             .inc_by(delta(prev.evicted_blocks, now.evicted_blocks));
+        self.offload_stores_skipped
+            .inc_by(delta(prev.stores_skipped, now.stores_skipped));
+        self.offload_store_failures
+            .inc_by(delta(prev.store_failures, now.store_failures));
+        self.offload_corrupt_blocks
+            .inc_by(delta(prev.corrupt_blocks, now.corrupt_blocks));
         if now.capacity_blocks > 0 {
             self.offload_usage
                 .set(now.used_blocks as f64 / now.capacity_blocks as f64);

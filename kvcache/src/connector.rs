@@ -75,6 +75,12 @@ pub struct ConnectorStats {
     /// Prompt tokens it supplied to admitted requests.
     pub hit_tokens: u64,
     pub evicted_blocks: u64,
+    /// Stores not made: a lower tier's write queue was full.
+    pub stores_skipped: u64,
+    /// Stores a lower tier failed to write (a full or read-only volume).
+    pub store_failures: u64,
+    /// Stored blocks found damaged when read back (removed, recomputed).
+    pub corrupt_blocks: u64,
     pub used_blocks: usize,
     pub capacity_blocks: usize,
 }
@@ -114,11 +120,9 @@ pub trait KvConnector: Send {
     /// After the forward pass: this step's saves out of the device pool.
     fn wait_for_save(&mut self, device: &dyn BlockIo);
 
-    /// The tier this connector's blocks live in (its events' medium).
-    fn medium(&self) -> Medium;
-
-    /// The hashes this connector holds, sorted (`/debug/kv_cache`).
-    fn cached_hashes(&self) -> Vec<BlockHash>;
+    /// Per tier it manages (its events' medium), the hashes it holds, sorted
+    /// (`/debug/kv_cache`).
+    fn cached_blocks(&self) -> Vec<(Medium, Vec<BlockHash>)>;
 
     /// What it did so far, for the metrics.
     fn stats(&self) -> ConnectorStats;

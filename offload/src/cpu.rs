@@ -11,8 +11,16 @@
 //! Copies are block memcpys between host buffers on the engine thread: with the CPU executor
 //! both sides are host memory, so there is no transfer to overlap; a device executor would run
 //! them on its copy stream behind the same calls.
+//!
+//! With a storage tier below (vLLM's `TieringOffloadingSpec` with an `fs` secondary tier),
+//! every block stored here is also written to a file, off the engine thread; a lookup goes on
+//! past the CPU run with file-exists checks, and when files are needed the load is
+//! asynchronous: the files are read by the storage tier's threads and copied into the device
+//! blocks in the `start_load_kv` of the step they arrive in. Events for files carry medium
+//! STORAGE, for the files this agent wrote (others' files on a shared volume are theirs to
+//! announce).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
 use kvcache::{
@@ -21,6 +29,7 @@ use kvcache::{
 };
 
 use crate::host_store::HostStore;
+use crate::storage::{Done, StorageTier};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CpuOffloadConfig {
@@ -30,6 +39,8 @@ pub struct CpuOffloadConfig {
     pub offload_prompt_only: bool,
     /// Events carry the block's parent, tokens and size instead of its hash alone.
     pub self_describing_events: bool,
+    /// A storage tier below, started by the caller ([`CpuOffloadConnector::with_storage`]).
+    pub storage: Option<crate::storage::FsTierConfig>,
 }
 
 /// One block to copy out after the forward pass.
@@ -54,6 +65,15 @@ pub struct CpuOffloadConnector {
     saved_upto: HashMap<String, usize>,
     events: Vec<KvCacheEvent>,
     stats: ConnectorStats,
+    storage: Option<StorageTier>,
+    /// Asynchronous loads waiting for their files: the device blocks to fill, and the blocks
+    /// of the request's run that came from host memory before them.
+    reading: HashMap<String, (Vec<BlockId>, usize)>,
+    landed: Vec<FinishedLoad>,
+    /// Files this agent wrote (and announced).
+    files_held: BTreeSet<BlockHash>,
+    /// Parent and tokens of blocks being written, for self-describing events.
+    writing: HashMap<BlockHash, (Option<BlockHash>, Vec<u32>)>,
 }
 
 impl CpuOffloadConnector {
@@ -81,7 +101,60 @@ impl CpuOffloadConnector {
             saved_upto: HashMap::new(),
             events: Vec::new(),
             stats: ConnectorStats::default(),
+            storage: None,
+            reading: HashMap::new(),
+            landed: Vec::new(),
+            files_held: BTreeSet::new(),
+            writing: HashMap::new(),
         })
+    }
+
+    /// Adds a storage tier below this one.
+    pub fn with_storage(mut self, storage: StorageTier) -> Self {
+        self.storage = Some(storage);
+        self
+    }
+
+    /// Applies what the storage tier's threads finished.
+    fn collect_storage(&mut self, device: &mut dyn BlockIo) {
+        let Some(storage) = &self.storage else {
+            return;
+        };
+        for done in storage.poll() {
+            match done {
+                Done::Written(hash) => {
+                    let (parent, tokens) = self.writing.remove(&hash).unwrap_or_default();
+                    if self.files_held.insert(hash) {
+                        let event = self.stored_event(hash, parent, tokens, Medium::Storage);
+                        self.events.push(event);
+                    }
+                }
+                Done::WriteFailed(hash, _) => {
+                    self.writing.remove(&hash);
+                    self.stats.store_failures += 1;
+                }
+                Done::Read {
+                    request_id,
+                    blocks,
+                    corrupt,
+                } => {
+                    self.stats.corrupt_blocks += u64::from(corrupt);
+                    // An aborted request's read lands here too: dropped.
+                    let Some((targets, from_host)) = self.reading.remove(&request_id) else {
+                        continue;
+                    };
+                    for (block, data) in targets.iter().zip(&blocks) {
+                        device.write_block(*block, data);
+                        self.stats.loaded_blocks += 1;
+                        self.stats.load_bytes += data.len() as u64;
+                    }
+                    self.landed.push(FinishedLoad {
+                        request_id,
+                        num_tokens: (from_host + blocks.len()) * self.block_size,
+                    });
+                }
+            }
+        }
     }
 
     /// Blocks held, and the most the store holds.
@@ -89,27 +162,22 @@ impl CpuOffloadConnector {
         (self.store.len(), self.store.capacity())
     }
 
-    fn stored_event(&self, save: &Save) -> KvCacheEvent {
-        if self.cfg.self_describing_events {
-            KvCacheEvent::BlockStored {
-                block_hashes: vec![save.hash],
-                parent_block_hash: save.parent,
-                token_ids: save.tokens.clone(),
-                block_size: self.block_size,
-                lora_name: None,
-                extra_keys: None,
-                medium: Medium::Cpu,
-            }
-        } else {
-            KvCacheEvent::BlockStored {
-                block_hashes: vec![save.hash],
-                parent_block_hash: None,
-                token_ids: Vec::new(),
-                block_size: 0,
-                lora_name: None,
-                extra_keys: None,
-                medium: Medium::Cpu,
-            }
+    fn stored_event(
+        &self,
+        hash: BlockHash,
+        parent: Option<BlockHash>,
+        tokens: Vec<u32>,
+        medium: Medium,
+    ) -> KvCacheEvent {
+        let describe = self.cfg.self_describing_events;
+        KvCacheEvent::BlockStored {
+            block_hashes: vec![hash],
+            parent_block_hash: parent.filter(|_| describe),
+            token_ids: if describe { tokens } else { Vec::new() },
+            block_size: if describe { self.block_size } else { 0 },
+            lora_name: None,
+            extra_keys: None,
+            medium,
         }
     }
 }
@@ -124,14 +192,16 @@ impl KvConnector for CpuOffloadConnector {
         let first = num_computed_tokens / bs;
         // Never the last token: its logits are computed.
         let last = (request.token_ids.len().saturating_sub(1) / bs).min(request.block_hashes.len());
-        let found = request.block_hashes[first.min(last)..last]
-            .iter()
-            .take_while(|h| self.store.contains(h))
-            .count();
-        // Host memory: copied within the step.
+        let run = &request.block_hashes[first.min(last)..last];
+        let in_memory = run.iter().take_while(|h| self.store.contains(h)).count();
+        let on_disk = match &self.storage {
+            Some(storage) => storage.leading(&run[in_memory..]),
+            None => 0,
+        };
+        // Host memory is copied within the step; files are read by the storage tier first.
         ExternalHit {
-            num_tokens: found * bs,
-            load_async: false,
+            num_tokens: (in_memory + on_disk) * bs,
+            load_async: on_disk > 0,
         }
     }
 
@@ -145,13 +215,24 @@ impl KvConnector for CpuOffloadConnector {
         let bs = self.block_size;
         let first = num_device_tokens / bs;
         let n = num_external_tokens / bs;
-        let span = first..first + n;
+        let hashes = &request.block_hashes[first..first + n];
+        let blocks = &block_ids[first..first + n];
+        // The run found a step ago is still in memory: nothing was stored in between.
+        let in_memory = hashes.iter().take_while(|h| self.store.contains(h)).count();
         self.loads.extend(
-            block_ids[span.clone()]
+            blocks
                 .iter()
                 .copied()
-                .zip(request.block_hashes[span].iter().copied()),
+                .zip(hashes.iter().copied())
+                .take(in_memory),
         );
+        if let (Some(storage), true) = (&self.storage, in_memory < n) {
+            storage.fetch(request.request_id, hashes[in_memory..].to_vec());
+            self.reading.insert(
+                request.request_id.to_string(),
+                (blocks[in_memory..].to_vec(), in_memory),
+            );
+        }
         self.stats.hit_tokens += num_external_tokens as u64;
         // Blocks that came from the device cache or from here need no save.
         self.saved_upto
@@ -193,6 +274,7 @@ impl KvConnector for CpuOffloadConnector {
 
     fn request_finished(&mut self, request_id: &str) {
         self.saved_upto.remove(request_id);
+        self.reading.remove(request_id);
     }
 
     fn start_load_kv(&mut self, device: &mut dyn BlockIo) {
@@ -206,11 +288,12 @@ impl KvConnector for CpuOffloadConnector {
                 self.stats.load_bytes += data.len() as u64;
             }
         }
+        self.collect_storage(device);
         self.stats.load_seconds += start.elapsed().as_secs_f64();
     }
 
     fn get_finished_loads(&mut self) -> Vec<FinishedLoad> {
-        Vec::new()
+        std::mem::take(&mut self.landed)
     }
 
     fn wait_for_save(&mut self, device: &dyn BlockIo) {
@@ -231,18 +314,30 @@ impl KvConnector for CpuOffloadConnector {
             }
             self.stats.stored_blocks += 1;
             self.stats.store_bytes += self.block_bytes as u64;
-            let event = self.stored_event(&save);
+            if let Some(storage) = &self.storage {
+                if !self.files_held.contains(&save.hash) {
+                    let data = self.store.get(&save.hash).map(<[u8]>::to_vec);
+                    match data.map(|d| storage.store(save.hash, d)) {
+                        Some(true) => {
+                            self.writing
+                                .insert(save.hash, (save.parent, save.tokens.clone()));
+                        }
+                        _ => self.stats.stores_skipped += 1,
+                    }
+                }
+            }
+            let event = self.stored_event(save.hash, save.parent, save.tokens, Medium::Cpu);
             self.events.push(event);
         }
         self.stats.store_seconds += start.elapsed().as_secs_f64();
     }
 
-    fn medium(&self) -> Medium {
-        Medium::Cpu
-    }
-
-    fn cached_hashes(&self) -> Vec<BlockHash> {
-        self.store.hashes()
+    fn cached_blocks(&self) -> Vec<(Medium, Vec<BlockHash>)> {
+        let mut tiers = vec![(Medium::Cpu, self.store.hashes())];
+        if self.storage.is_some() {
+            tiers.push((Medium::Storage, self.files_held.iter().copied().collect()));
+        }
+        tiers
     }
 
     fn stats(&self) -> ConnectorStats {
@@ -315,6 +410,7 @@ mod tests {
             cpu_bytes: blocks * 8,
             offload_prompt_only: true,
             self_describing_events: self_describing,
+            storage: None,
         };
         CpuOffloadConnector::new(cfg, 2, 8).unwrap()
     }
@@ -464,7 +560,8 @@ mod tests {
             CpuOffloadConfig {
                 cpu_bytes: 7,
                 offload_prompt_only: true,
-                self_describing_events: false
+                self_describing_events: false,
+                storage: None,
             },
             2,
             8

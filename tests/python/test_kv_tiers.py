@@ -5,11 +5,13 @@ removal, the CPU store, and the GPU store on reload."""
 
 import json
 import random
+import subprocess
 import threading
 import time
 
 import httpx
 import msgpack
+import pytest
 import zmq
 
 from conftest import MODEL, Agent, free_port
@@ -168,3 +170,129 @@ def test_each_tier_rebuilt_from_events_matches_the_agent():
         sub.close()
         http.close()
         agent.stop()
+
+
+def tiered(root) -> list[str]:
+    """CPU + storage tier flags as llm-d's tiered-prefix-cache guide writes them."""
+    config = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+              "kv_connector_extra_config": {
+                  "spec_name": "TieringOffloadingSpec", "cpu_bytes_to_use": 200 * 368640,
+                  "secondary_tiers": [{"type": "fs", "root_dir": str(root),
+                                       "n_read_threads": 4, "n_write_threads": 4}]}}
+    return [*DEVICE, "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(config)]
+
+
+def block_files(root) -> dict:
+    """Block file path by its hash's 64-bit form, under the one layout folder."""
+    (base,) = [p for p in root.iterdir() if p.is_dir()]
+    return {int(p.stem[-16:], 16): p for p in base.rglob("*.bin")}
+
+
+def wait_for_files(root, hashes, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not set(hashes) <= set(block_files(root)):
+        assert time.monotonic() < deadline, "the storage tier never wrote the blocks"
+        time.sleep(0.1)
+
+
+def completion(http, tokens):
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": tokens, "max_tokens": 8,
+                                           "temperature": 0, "ignore_eos": True,
+                                           "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return body["choices"][0]["token_ids"], body["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_storage_tier_shared_by_two_agents_and_checked_on_read(tmp_path):
+    """Acceptance 2 and 3 (corruption): B serves a prompt only A has seen from A's files; a
+    damaged file stops the reload there (the rest recomputed, same output, counted); after a
+    restart A reuses its own files."""
+    rng = random.Random(2)
+    prompt = [rng.randrange(100, 40000) for _ in range(PROMPT_TOKENS)]
+    other = [rng.randrange(100, 40000) for _ in range(PROMPT_TOKENS)]
+    full = PROMPT_TOKENS // BLOCK_SIZE
+    a = Agent(*tiered(tmp_path))
+    b = Agent(*tiered(tmp_path))
+    ha = httpx.Client(base_url=a.base_url, timeout=300)
+    hb = httpx.Client(base_url=b.base_url, timeout=300)
+    try:
+        cold, cached = completion(ha, prompt)
+        assert cached == 0
+        wait_for_files(tmp_path, [as_int(h) for h in chained_hashes(prompt)[:full]])
+        warm, cached = completion(hb, prompt)
+        assert warm == cold
+        assert cached >= PROMPT_TOKENS - BLOCK_SIZE - PROMPT_TOKENS % BLOCK_SIZE, cached
+
+        # Damage the 11th block's file of another prompt A served: B reloads 10 blocks.
+        cold2, _ = completion(ha, other)
+        hashes = [as_int(h) for h in chained_hashes(other)[:full]]
+        wait_for_files(tmp_path, hashes)
+        path = block_files(tmp_path)[hashes[10]]
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+        warm2, cached = completion(hb, other)
+        assert warm2 == cold2
+        assert cached == 10 * BLOCK_SIZE, cached
+        page = hb.get("/metrics").text
+        assert 'agent_kv_offload_corrupt_blocks_total{engine="0",model_name="SmolLM2-135M-Instruct"} 1' in page
+        assert not path.exists(), "the damaged file was kept"
+
+        # A restarted: its CPU tier is empty, its files are not.
+        a.stop()
+        a = Agent(*tiered(tmp_path))
+        ha.close()
+        ha = httpx.Client(base_url=a.base_url, timeout=300)
+        again, cached = completion(ha, prompt)
+        assert again == cold
+        assert cached >= PROMPT_TOKENS - BLOCK_SIZE - PROMPT_TOKENS % BLOCK_SIZE, cached
+    finally:
+        ha.close()
+        hb.close()
+        a.stop()
+        b.stop()
+
+
+def store_failures(http) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("agent_kv_offload_store_failures_total"):
+            return float(line.split()[-1])
+    raise AssertionError("no agent_kv_offload_store_failures_total on /metrics")
+
+
+def test_a_full_then_read_only_volume_leaves_the_agent_serving(tmp_path):
+    """Acceptance 3 (volumes that refuse writes): an 8 MB tmpfs fills up, then is remounted
+    read-only; stores fail soft and are counted, and the agent keeps serving the same output."""
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(vol)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mount.stderr.strip()}")
+    agent = None
+    try:
+        agent = Agent(*tiered(vol))
+        http = httpx.Client(base_url=agent.base_url, timeout=300)
+        rng = random.Random(3)
+        tokens = [rng.randrange(100, 40000) for _ in range(PROMPT_TOKENS)]
+        first, _ = completion(http, tokens)
+        deadline = time.monotonic() + 30
+        # Write failures are collected as steps run: keep the engine stepping.
+        while store_failures(http) == 0:
+            assert time.monotonic() < deadline, "a full volume failed no store"
+            completion(http, [rng.randrange(100, 40000) for _ in range(20)])
+        subprocess.run(["mount", "-o", "remount,ro", str(vol)], check=True)
+        before = store_failures(http)
+        completion(http, [rng.randrange(100, 40000) for _ in range(600)])
+        while store_failures(http) == before:
+            assert time.monotonic() < deadline + 30, "a read-only volume failed no store"
+            completion(http, [rng.randrange(100, 40000) for _ in range(20)])
+        again, _ = completion(http, tokens)
+        assert again == first
+        assert http.get("/health").status_code == 200
+        http.close()
+    finally:
+        if agent is not None:
+            agent.stop()
+        subprocess.run(["umount", str(vol)], check=False)

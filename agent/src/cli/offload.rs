@@ -3,7 +3,7 @@
 //! `OffloadingConnector` with its `kv_connector_extra_config`. Keys that would change what the
 //! tier does and that it cannot honour are errors, not notes.
 
-use offload::CpuOffloadConfig;
+use offload::{CpuOffloadConfig, FsTierConfig};
 use serde_json::Value;
 
 use super::ServeArgs;
@@ -43,6 +43,7 @@ pub fn cpu_offload(
                 cpu_bytes: (gib * GIB) as u64,
                 offload_prompt_only: true,
                 self_describing_events: false,
+                storage: None,
             }))
         }
         (None, Some(config)) => extra_config(config, block_size).map(Some),
@@ -68,7 +69,9 @@ fn extra_config(config: &Value, block_size: usize) -> Result<CpuOffloadConfig, S
         cpu_bytes: 0,
         offload_prompt_only: true,
         self_describing_events: false,
+        storage: None,
     };
+    let mut tiering = false;
     let flag = |key: &str, v: &Value| {
         v.as_bool()
             .ok_or_else(|| format!("kv_connector_extra_config.{key} must be true or false"))
@@ -84,15 +87,10 @@ fn extra_config(config: &Value, block_size: usize) -> Result<CpuOffloadConfig, S
             "self_describing_kv_events" => cfg.self_describing_events = flag(key, v)?,
             "spec_name" => match v.as_str() {
                 Some("CPUOffloadingSpec") => {}
-                Some("TieringOffloadingSpec") => {
-                    return Err(
-                        "spec_name TieringOffloadingSpec (the storage tier) is not available yet; \
-                         the CPU tier is (CPUOffloadingSpec)"
-                            .into(),
-                    )
-                }
+                Some("TieringOffloadingSpec") => tiering = true,
                 _ => return Err(format!("unknown offloading spec_name {v}")),
             },
+            "secondary_tiers" => cfg.storage = Some(secondary_tiers(v)?),
             "eviction_policy" => {
                 if v.as_str() != Some("lru") {
                     return Err(format!("eviction_policy {v} is not available here (lru only)"));
@@ -110,12 +108,60 @@ fn extra_config(config: &Value, block_size: usize) -> Result<CpuOffloadConfig, S
             other => return Err(format!("unknown kv_connector_extra_config key {other}")),
         }
     }
+    match (tiering, cfg.storage.is_some()) {
+        (true, false) => {
+            return Err("spec_name TieringOffloadingSpec needs secondary_tiers".into());
+        }
+        (false, true) => {
+            return Err("secondary_tiers need spec_name TieringOffloadingSpec".into());
+        }
+        _ => {}
+    }
     if cfg.cpu_bytes == 0 {
         return Err(
             "the OffloadingConnector needs kv_connector_extra_config.cpu_bytes_to_use".into(),
         );
     }
     Ok(cfg)
+}
+
+/// `secondary_tiers`: one `fs` tier (llm-d's tiered-prefix-cache guide).
+fn secondary_tiers(v: &Value) -> Result<FsTierConfig, String> {
+    let [tier] = v.as_array().map(Vec::as_slice).unwrap_or_default() else {
+        return Err(format!("secondary_tiers must list one tier, got {v}"));
+    };
+    if tier["type"] != "fs" {
+        return Err(format!(
+            "secondary tier {tier}: only type fs is available here"
+        ));
+    }
+    let threads = |key: &str| -> Result<usize, String> {
+        match &tier[key] {
+            Value::Null => Ok(4),
+            n => n
+                .as_u64()
+                .filter(|n| (1..=256).contains(n))
+                .map(|n| n as usize)
+                .ok_or_else(|| format!("secondary tier {key} must be 1..=256, got {n}")),
+        }
+    };
+    for key in tier.as_object().into_iter().flat_map(|o| o.keys()) {
+        if !matches!(
+            key.as_str(),
+            "type" | "root_dir" | "n_read_threads" | "n_write_threads"
+        ) {
+            return Err(format!("unknown secondary tier key {key}"));
+        }
+    }
+    let root_dir = tier["root_dir"]
+        .as_str()
+        .filter(|d| !d.is_empty())
+        .ok_or("the fs secondary tier needs root_dir")?;
+    Ok(FsTierConfig {
+        root_dir: root_dir.into(),
+        read_threads: threads("n_read_threads")?,
+        write_threads: threads("n_write_threads")?,
+    })
 }
 
 #[cfg(test)]
@@ -174,7 +220,17 @@ mod tests {
             "--kv-transfer-config",
             &long(r#"{"cpu_bytes_to_use":1e9,"spec_name":"TieringOffloadingSpec"}"#)
         ])
-        .contains("storage tier"));
+        .contains("needs secondary_tiers"));
+        assert!(err(&["--kv-transfer-config", &long(r#"{"cpu_bytes_to_use":1e9,"spec_name":"TieringOffloadingSpec","secondary_tiers":[{"type":"s3"}]}"#)]).contains("only type fs"));
+        let tiered = cpu_offload(&args(&["--kv-transfer-config", &long(r#"{"cpu_bytes_to_use":1e9,"spec_name":"TieringOffloadingSpec","secondary_tiers":[{"type":"fs","root_dir":"/mnt/kv","n_read_threads":16,"n_write_threads":8}]}"#)]), 16).unwrap().unwrap();
+        assert_eq!(
+            tiered.storage,
+            Some(FsTierConfig {
+                root_dir: "/mnt/kv".into(),
+                read_threads: 16,
+                write_threads: 8
+            })
+        );
         assert!(err(&[
             "--kv-transfer-config",
             &long(r#"{"cpu_bytes_to_use":1e9,"block_size":256}"#)

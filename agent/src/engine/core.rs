@@ -191,10 +191,11 @@ impl EngineCore {
                     hashes: self.kv.cached_hashes(),
                 }];
                 if let Some(c) = &self.connector {
-                    tiers.push(TierBlocks {
-                        medium: c.medium(),
-                        hashes: c.cached_hashes(),
-                    });
+                    tiers.extend(
+                        c.cached_blocks()
+                            .into_iter()
+                            .map(|(medium, hashes)| TierBlocks { medium, hashes }),
+                    );
                 }
                 let _ = reply.send(tiers);
             }

@@ -535,10 +535,7 @@ mod tests {
             std::mem::take(&mut self.landed)
         }
         fn wait_for_save(&mut self, _: &dyn kvcache::BlockIo) {}
-        fn medium(&self) -> kvcache::Medium {
-            kvcache::Medium::Storage
-        }
-        fn cached_hashes(&self) -> Vec<kvcache::BlockHash> {
+        fn cached_blocks(&self) -> Vec<(kvcache::Medium, Vec<kvcache::BlockHash>)> {
             Vec::new()
         }
         fn stats(&self) -> kvcache::ConnectorStats {

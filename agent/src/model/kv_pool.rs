@@ -10,20 +10,24 @@ pub struct CpuKvPool {
     layout: BlockLayout,
 }
 
+/// The pool's geometry as the tiers and transfers see it.
+pub fn block_layout(layout: &KvLayout, dtype: KvDtype) -> BlockLayout {
+    BlockLayout {
+        num_layers: layout.num_layers,
+        num_blocks: layout.num_blocks,
+        block_size: layout.block_size,
+        num_kv_heads: layout.num_kv_heads,
+        head_dim: layout.head_dim,
+        dtype: dtype_name(dtype),
+        dtype_bytes: dtype.bytes(),
+    }
+}
+
 impl CpuKvPool {
     pub fn new(layout: KvLayout, dtype: KvDtype) -> Self {
-        let block_layout = BlockLayout {
-            num_layers: layout.num_layers,
-            num_blocks: layout.num_blocks,
-            block_size: layout.block_size,
-            num_kv_heads: layout.num_kv_heads,
-            head_dim: layout.head_dim,
-            dtype: dtype_name(dtype),
-            dtype_bytes: dtype.bytes(),
-        };
         Self {
+            layout: block_layout(&layout, dtype),
             cache: CpuKvCache::new(layout, dtype),
-            layout: block_layout,
         }
     }
 

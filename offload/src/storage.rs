@@ -1,0 +1,219 @@
+//! The storage tier's I/O threads over [`BlockFiles`]: writers publish blocks handed to them,
+//! readers fetch a request's run of blocks into host buffers; the engine thread only queues
+//! work and collects results ([`StorageTier::poll`]), so a slow volume never stalls a step.
+//! Queued writes are bounded in bytes; beyond the bound a store is skipped and counted.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use kvcache::BlockHash;
+
+use crate::files::{BlockFiles, ReadError};
+
+/// Most bytes of blocks waiting for a writer.
+const MAX_QUEUED_WRITE_BYTES: usize = 256 << 20;
+
+/// The storage tier as configured (`secondary_tiers: [{"type": "fs", …}]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsTierConfig {
+    pub root_dir: std::path::PathBuf,
+    pub read_threads: usize,
+    pub write_threads: usize,
+}
+
+/// What the I/O threads finished.
+#[derive(Debug)]
+pub enum Done {
+    Written(BlockHash),
+    WriteFailed(BlockHash, String),
+    /// A read job: the blocks read, in order, up to the first one missing or corrupt.
+    Read {
+        request_id: String,
+        blocks: Vec<Vec<u8>>,
+        corrupt: bool,
+    },
+}
+
+struct ReadJob {
+    request_id: String,
+    hashes: Vec<BlockHash>,
+}
+
+pub struct StorageTier {
+    files: Arc<BlockFiles>,
+    writes: Sender<(BlockHash, Vec<u8>)>,
+    reads: Sender<ReadJob>,
+    done: Receiver<Done>,
+    queued_bytes: Arc<AtomicUsize>,
+    block_bytes: usize,
+}
+
+impl StorageTier {
+    pub fn start(files: BlockFiles, block_bytes: usize, readers: usize, writers: usize) -> Self {
+        let files = Arc::new(files);
+        let (done_tx, done) = mpsc::channel();
+        let (writes, write_rx) = mpsc::channel::<(BlockHash, Vec<u8>)>();
+        let (reads, read_rx) = mpsc::channel::<ReadJob>();
+        let (write_rx, read_rx) = (
+            Arc::new(Mutex::new(write_rx)),
+            Arc::new(Mutex::new(read_rx)),
+        );
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        for i in 0..writers.max(1) {
+            let (files, rx, tx, queued) = (
+                files.clone(),
+                write_rx.clone(),
+                done_tx.clone(),
+                queued_bytes.clone(),
+            );
+            let spawned = std::thread::Builder::new()
+                .name(format!("kv-fs-write-{i}"))
+                .spawn(move || loop {
+                    // The lock is held only to take the next job.
+                    let job = rx.lock().map(|r| r.recv());
+                    let Ok(Ok((hash, data))) = job else { return };
+                    queued.fetch_sub(data.len(), Ordering::Relaxed);
+                    let done = match files.write(&hash, &data) {
+                        Ok(()) => Done::Written(hash),
+                        Err(e) => Done::WriteFailed(hash, e.to_string()),
+                    };
+                    if tx.send(done).is_err() {
+                        return;
+                    }
+                });
+            drop(spawned);
+        }
+        for i in 0..readers.max(1) {
+            let (files, rx, tx) = (files.clone(), read_rx.clone(), done_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("kv-fs-read-{i}"))
+                .spawn(move || loop {
+                    let job = rx.lock().map(|r| r.recv());
+                    let Ok(Ok(job)) = job else { return };
+                    let mut blocks = Vec::with_capacity(job.hashes.len());
+                    let mut corrupt = false;
+                    for hash in &job.hashes {
+                        let mut buf = vec![0u8; block_bytes];
+                        match files.read(hash, &mut buf) {
+                            Ok(()) => blocks.push(buf),
+                            Err(e) => {
+                                corrupt = e == ReadError::Corrupt;
+                                break;
+                            }
+                        }
+                    }
+                    let done = Done::Read {
+                        request_id: job.request_id,
+                        blocks,
+                        corrupt,
+                    };
+                    if tx.send(done).is_err() {
+                        return;
+                    }
+                });
+            drop(spawned);
+        }
+        Self {
+            files,
+            writes,
+            reads,
+            done,
+            queued_bytes,
+            block_bytes,
+        }
+    }
+
+    /// Leading blocks of `hashes` that have a file (a lookup is a file-exists check).
+    pub fn leading(&self, hashes: &[BlockHash]) -> usize {
+        hashes.iter().take_while(|h| self.files.contains(h)).count()
+    }
+
+    /// Queues a write; false (skipped) when the queue is full.
+    pub fn store(&self, hash: BlockHash, data: Vec<u8>) -> bool {
+        let queued = self.queued_bytes.fetch_add(data.len(), Ordering::Relaxed);
+        if queued + data.len() > MAX_QUEUED_WRITE_BYTES {
+            self.queued_bytes.fetch_sub(data.len(), Ordering::Relaxed);
+            return false;
+        }
+        self.writes.send((hash, data)).is_ok()
+    }
+
+    /// Queues a read of `hashes` for `request_id`.
+    pub fn fetch(&self, request_id: &str, hashes: Vec<BlockHash>) {
+        let _ = self.reads.send(ReadJob {
+            request_id: request_id.to_string(),
+            hashes,
+        });
+    }
+
+    /// Everything finished since the last call.
+    pub fn poll(&self) -> Vec<Done> {
+        self.done.try_iter().collect()
+    }
+
+    pub fn block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvcache::BlockLayout;
+    use std::time::{Duration, Instant};
+
+    fn wait(tier: &StorageTier, n: usize) -> Vec<Done> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        while got.len() < n {
+            got.extend(tier.poll());
+            assert!(Instant::now() < deadline, "{got:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        got
+    }
+
+    #[test]
+    fn writes_then_reads_off_the_caller_thread() {
+        let root = std::env::temp_dir().join(format!("offload-storage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let layout = BlockLayout {
+            num_layers: 1,
+            num_blocks: 4,
+            block_size: 2,
+            num_kv_heads: 1,
+            head_dim: 2,
+            dtype: "float16",
+            dtype_bytes: 2,
+        };
+        let files = BlockFiles::open(&root, "m", &layout, "sha256_cbor").unwrap();
+        let tier = StorageTier::start(files, 16, 2, 2);
+        let hashes: Vec<BlockHash> = (1..=3).map(|i| BlockHash::from_digest(&[i; 32])).collect();
+        for (i, h) in hashes.iter().take(2).enumerate() {
+            assert!(tier.store(*h, vec![i as u8; 16]));
+        }
+        let done = wait(&tier, 2);
+        assert!(
+            done.iter().all(|d| matches!(d, Done::Written(_))),
+            "{done:?}"
+        );
+        assert_eq!(tier.leading(&hashes), 2);
+        // The third has no file: the read stops there.
+        tier.fetch("r", hashes.clone());
+        match wait(&tier, 1).pop() {
+            Some(Done::Read {
+                request_id,
+                blocks,
+                corrupt,
+            }) => {
+                assert_eq!(request_id, "r");
+                assert_eq!(blocks, vec![vec![0u8; 16], vec![1u8; 16]]);
+                assert!(!corrupt);
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
