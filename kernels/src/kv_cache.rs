@@ -207,16 +207,17 @@ fn as_bytes_mut<E: Plain>(x: &mut [E]) -> &mut [u8] {
 mod tests {
     use super::*;
 
+    const LAYOUT: KvLayout = KvLayout {
+        num_layers: 2,
+        num_blocks: 3,
+        block_size: 4,
+        num_kv_heads: 2,
+        head_dim: 8,
+    };
+
     #[test]
     fn a_block_region_is_that_block_of_every_head() {
-        let layout = KvLayout {
-            num_layers: 2,
-            num_blocks: 3,
-            block_size: 4,
-            num_kv_heads: 2,
-            head_dim: 8,
-        };
-        let mut cache = CpuKvCache::new(layout, KvDtype::F16);
+        let mut cache = CpuKvCache::new(LAYOUT, KvDtype::F16);
         // Slot 1 of block 2 (slot 9): every head's K and V rows land in block 2's regions only.
         let k: Vec<f32> = (0..16).map(|i| i as f32 + 1.0).collect();
         cache.write_kv(1, &[9], &k, &k);
@@ -239,13 +240,7 @@ mod tests {
 
     #[test]
     fn caches_start_zeroed_in_their_dtype() {
-        let layout = KvLayout {
-            num_layers: 2,
-            num_blocks: 3,
-            block_size: 4,
-            num_kv_heads: 2,
-            head_dim: 8,
-        };
+        let layout = LAYOUT;
         assert_eq!(layout.bytes_per_block(KvDtype::F16), 2 * 2 * 4 * 2 * 8 * 2);
         for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Bf16] {
             let mut cache = CpuKvCache::new(layout, dtype);

@@ -70,21 +70,27 @@ class TierEvents:
         self.ctx.term()
 
 
-def test_cpu_tier_reloads_a_prefix_pushed_out_of_the_device():
+def events_agent(*extra: str):
+    """An agent publishing KV events, a client, and a subscriber that is connected (a SUB
+    misses what came before it joined: resets until one of their batches arrives)."""
     events = f"tcp://127.0.0.1:{free_port()}"
     config = {"enable_kv_cache_events": True, "publisher": "zmq",
               "endpoint": events.replace("127.0.0.1", "*"), "topic": f"kv@tier@{MODEL}"}
-    agent = Agent(*DEVICE, "--kv-offloading-size", "0.25", "--enable-prompt-tokens-details",
-                  "--kv-events-config", json.dumps(config))
+    agent = Agent(*DEVICE, *extra, "--kv-events-config", json.dumps(config))
     http = httpx.Client(base_url=agent.base_url, timeout=300)
     sub = TierEvents(events)
+    deadline = time.monotonic() + 20
+    while not sub.events:
+        assert time.monotonic() < deadline, "no event reached the subscriber"
+        http.post("/reset_prefix_cache")
+        time.sleep(0.1)
+    return agent, http, sub
+
+
+def test_cpu_tier_reloads_a_prefix_pushed_out_of_the_device():
+    agent, http, sub = events_agent("--kv-offloading-size", "0.25",
+                                    "--enable-prompt-tokens-details")
     try:
-        # Until the subscriber is connected (a SUB misses what came before it joined).
-        deadline = time.monotonic() + 20
-        while not sub.events:
-            assert time.monotonic() < deadline, "no event reached the subscriber"
-            http.post("/reset_prefix_cache")
-            time.sleep(0.1)
 
         rng = random.Random(18)
         prompts = [[rng.randrange(100, 40000) for _ in range(PROMPT_TOKENS)] for _ in range(3)]
@@ -127,20 +133,9 @@ def test_each_tier_rebuilt_from_events_matches_the_agent():
     """Acceptance 4 for the device and CPU tiers: evictions in both, then an independent
     subscriber's per-tier sets equal /debug/kv_cache; a reset with reset_external empties both
     and the tier's metrics are on /metrics."""
-    events = f"tcp://127.0.0.1:{free_port()}"
-    config = {"enable_kv_cache_events": True, "publisher": "zmq",
-              "endpoint": events.replace("127.0.0.1", "*"), "topic": f"kv@tier@{MODEL}"}
     # A CPU tier of 150 blocks: the four prompts' 372 blocks evict there too.
-    agent = Agent(*DEVICE, "--kv-offloading-size", str(150 * 368640 / 2**30),
-                  "--kv-events-config", json.dumps(config))
-    http = httpx.Client(base_url=agent.base_url, timeout=300)
-    sub = TierEvents(events)
+    agent, http, sub = events_agent("--kv-offloading-size", str(150 * 368640 / 2**30))
     try:
-        deadline = time.monotonic() + 20
-        while not sub.events:
-            assert time.monotonic() < deadline, "no event reached the subscriber"
-            http.post("/reset_prefix_cache")
-            time.sleep(0.1)
         rng = random.Random(4)
         for _ in range(4):
             tokens = [rng.randrange(100, 40000) for _ in range(PROMPT_TOKENS)]
