@@ -592,6 +592,11 @@ mod tests {
         Args::try_parse_from(argv).unwrap()
     }
 
+    /// The first profile of a YAML config, for model "m" and blocks of 16.
+    fn resolve(yaml: &str) -> Result<Scheduling, ConfigError> {
+        EndpointPickerConfig::from_yaml(yaml)?.resolve(None, "m", 16)
+    }
+
     fn weights(s: &Scheduling) -> Vec<(Scorer, f64)> {
         s.profile
             .scorers
@@ -676,10 +681,7 @@ mod tests {
                     parameters: {lruCapacityPerServer: 4000, hashBlockSize: 64, autoTune: false}\n\
                     - type: queue-scorer\nschedulingProfiles:\n- name: default\n  plugins:\n  \
                     - pluginRef: prefix-cache-scorer\n    weight: 3\n  - pluginRef: queue-scorer\n";
-        let s = EndpointPickerConfig::from_yaml(yaml)
-            .unwrap()
-            .resolve(None, "m", 16)
-            .unwrap();
+        let s = resolve(yaml).unwrap();
         assert_eq!(
             weights(&s),
             vec![(Scorer::PrefixCache, 3.0), (Scorer::Queue, 1.0)]
@@ -721,19 +723,12 @@ mod tests {
                     {name: cpu, weight: 0.6}, {name: storage, weight: 0.3}]\n\
                     schedulingProfiles:\n- name: default\n  plugins:\n  \
                     - pluginRef: precise-prefix-cache-scorer\n";
-        let s = EndpointPickerConfig::from_yaml(yaml)
-            .unwrap()
-            .resolve(None, "m", 16)
-            .unwrap();
+        let s = resolve(yaml).unwrap();
         let w = s.index.tier_weights;
         assert_eq!((w.gpu, w.cpu, w.storage), (1.0, 0.6, 0.3));
         assert!(s.ignored.is_empty(), "{:?}", s.ignored);
         let bad = yaml.replace("storage", "tape");
-        let e = EndpointPickerConfig::from_yaml(&bad)
-            .unwrap()
-            .resolve(None, "m", 16)
-            .unwrap_err()
-            .to_string();
+        let e = resolve(&bad).unwrap_err().to_string();
         assert!(e.contains("tier \"tape\""), "{e}");
     }
 
@@ -747,10 +742,7 @@ mod tests {
                     kvEventsConfig: {zmqEndpoint: \"tcp://*:5557\", concurrency: 4}\n\
                     schedulingProfiles:\n- name: default\n  plugins:\n  \
                     - pluginRef: precise-prefix-cache-scorer\n";
-        let s = EndpointPickerConfig::from_yaml(yaml)
-            .unwrap()
-            .resolve(None, "m", 16)
-            .unwrap();
+        let s = resolve(yaml).unwrap();
         assert_eq!(s.index.max_keys, 100);
         let ignored = s.ignored.join("\n");
         assert_eq!(s.ignored.len(), 3, "{ignored}");
