@@ -231,6 +231,7 @@ fn serve(args: &ServeArgs) -> Result<()> {
                         bytes_per_block,
                         fs.read_threads,
                         fs.write_threads,
+                        fs.max_bytes,
                     );
                     tier = tier.with_storage(storage);
                 }

@@ -129,6 +129,18 @@ impl CpuOffloadConnector {
                         self.events.push(event);
                     }
                 }
+                Done::Evicted(hashes) => {
+                    let ours: Vec<BlockHash> = hashes
+                        .into_iter()
+                        .filter(|h| self.files_held.remove(h))
+                        .collect();
+                    if !ours.is_empty() {
+                        self.events.push(KvCacheEvent::BlockRemoved {
+                            block_hashes: ours,
+                            medium: Medium::Storage,
+                        });
+                    }
+                }
                 Done::WriteFailed(hash, _) => {
                     self.writing.remove(&hash);
                     self.stats.store_failures += 1;

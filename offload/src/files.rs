@@ -139,6 +139,65 @@ impl BlockFiles {
         }
     }
 
+    /// Marks a block as just used (its modification time: atime is often not kept), so the
+    /// sweep of any pod sharing the folder evicts it last.
+    pub fn touch(&self, hash: &BlockHash) {
+        if let Ok(f) = fs::OpenOptions::new().write(true).open(self.path(hash)) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    }
+
+    /// Keeps the folder within `max_bytes`: when over it, removes the least recently used
+    /// block files (by modification time) until at most `keep` of the cap is left; returns the
+    /// hashes removed. Temporary files are left to their writers.
+    pub fn sweep(&self, max_bytes: u64, keep: f64) -> Vec<BlockHash> {
+        let mut files = Vec::new();
+        let mut total = 0u64;
+        let dirs = |p: &Path| -> Vec<PathBuf> {
+            fs::read_dir(p)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.is_dir())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for outer in dirs(&self.base) {
+            for inner in dirs(&outer) {
+                let Ok(entries) = fs::read_dir(&inner) else {
+                    continue;
+                };
+                for e in entries.flatten() {
+                    let path = e.path();
+                    let Some(hash) = block_hash_of(&path) else {
+                        continue;
+                    };
+                    let Ok(meta) = e.metadata() else { continue };
+                    let used = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                    total += meta.len();
+                    files.push((used, meta.len(), path, hash));
+                }
+            }
+        }
+        if total <= max_bytes {
+            return Vec::new();
+        }
+        files.sort_by_key(|f| f.0);
+        let target = (max_bytes as f64 * keep) as u64;
+        let mut removed = Vec::new();
+        for (_, len, path, hash) in files {
+            if total <= target {
+                break;
+            }
+            if fs::remove_file(&path).is_ok() {
+                total = total.saturating_sub(len);
+                removed.push(hash);
+            }
+        }
+        removed
+    }
+
     fn header_matches(&self, header: &[u8; HEADER_BYTES], hash: &BlockHash) -> bool {
         let h = hash.as_bytes();
         let len = u64::from_le_bytes(header[49..57].try_into().unwrap_or_default());
@@ -165,6 +224,19 @@ fn publish(path: &Path, bytes: &[u8]) -> io::Result<()> {
         let _ = fs::remove_file(&temp);
     }
     result
+}
+
+/// The hash a block file is named after (`<hex>.bin`).
+fn block_hash_of(path: &Path) -> Option<BlockHash> {
+    let stem = path.file_name()?.to_str()?.strip_suffix(".bin")?;
+    if stem.len() % 2 != 0 || stem.len() > 64 || stem.starts_with('.') {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..stem.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&stem[i..i + 2], 16).ok())
+        .collect();
+    Some(BlockHash::from_digest(&bytes?))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -226,6 +298,35 @@ mod tests {
         fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
         assert_eq!(files.read(&hash, &mut out), Err(ReadError::Corrupt));
         assert_eq!(files.read(&hash, &mut out), Err(ReadError::Missing));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn the_sweep_removes_the_least_recently_used_down_to_its_target() {
+        let root = temp_root("sweep");
+        let files = BlockFiles::open(&root, "m", &layout("float16"), "sha256_cbor").unwrap();
+        let hashes: Vec<BlockHash> = (1..=5).map(|i| BlockHash::from_digest(&[i; 32])).collect();
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+        for (i, h) in hashes.iter().enumerate() {
+            files.write(h, &[i as u8; 32]).unwrap();
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(files.path(h))
+                .unwrap();
+            f.set_modified(t0 + std::time::Duration::from_secs(i as u64))
+                .unwrap();
+        }
+        // Block 0 is the oldest, but used just now.
+        files.read(&hashes[0], &mut [0; 32]).unwrap();
+        files.touch(&hashes[0]);
+        let size = fs::metadata(files.path(&hashes[0])).unwrap().len();
+        assert!(
+            files.sweep(10 * size, 0.9).is_empty(),
+            "under the cap nothing goes"
+        );
+        let removed = files.sweep(4 * size, 0.5);
+        assert_eq!(removed, hashes[1..4].to_vec());
+        assert!(files.contains(&hashes[0]) && files.contains(&hashes[4]));
         fs::remove_dir_all(&root).unwrap();
     }
 

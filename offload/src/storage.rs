@@ -1,7 +1,9 @@
 //! The storage tier's I/O threads over [`BlockFiles`]: writers publish blocks handed to them,
 //! readers fetch a request's run of blocks into host buffers; the engine thread only queues
 //! work and collects results ([`StorageTier::poll`]), so a slow volume never stalls a step.
-//! Queued writes are bounded in bytes; beyond the bound a store is skipped and counted.
+//! Queued writes are bounded in bytes; beyond the bound a store is skipped and counted. With a
+//! size cap, a sweeper keeps the folder under it, least recently used files first (reads mark
+//! files used), checking after every tenth of the cap written.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -20,6 +22,8 @@ pub struct FsTierConfig {
     pub root_dir: std::path::PathBuf,
     pub read_threads: usize,
     pub write_threads: usize,
+    /// The folder's size cap (ours, `max_bytes`); none: unbounded, as vLLM's `fs` tier.
+    pub max_bytes: Option<u64>,
 }
 
 /// What the I/O threads finished.
@@ -33,6 +37,8 @@ pub enum Done {
         blocks: Vec<Vec<u8>>,
         corrupt: bool,
     },
+    /// Files the sweeper removed to stay under the cap.
+    Evicted(Vec<BlockHash>),
 }
 
 struct ReadJob {
@@ -50,7 +56,13 @@ pub struct StorageTier {
 }
 
 impl StorageTier {
-    pub fn start(files: BlockFiles, block_bytes: usize, readers: usize, writers: usize) -> Self {
+    pub fn start(
+        files: BlockFiles,
+        block_bytes: usize,
+        readers: usize,
+        writers: usize,
+        max_bytes: Option<u64>,
+    ) -> Self {
         let files = Arc::new(files);
         let (done_tx, done) = mpsc::channel();
         let (writes, write_rx) = mpsc::channel::<(BlockHash, Vec<u8>)>();
@@ -60,12 +72,14 @@ impl StorageTier {
             Arc::new(Mutex::new(read_rx)),
         );
         let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let written = Arc::new(AtomicUsize::new(0));
         for i in 0..writers.max(1) {
-            let (files, rx, tx, queued) = (
+            let (files, rx, tx, queued, written) = (
                 files.clone(),
                 write_rx.clone(),
                 done_tx.clone(),
                 queued_bytes.clone(),
+                written.clone(),
             );
             let spawned = std::thread::Builder::new()
                 .name(format!("kv-fs-write-{i}"))
@@ -75,7 +89,10 @@ impl StorageTier {
                     let Ok(Ok((hash, data))) = job else { return };
                     queued.fetch_sub(data.len(), Ordering::Relaxed);
                     let done = match files.write(&hash, &data) {
-                        Ok(()) => Done::Written(hash),
+                        Ok(()) => {
+                            written.fetch_add(data.len(), Ordering::Relaxed);
+                            Done::Written(hash)
+                        }
                         Err(e) => Done::WriteFailed(hash, e.to_string()),
                     };
                     if tx.send(done).is_err() {
@@ -96,7 +113,10 @@ impl StorageTier {
                     for hash in &job.hashes {
                         let mut buf = vec![0u8; block_bytes];
                         match files.read(hash, &mut buf) {
-                            Ok(()) => blocks.push(buf),
+                            Ok(()) => {
+                                files.touch(hash);
+                                blocks.push(buf);
+                            }
                             Err(e) => {
                                 corrupt = e == ReadError::Corrupt;
                                 break;
@@ -110,6 +130,29 @@ impl StorageTier {
                     };
                     if tx.send(done).is_err() {
                         return;
+                    }
+                });
+            drop(spawned);
+        }
+        if let Some(cap) = max_bytes {
+            let (files, tx) = (files.clone(), done_tx.clone());
+            let every = (cap / 10).max(1) as usize;
+            let spawned = std::thread::Builder::new()
+                .name("kv-fs-sweep".into())
+                .spawn(move || {
+                    // Once at start (the folder may be over the cap already), then as writes
+                    // add up.
+                    let mut due = true;
+                    loop {
+                        if due || written.load(Ordering::Relaxed) >= every {
+                            written.store(0, Ordering::Relaxed);
+                            let removed = files.sweep(cap, 0.9);
+                            if !removed.is_empty() && tx.send(Done::Evicted(removed)).is_err() {
+                                return;
+                            }
+                        }
+                        due = false;
+                        std::thread::sleep(std::time::Duration::from_millis(200));
                     }
                 });
             drop(spawned);
@@ -189,7 +232,7 @@ mod tests {
             dtype_bytes: 2,
         };
         let files = BlockFiles::open(&root, "m", &layout, "sha256_cbor").unwrap();
-        let tier = StorageTier::start(files, 16, 2, 2);
+        let tier = StorageTier::start(files, 16, 2, 2, None);
         let hashes: Vec<BlockHash> = (1..=3).map(|i| BlockHash::from_digest(&[i; 32])).collect();
         for (i, h) in hashes.iter().take(2).enumerate() {
             assert!(tier.store(*h, vec![i as u8; 16]));

@@ -291,3 +291,31 @@ def test_a_full_then_read_only_volume_leaves_the_agent_serving(tmp_path):
         if agent is not None:
             agent.stop()
         subprocess.run(["umount", str(vol)], check=False)
+
+
+def test_a_capped_storage_tier_evicts_the_least_recently_used(tmp_path):
+    """The storage tier's own size cap (max_bytes): after three prompts' worth of files the
+    folder settles under it, and the files it dropped are announced as STORAGE removals."""
+    cap = 100 * 368_700
+    config = json.loads(tiered(tmp_path)[-1])
+    config["kv_connector_extra_config"]["secondary_tiers"][0]["max_bytes"] = cap
+    agent, http, sub = events_agent("--enable-prompt-tokens-details",
+                                    "--kv-transfer-config", json.dumps(config))
+    try:
+        rng = random.Random(5)
+        for _ in range(3):
+            tokens = [rng.randrange(100, 40000) for _ in range(PROMPT_TOKENS)]
+            completion(http, tokens)
+        deadline = time.monotonic() + 30
+        while True:
+            used = sum(p.stat().st_size for p in block_files(tmp_path).values())
+            removed = any(t == "BlockRemoved" and m == "STORAGE" for t, m, _ in sub.events)
+            if used <= cap and removed:
+                break
+            assert time.monotonic() < deadline, f"{used} bytes of files, cap {cap}"
+            # Completions are collected as steps run.
+            completion(http, [rng.randrange(100, 40000) for _ in range(20)])
+    finally:
+        sub.close()
+        http.close()
+        agent.stop()

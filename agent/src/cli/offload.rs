@@ -146,10 +146,14 @@ fn secondary_tiers(v: &Value) -> Result<FsTierConfig, String> {
         }
     };
     for key in tier.as_object().into_iter().flat_map(|o| o.keys()) {
-        if !matches!(
-            key.as_str(),
-            "type" | "root_dir" | "n_read_threads" | "n_write_threads"
-        ) {
+        let known = [
+            "type",
+            "root_dir",
+            "n_read_threads",
+            "n_write_threads",
+            "max_bytes",
+        ];
+        if !known.contains(&key.as_str()) {
             return Err(format!("unknown secondary tier key {key}"));
         }
     }
@@ -157,10 +161,20 @@ fn secondary_tiers(v: &Value) -> Result<FsTierConfig, String> {
         .as_str()
         .filter(|d| !d.is_empty())
         .ok_or("the fs secondary tier needs root_dir")?;
+    let max_bytes = match &tier["max_bytes"] {
+        Value::Null => None,
+        v => Some(
+            v.as_f64()
+                .filter(|b| *b >= 1.0)
+                .map(|b| b as u64)
+                .ok_or_else(|| format!("secondary tier max_bytes must be a byte count, got {v}"))?,
+        ),
+    };
     Ok(FsTierConfig {
         root_dir: root_dir.into(),
         read_threads: threads("n_read_threads")?,
         write_threads: threads("n_write_threads")?,
+        max_bytes,
     })
 }
 
@@ -228,7 +242,8 @@ mod tests {
             Some(FsTierConfig {
                 root_dir: "/mnt/kv".into(),
                 read_threads: 16,
-                write_threads: 8
+                write_threads: 8,
+                max_bytes: None,
             })
         );
         assert!(err(&[
