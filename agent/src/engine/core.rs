@@ -14,8 +14,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::metrics::Metrics;
 use crate::model::{CpuKvPool, LlamaModel, Logits, StepInput};
 use kvcache::{
-    BlockHasher, BlockPool, ConnectorRequest, ConnectorStats, KvCacheManager, KvConnector,
-    KvEventSink, Medium, ScheduledBlocks,
+    BlockHasher, BlockPool, ConnectorStats, KvCacheManager, KvConnector, KvEventSink, Medium,
+    ScheduledBlocks,
 };
 
 use super::config::EngineConfig;
@@ -23,7 +23,7 @@ use super::detokenizer::TokenDecoder;
 use super::handle::{EngineCommand, EngineHandle, TierBlocks};
 use super::outbox::Outbox;
 use super::request::Request;
-use super::scheduler::{Scheduler, SchedulerLimits, SchedulerOutput};
+use super::scheduler::{connector_request, Scheduler, SchedulerLimits, SchedulerOutput};
 use super::types::{EngineError, Finish, FinishReason, GenerateOutput, GenerateRequest};
 
 impl TokenDecoder for Tokenizer {
@@ -375,12 +375,7 @@ impl EngineCore {
             .filter_map(|s| {
                 let req = self.requests.get(&s.request_id)?;
                 Some(ScheduledBlocks {
-                    request: ConnectorRequest {
-                        request_id: &req.id,
-                        token_ids: &req.all_token_ids,
-                        num_prompt_tokens: req.prompt_len,
-                        block_hashes: self.kv.block_hashes(&req.id),
-                    },
+                    request: connector_request(req, &self.kv),
                     block_ids: self.kv.block_table(&req.id),
                     num_computed_tokens: req.num_computed_tokens + s.num_new_tokens,
                 })

@@ -139,9 +139,7 @@ impl Scheduler {
                 self.running.remove(i);
                 continue;
             };
-            let num_new = (req.num_tokens() - req.num_computed_tokens)
-                .min(budget)
-                .min(req.max_step_tokens());
+            let num_new = step_tokens(req, req.num_computed_tokens, budget);
             if num_new == 0 {
                 i += 1;
                 continue;
@@ -188,62 +186,44 @@ impl Scheduler {
                 self.waiting.pop_front();
                 continue;
             };
-            if req.kv_ready {
-                // Back from an asynchronous load: its blocks are allocated and filled.
-                let num_new = (req.num_tokens() - req.num_computed_tokens)
-                    .min(budget)
-                    .min(req.max_step_tokens());
-                if kv
-                    .allocate_slots(&id, req.num_computed_tokens + num_new, &[])
-                    .is_err()
-                {
-                    break;
-                }
-                req.kv_ready = false;
-                self.waiting.pop_front();
-                self.running.push(id.clone());
-                req.timings.first_scheduled.get_or_insert_with(Instant::now);
-                budget -= num_new;
-                out.scheduled.push(ScheduledRequest {
-                    request_id: id,
-                    num_new_tokens: num_new,
-                });
-                continue;
-            }
-            let (cached_blocks, num_cached) = match self.limits.enable_prefix_caching {
-                // Looked up either way: the lookup also keeps the request's cache_salt for
-                // the blocks it will store.
-                true => {
-                    let found =
-                        kv.find_cached_prefix(&id, &req.all_token_ids, req.cache_salt.as_deref());
-                    if req.reads_prefix_cache() {
-                        found
-                    } else {
-                        (Vec::new(), 0)
+            // Back from an asynchronous load, the request's blocks are allocated and filled:
+            // no lookup. Otherwise the device prefix cache first, then the tiers below it.
+            let (cached_blocks, num_cached, num_external, load_async) = if req.kv_ready {
+                (Vec::new(), req.num_computed_tokens, 0, false)
+            } else {
+                let (cached_blocks, num_cached) = match self.limits.enable_prefix_caching {
+                    // Looked up either way: the lookup also keeps the request's cache_salt for
+                    // the blocks it will store.
+                    true => {
+                        let found = kv.find_cached_prefix(
+                            &id,
+                            &req.all_token_ids,
+                            req.cache_salt.as_deref(),
+                        );
+                        if req.reads_prefix_cache() {
+                            found
+                        } else {
+                            (Vec::new(), 0)
+                        }
                     }
-                }
-                false => (Vec::new(), 0),
-            };
-            // Then the tiers below the device: further blocks a connector holds.
-            let hit = match connector.as_deref_mut() {
-                Some(c) if req.reads_prefix_cache() => {
-                    c.get_num_new_matched_tokens(&connector_request(req, kv), num_cached)
-                }
-                _ => kvcache::ExternalHit::default(),
-            };
-            let num_external = hit.num_tokens;
-            // Nothing to load is nothing to wait for.
-            let hit = kvcache::ExternalHit {
-                load_async: hit.load_async && num_external > 0,
-                ..hit
+                    false => (Vec::new(), 0),
+                };
+                let hit = match connector.as_deref_mut() {
+                    Some(c) if req.reads_prefix_cache() => {
+                        c.get_num_new_matched_tokens(&connector_request(req, kv), num_cached)
+                    }
+                    _ => kvcache::ExternalHit::default(),
+                };
+                // Nothing to load is nothing to wait for.
+                let load_async = hit.load_async && hit.num_tokens > 0;
+                (cached_blocks, num_cached, hit.num_tokens, load_async)
             };
             let num_computed = num_cached + num_external;
             // An asynchronous load computes nothing this step: the blocks are only reserved.
-            let num_new = match hit.load_async {
-                true => 0,
-                false => (req.num_tokens() - num_computed)
-                    .min(budget)
-                    .min(req.max_step_tokens()),
+            let num_new = if load_async {
+                0
+            } else {
+                step_tokens(req, num_computed, budget)
             };
             if kv
                 .allocate_slots(&id, num_computed + num_new, &cached_blocks)
@@ -251,7 +231,7 @@ impl Scheduler {
             {
                 break;
             }
-            if let Some(c) = connector.as_deref_mut() {
+            if let (Some(c), false) = (connector.as_deref_mut(), req.kv_ready) {
                 let table = kv.block_table(&id);
                 c.update_state_after_alloc(
                     &connector_request(req, kv),
@@ -261,29 +241,26 @@ impl Scheduler {
                 );
             }
             self.waiting.pop_front();
-            if hit.load_async {
+            req.kv_ready = false;
+            let first_admission = req.num_cached_tokens.is_none();
+            if first_admission {
+                out.prefix_cache_queries += req.prompt_len;
+                out.prefix_cache_hits += num_cached.min(req.prompt_len);
+                out.external_hits += num_external.min(req.prompt_len);
+            }
+            if load_async {
                 req.num_computed_tokens = num_cached;
                 req.pending_kv_tokens = Some(num_external);
-                if req.num_cached_tokens.is_none() {
-                    out.prefix_cache_queries += req.prompt_len;
-                    out.prefix_cache_hits += num_cached.min(req.prompt_len);
-                    out.external_hits += num_external.min(req.prompt_len);
-                }
                 self.waiting_for_kv.push(id);
                 continue;
             }
             self.running.push(id.clone());
             req.num_computed_tokens = num_computed;
-            if req.num_cached_tokens.is_none() {
+            if first_admission {
                 // As vLLM: cached tokens count the device hit and what a connector loaded.
                 req.num_cached_tokens = Some(num_computed.min(req.prompt_len));
-                out.prefix_cache_queries += req.prompt_len;
-                out.prefix_cache_hits += num_cached.min(req.prompt_len);
-                out.external_hits += num_external.min(req.prompt_len);
             }
-            if req.timings.first_scheduled.is_none() {
-                req.timings.first_scheduled = Some(Instant::now());
-            }
+            req.timings.first_scheduled.get_or_insert_with(Instant::now);
             budget -= num_new;
             out.scheduled.push(ScheduledRequest {
                 request_id: id,
@@ -294,8 +271,19 @@ impl Scheduler {
     }
 }
 
+/// Tokens `req` computes this step from `num_computed`: the rest of its sequence, within the
+/// step's `budget` and the request's own per-step bound.
+fn step_tokens(req: &Request, num_computed: usize, budget: usize) -> usize {
+    (req.num_tokens() - num_computed)
+        .min(budget)
+        .min(req.max_step_tokens())
+}
+
 /// What a connector sees of `req`.
-fn connector_request<'a>(req: &'a Request, kv: &'a KvCacheManager) -> ConnectorRequest<'a> {
+pub(super) fn connector_request<'a>(
+    req: &'a Request,
+    kv: &'a KvCacheManager,
+) -> ConnectorRequest<'a> {
     ConnectorRequest {
         request_id: &req.id,
         token_ids: &req.all_token_ids,
