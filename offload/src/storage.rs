@@ -52,7 +52,6 @@ pub struct StorageTier {
     reads: Sender<ReadJob>,
     done: Receiver<Done>,
     queued_bytes: Arc<AtomicUsize>,
-    block_bytes: usize,
 }
 
 impl StorageTier {
@@ -67,73 +66,54 @@ impl StorageTier {
         let (done_tx, done) = mpsc::channel();
         let (writes, write_rx) = mpsc::channel::<(BlockHash, Vec<u8>)>();
         let (reads, read_rx) = mpsc::channel::<ReadJob>();
-        let (write_rx, read_rx) = (
-            Arc::new(Mutex::new(write_rx)),
-            Arc::new(Mutex::new(read_rx)),
-        );
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let written = Arc::new(AtomicUsize::new(0));
-        for i in 0..writers.max(1) {
-            let (files, rx, tx, queued, written) = (
-                files.clone(),
-                write_rx.clone(),
-                done_tx.clone(),
-                queued_bytes.clone(),
-                written.clone(),
-            );
-            let spawned = std::thread::Builder::new()
-                .name(format!("kv-fs-write-{i}"))
-                .spawn(move || loop {
-                    // The lock is held only to take the next job.
-                    let job = rx.lock().map(|r| r.recv());
-                    let Ok(Ok((hash, data))) = job else { return };
-                    queued.fetch_sub(data.len(), Ordering::Relaxed);
-                    let done = match files.write(&hash, &data) {
+        let (w_files, queued, w_written) = (files.clone(), queued_bytes.clone(), written.clone());
+        spawn_pool(
+            "kv-fs-write",
+            writers,
+            write_rx,
+            &done_tx,
+            move |(hash, data)| {
+                queued.fetch_sub(data.len(), Ordering::Relaxed);
+                match w_files.write(&hash, &data) {
+                    Ok(()) => {
+                        w_written.fetch_add(data.len(), Ordering::Relaxed);
+                        Done::Written(hash)
+                    }
+                    Err(e) => Done::WriteFailed(hash, e.to_string()),
+                }
+            },
+        );
+        let r_files = files.clone();
+        spawn_pool(
+            "kv-fs-read",
+            readers,
+            read_rx,
+            &done_tx,
+            move |job: ReadJob| {
+                let mut blocks = Vec::with_capacity(job.hashes.len());
+                let mut corrupt = false;
+                for hash in &job.hashes {
+                    let mut buf = vec![0u8; block_bytes];
+                    match r_files.read(hash, &mut buf) {
                         Ok(()) => {
-                            written.fetch_add(data.len(), Ordering::Relaxed);
-                            Done::Written(hash)
+                            r_files.touch(hash);
+                            blocks.push(buf);
                         }
-                        Err(e) => Done::WriteFailed(hash, e.to_string()),
-                    };
-                    if tx.send(done).is_err() {
-                        return;
-                    }
-                });
-            drop(spawned);
-        }
-        for i in 0..readers.max(1) {
-            let (files, rx, tx) = (files.clone(), read_rx.clone(), done_tx.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("kv-fs-read-{i}"))
-                .spawn(move || loop {
-                    let job = rx.lock().map(|r| r.recv());
-                    let Ok(Ok(job)) = job else { return };
-                    let mut blocks = Vec::with_capacity(job.hashes.len());
-                    let mut corrupt = false;
-                    for hash in &job.hashes {
-                        let mut buf = vec![0u8; block_bytes];
-                        match files.read(hash, &mut buf) {
-                            Ok(()) => {
-                                files.touch(hash);
-                                blocks.push(buf);
-                            }
-                            Err(e) => {
-                                corrupt = e == ReadError::Corrupt;
-                                break;
-                            }
+                        Err(e) => {
+                            corrupt = e == ReadError::Corrupt;
+                            break;
                         }
                     }
-                    let done = Done::Read {
-                        request_id: job.request_id,
-                        blocks,
-                        corrupt,
-                    };
-                    if tx.send(done).is_err() {
-                        return;
-                    }
-                });
-            drop(spawned);
-        }
+                }
+                Done::Read {
+                    request_id: job.request_id,
+                    blocks,
+                    corrupt,
+                }
+            },
+        );
         if let Some(cap) = max_bytes {
             let (files, tx) = (files.clone(), done_tx.clone());
             let every = (cap / 10).max(1) as usize;
@@ -163,7 +143,6 @@ impl StorageTier {
             reads,
             done,
             queued_bytes,
-            block_bytes,
         }
     }
 
@@ -194,9 +173,33 @@ impl StorageTier {
     pub fn poll(&self) -> Vec<Done> {
         self.done.try_iter().collect()
     }
+}
 
-    pub fn block_bytes(&self) -> usize {
-        self.block_bytes
+/// Starts `n` (at least one) threads named `{name}-{i}` taking jobs from one queue and sending
+/// what `work` makes of each; a thread ends when either channel closes.
+fn spawn_pool<J: Send + 'static>(
+    name: &str,
+    n: usize,
+    jobs: Receiver<J>,
+    done: &Sender<Done>,
+    work: impl Fn(J) -> Done + Send + Sync + 'static,
+) {
+    let (jobs, work) = (Arc::new(Mutex::new(jobs)), Arc::new(work));
+    for i in 0..n.max(1) {
+        let (jobs, work, done) = (jobs.clone(), work.clone(), done.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("{name}-{i}"))
+            .spawn(move || loop {
+                // The lock is held only to take the next job.
+                let Ok(Ok(job)) = jobs.lock().map(|r| r.recv()) else {
+                    return;
+                };
+                if done.send(work(job)).is_err() {
+                    return;
+                }
+            });
+        // A thread that cannot start leaves the others (or none: then the jobs wait).
+        drop(spawned);
     }
 }
 
