@@ -133,4 +133,9 @@ pub trait KvConnector: Send {
     /// Drops everything the connector holds (`/reset_prefix_cache?reset_external=true`);
     /// false if it cannot now.
     fn reset_cache(&mut self) -> bool;
+
+    /// How soon an engine with nothing to compute must step again anyway, because work off
+    /// the engine thread (transfers in flight, a sweeper's removals) finishes into the next
+    /// step's collection and events; `None`: nothing runs in the background.
+    fn idle_poll(&self) -> Option<std::time::Duration>;
 }

@@ -17,8 +17,8 @@
 //! past the CPU run with file-exists checks, and when files are needed the load is
 //! asynchronous: the files are read by the storage tier's threads and copied into the device
 //! blocks in the `start_load_kv` of the step they arrive in. Events for files carry medium
-//! STORAGE, for the files this agent wrote (others' files on a shared volume are theirs to
-//! announce).
+//! STORAGE: stores for the files this agent wrote (others' files on a shared volume are theirs
+//! to announce), removals for every file its sweeper removes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
@@ -117,7 +117,7 @@ impl CpuOffloadConnector {
 
     /// Applies what the storage tier's threads finished.
     fn collect_storage(&mut self, device: &mut dyn BlockIo) {
-        let Some(storage) = &self.storage else {
+        let Some(storage) = &mut self.storage else {
             return;
         };
         for done in storage.poll() {
@@ -130,13 +130,15 @@ impl CpuOffloadConnector {
                     }
                 }
                 Done::Evicted(hashes) => {
-                    let ours: Vec<BlockHash> = hashes
-                        .into_iter()
-                        .filter(|h| self.files_held.remove(h))
-                        .collect();
-                    if !ours.is_empty() {
+                    // Every file the sweeper removed is announced, others' too: a router that
+                    // groups the pods sharing the volume drops it for all of them (elsewhere,
+                    // removing a block a pod never announced changes nothing).
+                    for h in &hashes {
+                        self.files_held.remove(h);
+                    }
+                    if !hashes.is_empty() {
                         self.events.push(KvCacheEvent::BlockRemoved {
-                            block_hashes: ours,
+                            block_hashes: hashes,
                             medium: Medium::Storage,
                         });
                     }
@@ -238,7 +240,7 @@ impl KvConnector for CpuOffloadConnector {
                 .zip(hashes.iter().copied())
                 .take(in_memory),
         );
-        if let (Some(storage), true) = (&self.storage, in_memory < n) {
+        if let (Some(storage), true) = (&mut self.storage, in_memory < n) {
             storage.fetch(request.request_id, hashes[in_memory..].to_vec());
             self.reading.insert(
                 request.request_id.to_string(),
@@ -326,7 +328,7 @@ impl KvConnector for CpuOffloadConnector {
             }
             self.stats.stored_blocks += 1;
             self.stats.store_bytes += self.block_bytes as u64;
-            if let Some(storage) = &self.storage {
+            if let Some(storage) = &mut self.storage {
                 if !self.files_held.contains(&save.hash) {
                     let data = self.store.get(&save.hash).map(<[u8]>::to_vec);
                     match data.map(|d| storage.store(save.hash, d)) {
@@ -374,6 +376,10 @@ impl KvConnector for CpuOffloadConnector {
             });
         }
         true
+    }
+
+    fn idle_poll(&self) -> Option<std::time::Duration> {
+        self.storage.as_ref().and_then(StorageTier::idle_poll)
     }
 }
 

@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kvcache::BlockHash;
 
@@ -15,6 +16,10 @@ use crate::files::{BlockFiles, ReadError};
 
 /// Most bytes of blocks waiting for a writer.
 const MAX_QUEUED_WRITE_BYTES: usize = 256 << 20;
+/// The sweeper's pause between checks.
+const SWEEP_EVERY: Duration = Duration::from_millis(200);
+/// How soon an idle engine collects the completions of queued work.
+const BUSY_POLL: Duration = Duration::from_millis(2);
 
 /// The storage tier as configured (`secondary_tiers: [{"type": "fs", …}]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +57,9 @@ pub struct StorageTier {
     reads: Sender<ReadJob>,
     done: Receiver<Done>,
     queued_bytes: Arc<AtomicUsize>,
+    /// Jobs queued and not yet collected by [`poll`](Self::poll).
+    outstanding: usize,
+    sweeps: bool,
 }
 
 impl StorageTier {
@@ -132,7 +140,7 @@ impl StorageTier {
                             }
                         }
                         due = false;
-                        std::thread::sleep(std::time::Duration::from_millis(200));
+                        std::thread::sleep(SWEEP_EVERY);
                     }
                 });
             drop(spawned);
@@ -143,6 +151,8 @@ impl StorageTier {
             reads,
             done,
             queued_bytes,
+            outstanding: 0,
+            sweeps: max_bytes.is_some(),
         }
     }
 
@@ -152,26 +162,44 @@ impl StorageTier {
     }
 
     /// Queues a write; false (skipped) when the queue is full.
-    pub fn store(&self, hash: BlockHash, data: Vec<u8>) -> bool {
+    pub fn store(&mut self, hash: BlockHash, data: Vec<u8>) -> bool {
         let queued = self.queued_bytes.fetch_add(data.len(), Ordering::Relaxed);
         if queued + data.len() > MAX_QUEUED_WRITE_BYTES {
             self.queued_bytes.fetch_sub(data.len(), Ordering::Relaxed);
             return false;
         }
-        self.writes.send((hash, data)).is_ok()
+        let sent = self.writes.send((hash, data)).is_ok();
+        self.outstanding += usize::from(sent);
+        sent
     }
 
     /// Queues a read of `hashes` for `request_id`.
-    pub fn fetch(&self, request_id: &str, hashes: Vec<BlockHash>) {
-        let _ = self.reads.send(ReadJob {
+    pub fn fetch(&mut self, request_id: &str, hashes: Vec<BlockHash>) {
+        let job = ReadJob {
             request_id: request_id.to_string(),
             hashes,
-        });
+        };
+        self.outstanding += usize::from(self.reads.send(job).is_ok());
     }
 
     /// Everything finished since the last call.
-    pub fn poll(&self) -> Vec<Done> {
-        self.done.try_iter().collect()
+    pub fn poll(&mut self) -> Vec<Done> {
+        let done: Vec<Done> = self.done.try_iter().collect();
+        let jobs = done
+            .iter()
+            .filter(|d| !matches!(d, Done::Evicted(_)))
+            .count();
+        self.outstanding = self.outstanding.saturating_sub(jobs);
+        done
+    }
+
+    /// Soon while jobs are out; every sweep pause with a sweeper (its removals come unasked).
+    pub fn idle_poll(&self) -> Option<Duration> {
+        if self.outstanding > 0 {
+            Some(BUSY_POLL)
+        } else {
+            self.sweeps.then_some(SWEEP_EVERY)
+        }
     }
 }
 
@@ -209,7 +237,7 @@ mod tests {
     use kvcache::BlockLayout;
     use std::time::{Duration, Instant};
 
-    fn wait(tier: &StorageTier, n: usize) -> Vec<Done> {
+    fn wait(tier: &mut StorageTier, n: usize) -> Vec<Done> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut got = Vec::new();
         while got.len() < n {
@@ -235,12 +263,15 @@ mod tests {
             dtype_bytes: 2,
         };
         let files = BlockFiles::open(&root, "m", &layout, "sha256_cbor").unwrap();
-        let tier = StorageTier::start(files, 16, 2, 2, None);
+        let mut tier = StorageTier::start(files, 16, 2, 2, None);
+        assert_eq!(tier.idle_poll(), None);
         let hashes: Vec<BlockHash> = (1..=3).map(|i| BlockHash::from_digest(&[i; 32])).collect();
         for (i, h) in hashes.iter().take(2).enumerate() {
             assert!(tier.store(*h, vec![i as u8; 16]));
         }
-        let done = wait(&tier, 2);
+        assert_eq!(tier.idle_poll(), Some(BUSY_POLL));
+        let done = wait(&mut tier, 2);
+        assert_eq!(tier.idle_poll(), None);
         assert!(
             done.iter().all(|d| matches!(d, Done::Written(_))),
             "{done:?}"
@@ -248,7 +279,7 @@ mod tests {
         assert_eq!(tier.leading(&hashes), 2);
         // The third has no file: the read stops there.
         tier.fetch("r", hashes.clone());
-        match wait(&tier, 1).pop() {
+        match wait(&mut tier, 1).pop() {
             Some(Done::Read {
                 request_id,
                 blocks,

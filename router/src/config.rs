@@ -3,6 +3,7 @@
 //! referring to them with weights, one picker per profile). Without a YAML, `--policy` picks a
 //! built-in profile written in the same YAML.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -34,13 +35,15 @@ pub struct Args {
     /// agent's: the Hugging Face id, else the GGUF file stem or directory name).
     #[arg(long)]
     pub served_model_name: Option<String>,
-    /// A pod: `[NAME=]http://HOST:PORT[,events=tcp://HOST:5557][,replay=tcp://HOST:5558]`.
-    /// NAME defaults to HOST:PORT (llm-d's topic `kv@HOST:PORT@MODEL` names the same pod).
-    /// Repeatable.
+    /// A pod: `[NAME=]http://HOST:PORT[,events=tcp://HOST:5557][,replay=tcp://HOST:5558]
+    /// [,storage=GROUP]`. NAME defaults to HOST:PORT (llm-d's topic `kv@HOST:PORT@MODEL` names
+    /// the same pod); pods of one storage GROUP mount one shared storage tier, so a block in
+    /// it counts for each of them. Repeatable.
     #[arg(long = "pod", value_name = "SPEC")]
     pub pods: Vec<PodSpec>,
-    /// `dns:SERVICE:PORT`: the pods are the addresses SERVICE resolves to (a Kubernetes
-    /// headless Service), re-resolved every `--discovery-interval-ms`.
+    /// `dns:SERVICE:PORT[,storage=GROUP]`: the pods are the addresses SERVICE resolves to (a
+    /// Kubernetes headless Service), re-resolved every `--discovery-interval-ms`; with
+    /// storage=, all of them mount one shared storage tier.
     #[arg(long)]
     pub pod_discovery: Option<Discovery>,
     #[arg(long, default_value_t = 5000)]
@@ -220,6 +223,8 @@ pub struct Scheduling {
     /// One line per parameter given that the router does not read, saying why (logged at
     /// start-up).
     pub ignored: Vec<String>,
+    /// The prefix scorer's `storageGroups`: pod name -> storage group.
+    pub storage_groups: BTreeMap<String, String>,
 }
 
 impl EndpointPickerConfig {
@@ -324,12 +329,14 @@ impl EndpointPickerConfig {
         let mut index = IndexConfig::new(model);
         index.block_size = block_size;
         let (mut events_bind, mut topic_filter) = (None, None);
+        let mut storage_groups = BTreeMap::new();
         if let Some(p) = self
             .plugins
             .iter()
             .find(|p| p.kind == "precise-prefix-cache-scorer")
         {
             prefix_parameters(&p.parameters, &mut index)?;
+            storage_groups = storage_group_parameters(&p.parameters["storageGroups"])?;
             let events = &p.parameters["kvEventsConfig"];
             events_bind = events["zmqEndpoint"].as_str().map(str::to_string);
             topic_filter = events["topicFilter"].as_str().map(str::to_string);
@@ -350,8 +357,69 @@ impl EndpointPickerConfig {
             events_bind_from,
             routed,
             ignored,
+            storage_groups,
         })
     }
+}
+
+/// `storageGroups: [{name: GROUP, pods: [POD, …]}]`: the pods (by their `--pod` names) that
+/// mount one shared storage tier.
+fn storage_group_parameters(v: &Value) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut of = BTreeMap::new();
+    let groups = match v {
+        Value::Null => return Ok(of),
+        Value::Array(groups) => groups,
+        other => {
+            return Err(invalid(format!(
+                "storageGroups must be a list of {{name, pods}}, got {other}"
+            )))
+        }
+    };
+    for g in groups {
+        let (Some(name), Some(pods)) = (
+            g["name"].as_str().filter(|n| !n.trim().is_empty()),
+            g["pods"].as_array(),
+        ) else {
+            return Err(invalid(format!(
+                "storageGroups entries need a name and a list of pods, got {g}"
+            )));
+        };
+        for pod in pods {
+            let pod = pod.as_str().ok_or_else(|| {
+                invalid(format!("storageGroups {name:?}: pod {pod} is not a name"))
+            })?;
+            if let Some(other) = of.insert(pod.to_string(), name.to_string()) {
+                return Err(invalid(format!(
+                    "pod {pod:?} is in two storage groups, {other:?} and {name:?}"
+                )));
+            }
+        }
+    }
+    Ok(of)
+}
+
+/// The `--pod` specs with the YAML's storage groups applied: a pod in a group there and with
+/// another `storage=` on its flag, or a YAML pod no `--pod` names, is an error.
+pub fn pod_specs(args: &Args, s: &Scheduling) -> Result<Vec<PodSpec>, ConfigError> {
+    let mut specs = args.pods.clone();
+    for (pod, group) in &s.storage_groups {
+        let spec = specs.iter_mut().find(|p| &p.name == pod).ok_or_else(|| {
+            invalid(format!(
+                "storageGroups names pod {pod:?}, and no --pod has that name (discovered pods \
+                 take their group from --pod-discovery …,storage=GROUP)"
+            ))
+        })?;
+        match &spec.storage {
+            Some(flag) if flag != group => {
+                return Err(invalid(format!(
+                    "pod {pod:?} is in storage group {flag:?} by its --pod flag and in \
+                     {group:?} by storageGroups"
+                )))
+            }
+            _ => spec.storage = Some(group.clone()),
+        }
+    }
+    Ok(specs)
 }
 
 enum PluginKind {
@@ -497,6 +565,7 @@ fn known_parameters(kind: &str) -> &'static [&'static str] {
             "tierWeights.cpu",
             "tierWeights.storage",
             "maxBlocksPerPod",
+            "storageGroups",
         ],
         "prefix-cache-scorer" => &["maxPrefixBlocksToMatch", "lruCapacityPerServer"],
         "load-aware-scorer" => &["threshold"],
@@ -672,6 +741,57 @@ mod tests {
         let first = cfg.resolve(None, "m", 16).unwrap();
         assert_eq!(first.profile.name, "other");
         assert_eq!(first.profile.picker, Picker::Random);
+    }
+
+    #[test]
+    fn storage_groups_from_flags_and_yaml() {
+        let yaml = |groups: &str| {
+            format!(
+                "plugins:\n- type: precise-prefix-cache-scorer\n  parameters:\n    \
+                 storageGroups: {groups}\nschedulingProfiles:\n- name: d\n  plugins:\n  \
+                 - pluginRef: precise-prefix-cache-scorer\n"
+            )
+        };
+        let s = resolve(&yaml("[{name: nfs, pods: [a, b]}]")).unwrap();
+        assert!(s.ignored.is_empty(), "{:?}", s.ignored);
+        let a = args(&[
+            "--pod",
+            "a=http://h:1",
+            "--pod",
+            "b=http://h:2,storage=nfs",
+            "--pod",
+            "c=http://h:3,storage=x",
+        ]);
+        let groups: Vec<_> = pod_specs(&a, &s)
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.name, p.storage))
+            .collect();
+        let named = |n: &str, g: Option<&str>| (n.to_string(), g.map(str::to_string));
+        assert_eq!(
+            groups,
+            [
+                named("a", Some("nfs")),
+                named("b", Some("nfs")),
+                named("c", Some("x"))
+            ]
+        );
+        let other = args(&["--pod", "a=http://h:1,storage=x"]);
+        let err = pod_specs(&other, &s).unwrap_err().to_string();
+        assert!(err.contains("\"x\" by its --pod flag"), "{err}");
+        let missing = args(&["--pod", "a=http://h:1"]);
+        let err = pod_specs(&missing, &s).unwrap_err().to_string();
+        assert!(err.contains("names pod \"b\""), "{err}");
+        for bad in [
+            "{a: b}",
+            "[{name: nfs}]",
+            "[{name: '', pods: [a]}]",
+            "[{name: g, pods: [1]}]",
+        ] {
+            assert!(resolve(&yaml(bad)).is_err(), "{bad}");
+        }
+        let err = resolve(&yaml("[{name: g, pods: [a]}, {name: h, pods: [a]}]")).unwrap_err();
+        assert!(err.to_string().contains("two storage groups"), "{err}");
     }
 
     /// llm-d's CPU-tier guide: the approximate scorer with its LRU capacity, a profile handler.

@@ -120,8 +120,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         routed: routed.clone(),
     };
     let pods = Arc::new(PodSet::new(monitor_client, monitor, Arc::new(hooks)));
-    for spec in &args.pods {
-        pods.add(spec.clone(), Origin::Static);
+    for spec in config::pod_specs(&args, &scheduling)? {
+        pods.add(spec, Origin::Static);
     }
     if let Some(discovery) = args.pod_discovery.clone() {
         tokio::spawn(pods::discover(

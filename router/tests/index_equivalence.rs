@@ -1,6 +1,7 @@
 //! Property test: after any sequence of random events, the index scores every prompt exactly as
 //! a naive model does that keeps, per pod, each live block's full token prefix and tiers and
-//! compares tokens directly (no hashing, no chains).
+//! compares tokens directly (no hashing, no chains). Two of the pods share a storage group,
+//! whose STORAGE blocks the model keeps apart and counts for both.
 
 use std::collections::HashMap;
 
@@ -16,6 +17,9 @@ use router::index::{IndexConfig, PrefixIndex, Tier, TierWeights};
 const BS: usize = 3;
 const PODS: [&str; 4] = ["p0", "p1", "p2", "p3"];
 const MEDIA: [Option<&str>; 4] = [None, Some("GPU"), Some("CPU"), Some("STORAGE")];
+/// The pods in the storage group "g".
+const GROUPED: [&str; 2] = ["p2", "p3"];
+const STORAGE_BIT: u8 = 4;
 
 /// Random hash form: vLLM's int, or a 32-byte digest ending in it.
 fn wire(rng: &mut ChaCha8Rng, h: u64) -> ExternalBlockHash {
@@ -36,21 +40,30 @@ fn tier_bit(medium: Option<&str>) -> u8 {
     }
 }
 
-/// Per pod: engine hash -> (the block's full token prefix, tier bits).
+/// Engine hash -> (the block's full token prefix, tier bits).
+type Blocks = HashMap<u64, (Vec<u32>, u8)>;
+
+/// Per pod its blocks, and the storage group's.
 #[derive(Default)]
 struct Naive {
-    pods: HashMap<&'static str, HashMap<u64, (Vec<u32>, u8)>>,
+    pods: HashMap<&'static str, Blocks>,
+    group: Blocks,
 }
 
 impl Naive {
     fn score(&self, pod: &str, prompt: &[u32], w: &TierWeights) -> (usize, f64) {
-        let Some(blocks) = self.pods.get(pod) else {
-            return (0, 0.0);
+        let none = Blocks::new();
+        let own = self.pods.get(pod).unwrap_or(&none);
+        let shared = if GROUPED.contains(&pod) {
+            &self.group
+        } else {
+            &none
         };
         let (mut n, mut weight) = (0, 0.0);
         for end in (BS..=prompt.len()).step_by(BS) {
-            let best = blocks
+            let best = own
                 .values()
+                .chain(shared.values())
                 .filter(|(prefix, _)| prefix.as_slice() == &prompt[..end])
                 .map(|(_, tiers)| {
                     [(1, w.gpu), (2, w.cpu), (4, w.storage)]
@@ -104,18 +117,32 @@ fn run(seed: u64) {
     cfg.shards = 3;
     cfg.tier_weights = weights;
     let ix = PrefixIndex::new(cfg).unwrap();
+    for pod in GROUPED {
+        ix.set_storage_group(pod, Some("g"));
+    }
     let mut naive = Naive::default();
     let seqs = universe(&mut rng);
     // Prompt/pod pairs with a non-empty match: the comparison must not be vacuous.
     let mut hits = 0;
     for step in 0..600 {
         let pod = *PODS.choose(&mut rng).unwrap();
-        let model = naive.pods.entry(pod).or_default();
+        let own = naive.pods.entry(pod).or_default();
+        let shared = &mut naive.group;
         let seq = seqs.choose(&mut rng).unwrap();
         let nblocks = seq.len() / BS;
         let hashes = engine_chain(seq, BS);
         let medium = *MEDIA.choose(&mut rng).unwrap();
         let bit = tier_bit(medium);
+        // A grouped pod's STORAGE blocks are the group's; their prefixes may come from its own.
+        let to_group = |bit: u8| GROUPED.contains(&pod) && bit == STORAGE_BIT;
+        let prefix_of = |own: &Blocks, shared: &Blocks, h: u64, bit: u8| {
+            let found = if to_group(bit) {
+                shared.get(&h).or_else(|| own.get(&h))
+            } else {
+                own.get(&h)
+            };
+            found.map(|(prefix, _)| prefix.clone())
+        };
         let event = match rng.random_range(0..100) {
             // Store blocks from..to (the parent may be unknown to this pod: ignored by both).
             0..=49 => {
@@ -124,12 +151,13 @@ fn run(seed: u64) {
                 let parent = from.checked_sub(1).map(|p| hashes[p]);
                 let parent_prefix = match parent {
                     None => Some(vec![]),
-                    Some(p) => model.get(&p).map(|(prefix, _)| prefix.clone()),
+                    Some(p) => prefix_of(own, shared, p, bit),
                 };
+                let target = if to_group(bit) { shared } else { own };
                 if let Some(mut prefix) = parent_prefix {
                     for (i, h) in hashes.iter().enumerate().take(to).skip(from) {
                         prefix.extend_from_slice(&seq[i * BS..(i + 1) * BS]);
-                        let e = model.entry(*h).or_insert((prefix.clone(), 0));
+                        let e = target.entry(*h).or_insert((prefix.clone(), 0));
                         e.1 |= bit;
                     }
                 }
@@ -153,9 +181,14 @@ fn run(seed: u64) {
                     .copied()
                     .filter(|_| rng.random_bool(0.5))
                     .collect();
-                for h in &picked {
-                    if let Some(e) = model.get_mut(h) {
-                        e.1 |= bit;
+                for &h in &picked {
+                    if let Some(prefix) = prefix_of(own, shared, h, bit) {
+                        let target = if to_group(bit) {
+                            &mut *shared
+                        } else {
+                            &mut *own
+                        };
+                        target.entry(h).or_insert((prefix, 0)).1 |= bit;
                     }
                 }
                 KvEvent::BlockStored(block_stored(
@@ -172,11 +205,17 @@ fn run(seed: u64) {
                     .copied()
                     .filter(|_| rng.random_bool(0.4))
                     .collect();
-                for h in &picked {
-                    if let Some(e) = model.get_mut(h) {
-                        e.1 &= !bit;
-                        if e.1 == 0 {
-                            model.remove(h);
+                let mut targets = vec![&mut *own];
+                if to_group(bit) {
+                    targets.push(&mut *shared);
+                }
+                for model in targets {
+                    for h in &picked {
+                        if let Some(e) = model.get_mut(h) {
+                            e.1 &= !bit;
+                            if e.1 == 0 {
+                                model.remove(h);
+                            }
                         }
                     }
                 }
@@ -186,8 +225,9 @@ fn run(seed: u64) {
                     group_idx: None,
                 })
             }
+            // A pod's clear leaves the shared files.
             _ => {
-                model.clear();
+                own.clear();
                 KvEvent::AllBlocksCleared
             }
         };
@@ -219,7 +259,7 @@ fn run(seed: u64) {
     }
     assert!(hits > 200, "seed {seed}: only {hits} matches");
     // The index holds exactly the naive model's live blocks.
-    let live: usize = naive.pods.values().map(HashMap::len).sum();
+    let live: usize = naive.pods.values().map(HashMap::len).sum::<usize>() + naive.group.len();
     assert_eq!(ix.stats().engine_hashes, live, "seed {seed}");
 }
 

@@ -427,3 +427,50 @@ fn long_prompts_runs_end_anywhere() {
     let e = scores(&ix, &t).into_iter().find(|s| s.0 == "e").unwrap();
     assert!((e.2 - 10.0 * 0.8 / 300.0).abs() < 1e-12);
 }
+
+#[test]
+fn a_storage_group_shares_its_files_with_every_member() {
+    let ix = index_with(|_| {});
+    for pod in ["a", "b"] {
+        ix.set_storage_group(pod, Some("nfs"));
+    }
+    let t = toks(17, 4);
+    // a computes the prompt and writes its files; c (no group) holds a GPU copy of block 0.
+    ix.apply("a", &stored(&t, 0, 4, None));
+    ix.apply("a", &offloaded(&t, &[0, 1, 2, 3], "STORAGE"));
+    ix.apply("c", &stored(&t, 0, 1, None));
+    let storage = TierWeights::default().storage;
+    assert_eq!(
+        scores(&ix, &t),
+        vec![
+            ("a".into(), 4, 1.0),
+            ("b".into(), 4, storage),
+            ("c".into(), 1, 0.25)
+        ]
+    );
+    // a's device copies go and a restarts: the files stay, for both.
+    ix.apply("a", &removed(&t, &[0, 1, 2, 3], None));
+    ix.clear_pod("a");
+    assert_eq!(
+        scores(&ix, &t)[..2],
+        [("a".into(), 4, storage), ("b".into(), 4, storage)]
+    );
+    // b's sweeper removes a file a wrote: gone for both; b stores it again self-describing.
+    ix.apply("b", &removed(&t, &[2], Some("STORAGE")));
+    assert_eq!(scores(&ix, &t)[1], ("b".into(), 2, 2.0 * storage / 4.0));
+    ix.apply("b", &stored(&t, 2, 3, Some("STORAGE")));
+    assert_eq!(scores(&ix, &t)[0], ("a".into(), 4, storage));
+    // A pod leaving keeps the group; the last member leaving drops it.
+    ix.remove_pod("a");
+    assert_eq!(scores(&ix, &t)[0], ("b".into(), 4, storage));
+    assert_eq!(ix.stats().engine_hashes, 4 + 1);
+    ix.remove_pod("b");
+    assert_eq!(scores(&ix, &t), vec![("c".into(), 1, 0.25)]);
+    assert_eq!(ix.stats().engine_hashes, 1);
+    // Another group's pod sees none of it, and a pod can leave its group.
+    ix.set_storage_group("d", Some("other"));
+    ix.set_storage_group("e", Some("nfs2"));
+    ix.apply("e", &stored(&t, 0, 2, Some("STORAGE")));
+    ix.set_storage_group("e", None);
+    assert_eq!(scores(&ix, &t), vec![("c".into(), 1, 0.25)]);
+}

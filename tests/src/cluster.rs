@@ -261,15 +261,20 @@ impl Pod {
         metrics_of(&self.client, self.url("/metrics")).await
     }
 
-    /// The 64-bit hashes of the blocks in the agent's prefix cache (`GET /debug/kv_cache`).
-    pub async fn cached_block_hashes(&self) -> std::collections::HashSet<u64> {
+    /// `GET /debug/kv_cache`.
+    pub async fn debug_kv_cache(&self) -> Value {
         let r = self
             .client
             .get(self.url("/debug/kv_cache"))
             .send()
             .await
             .unwrap_or_else(|e| panic!("GET /debug/kv_cache: {e}"));
-        let body: Value = r.json().await.expect("JSON from /debug/kv_cache");
+        r.json().await.expect("JSON from /debug/kv_cache")
+    }
+
+    /// The 64-bit hashes of the blocks in the agent's prefix cache (`GET /debug/kv_cache`).
+    pub async fn cached_block_hashes(&self) -> std::collections::HashSet<u64> {
+        let body = self.debug_kv_cache().await;
         body["block_hashes"]
             .as_array()
             .unwrap_or_else(|| panic!("no block_hashes in {body}"))

@@ -145,10 +145,18 @@ impl EngineCore {
     fn run(&mut self, commands: mpsc::Receiver<EngineCommand>) {
         loop {
             if !self.scheduler.has_work() {
-                // Idle: sleep until a command arrives; all handles gone means shut down.
-                match commands.recv() {
-                    Ok(cmd) => self.handle_command(cmd),
-                    Err(_) => return,
+                // Idle: sleep until a command arrives (all handles gone means shut down), or
+                // until the connector's background work wants collecting.
+                match self.connector.as_ref().and_then(|c| c.idle_poll()) {
+                    None => match commands.recv() {
+                        Ok(cmd) => self.handle_command(cmd),
+                        Err(_) => return,
+                    },
+                    Some(wait) => match commands.recv_timeout(wait) {
+                        Ok(cmd) => self.handle_command(cmd),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    },
                 }
             } else if self.scheduler.only_waiting_for_kv() {
                 // Nothing to compute until a load lands: poll for it without spinning.

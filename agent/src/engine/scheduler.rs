@@ -535,6 +535,9 @@ mod tests {
         fn reset_cache(&mut self) -> bool {
             true
         }
+        fn idle_poll(&self) -> Option<std::time::Duration> {
+            None
+        }
     }
 
     fn slow_tier(prompt: &[u32], blocks: usize, delay: u32, short: usize) -> SlowTier {

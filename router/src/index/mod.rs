@@ -16,7 +16,14 @@
 //! `max_pods_per_key` pods per key (the pod whose store is the oldest gives way), and an engine
 //! map per pod holding only blocks the pod has not removed, at most `max_blocks_per_pod` (new
 //! blocks beyond it are refused and counted: a pod, or a publisher spoofing one, cannot grow
-//! the router without bound). Known limit: two engine hashes of one
+//! the router without bound).
+//!
+//! Storage groups (ours, beyond llm-d): pods that mount one shared storage tier (a volume of
+//! block files) declare the same group. Their STORAGE-medium events go to the group's own
+//! engine map and key entries rather than the pod's, so a block any member wrote counts for
+//! every member: a pod that never saw a prefix can still win it from the shared volume. A
+//! group lives while it has members; a member's restart keeps it (the files outlive the
+//! engine). Known limit: two engine hashes of one
 //! pod with the same router key (identical content under two engine hashes) share one entry, so
 //! removing one clears both.
 
@@ -153,7 +160,7 @@ pub struct IndexStats {
     pub keys: usize,
     /// (key, pod) pairs over all keys.
     pub pod_entries: usize,
-    /// Engine hashes mapped, over all pods.
+    /// Engine hashes mapped, over all pods and storage groups.
     pub engine_hashes: usize,
     /// Stored blocks that could not be mapped: unknown engine hash of an offloaded block or of a
     /// parent, or token ids that do not fit the block size.
@@ -173,8 +180,22 @@ struct EngineMap {
     map: HashMap<u64, Mapped, MixState>,
     /// Set under this lock when the pod leaves, so a late batch cannot re-add entries.
     removed: bool,
+    /// The pod's storage group, whose map takes its STORAGE-medium blocks (lock order: a
+    /// pod's map, then its group's).
+    group: Option<Arc<PodState>>,
 }
 
+impl EngineMap {
+    fn new() -> Self {
+        Self {
+            map: HashMap::default(),
+            removed: false,
+            group: None,
+        }
+    }
+}
+
+/// A pod, or a storage group (an id in the key table like a pod's, never a routing target).
 struct PodState {
     id: u32,
     name: Arc<str>,
@@ -185,6 +206,30 @@ struct PodState {
 struct Registry {
     by_name: HashMap<Arc<str>, Arc<PodState>>,
     by_id: HashMap<u32, Arc<str>>,
+    groups: HashMap<Arc<str>, Arc<PodState>>,
+    /// Group id -> its member pods' ids.
+    members: HashMap<u32, Vec<u32>>,
+    /// Pod id -> its group's id.
+    group_of: HashMap<u32, u32>,
+}
+
+impl Registry {
+    /// Takes `pod` out of its group; the group itself when it was the last member.
+    fn leave_group(&mut self, pod: u32) -> Option<Arc<PodState>> {
+        let group = self.group_of.remove(&pod)?;
+        let members = self.members.get_mut(&group)?;
+        members.retain(|&m| m != pod);
+        if !members.is_empty() {
+            return None;
+        }
+        self.members.remove(&group);
+        let name = self
+            .groups
+            .iter()
+            .find(|(_, g)| g.id == group)
+            .map(|(n, _)| n.clone())?;
+        self.groups.remove(&name)
+    }
 }
 
 pub struct PrefixIndex {
@@ -280,18 +325,69 @@ impl PrefixIndex {
         if let Some(p) = reg.by_name.get(name) {
             return p.clone();
         }
-        let name: Arc<str> = name.into();
-        let state = Arc::new(PodState {
-            id: self.next_pod.fetch_add(1, Ordering::Relaxed),
-            name: name.clone(),
-            engine: Mutex::new(EngineMap {
-                map: HashMap::default(),
-                removed: false,
-            }),
-        });
-        reg.by_id.insert(state.id, name.clone());
-        reg.by_name.insert(name, state.clone());
+        let state = self.new_state(name);
+        reg.by_id.insert(state.id, state.name.clone());
+        reg.by_name.insert(state.name.clone(), state.clone());
         state
+    }
+
+    fn new_state(&self, name: &str) -> Arc<PodState> {
+        Arc::new(PodState {
+            id: self.next_pod.fetch_add(1, Ordering::Relaxed),
+            name: name.into(),
+            engine: Mutex::new(EngineMap::new()),
+        })
+    }
+
+    /// Puts `pod` in the storage group `group` (none: out of any), registering either on first
+    /// sight. Set it before the pod's events flow: STORAGE blocks already mapped stay the pod's.
+    pub fn set_storage_group(&self, pod: &str, group: Option<&str>) {
+        let known = || {
+            self.pods
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .by_name
+                .get(pod)
+                .cloned()
+        };
+        let state = match group {
+            Some(_) => self.pod(pod),
+            // Out of any group: a pod not seen yet stays unregistered.
+            None => match known() {
+                Some(state) => state,
+                None => return,
+            },
+        };
+        let (joined, dropped) = {
+            let mut reg = self.pods.write().unwrap_or_else(PoisonError::into_inner);
+            let dropped = reg.leave_group(state.id);
+            let joined = group.map(|name| {
+                let g = match reg.groups.get(name) {
+                    Some(g) => g.clone(),
+                    None => {
+                        let g = self.new_state(name);
+                        reg.groups.insert(g.name.clone(), g.clone());
+                        g
+                    }
+                };
+                reg.group_of.insert(state.id, g.id);
+                reg.members.entry(g.id).or_default().push(state.id);
+                g
+            });
+            (joined, dropped)
+        };
+        lock(&state.engine).group = joined;
+        if let Some(g) = dropped {
+            self.drop_state(&g);
+        }
+    }
+
+    /// Clears a pod or group that left the registry; late events for it are ignored.
+    fn drop_state(&self, state: &PodState) {
+        let mut engine = lock(&state.engine);
+        engine.removed = true;
+        engine.group = None;
+        self.clear_locked(state.id, &mut engine);
     }
 
     /// Applies one event of `pod` (registering the pod on first sight).
@@ -323,26 +419,61 @@ impl PrefixIndex {
     }
 
     fn stored(&self, pod: u32, engine: &mut EngineMap, e: &BlockStored) {
-        let tier = Tier::from_medium(e.medium.as_deref()).bit();
+        let tier = Tier::from_medium(e.medium.as_deref());
+        match engine.group.clone() {
+            Some(group) if tier == Tier::Storage => {
+                let mut shared = lock(&group.engine);
+                if !shared.removed {
+                    self.stored_into(group.id, &mut shared, Some(&*engine), tier.bit(), e);
+                }
+            }
+            _ => self.stored_into(pod, engine, None, tier.bit(), e),
+        }
+    }
+
+    /// Maps `e`'s blocks into `target` (the pod's own map, or its group's with the pod's map as
+    /// `also`, where the tokens of blocks the pod announced first are found).
+    fn stored_into(
+        &self,
+        pod: u32,
+        target: &mut EngineMap,
+        also: Option<&EngineMap>,
+        tier: u8,
+        e: &BlockStored,
+    ) {
+        let known = |target: &EngineMap, ek: u64| {
+            target
+                .map
+                .get(&ek)
+                .or_else(|| also.and_then(|a| a.map.get(&ek)))
+                .map(|m| m.key)
+        };
         if e.token_ids.is_empty() {
             // An offloaded copy: the tokens are known from the block's first store.
             for h in &e.block_hashes {
-                match engine.map.get_mut(&engine_key(h)) {
-                    Some(m) => {
-                        m.tiers |= tier;
-                        self.shard(m.key).add(m.key, pod, tier);
-                    }
-                    None => {
-                        self.unresolved.fetch_add(1, Ordering::Relaxed);
-                    }
+                let ek = engine_key(h);
+                let Some(key) = known(target, ek) else {
+                    self.unresolved.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                if target.map.len() >= self.max_blocks_per_pod && !target.map.contains_key(&ek) {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
+                target
+                    .map
+                    .entry(ek)
+                    .or_insert(Mapped { key, tiers: 0 })
+                    .tiers |= tier;
+                self.shard(key).add(key, pod, tier);
             }
             return;
         }
+        let engine = target;
         let bs = self.block_size;
         let parent = match &e.parent_block_hash {
             None => Some(self.root),
-            Some(h) => engine.map.get(&engine_key(h)).map(|m| m.key),
+            Some(h) => known(engine, engine_key(h)),
         };
         let (Some(mut parent), true) = (parent, e.token_ids.len() == e.block_hashes.len() * bs)
         else {
@@ -378,7 +509,16 @@ impl PrefixIndex {
     }
 
     fn removed(&self, pod: u32, engine: &mut EngineMap, e: &BlockRemoved) {
-        let tier = Tier::from_medium(e.medium.as_deref()).bit();
+        let tier = Tier::from_medium(e.medium.as_deref());
+        if let (Some(group), Tier::Storage) = (engine.group.clone(), tier) {
+            // A shared file is gone for every member, whoever wrote it.
+            let mut shared = lock(&group.engine);
+            self.removed_from(group.id, &mut shared, tier.bit(), e);
+        }
+        self.removed_from(pod, engine, tier.bit(), e);
+    }
+
+    fn removed_from(&self, pod: u32, engine: &mut EngineMap, tier: u8, e: &BlockRemoved) {
         for h in &e.block_hashes {
             let ek = engine_key(h);
             let Some(m) = engine.map.get_mut(&ek) else {
@@ -418,25 +558,24 @@ impl PrefixIndex {
 
     /// Clears `pod` and drops it from the index; events still in flight for it are ignored.
     pub fn remove_pod(&self, pod: &str) {
-        let state = {
+        let (state, group) = {
             let mut reg = self.pods.write().unwrap_or_else(PoisonError::into_inner);
             let state = reg.by_name.remove(pod);
-            if let Some(s) = &state {
+            let group = state.as_ref().and_then(|s| {
                 reg.by_id.remove(&s.id);
-            }
-            state
+                reg.leave_group(s.id)
+            });
+            (state, group)
         };
-        if let Some(state) = state {
-            let mut engine = lock(&state.engine);
-            engine.removed = true;
-            self.clear_locked(state.id, &mut engine);
+        for s in state.iter().chain(&group) {
+            self.drop_state(s);
         }
     }
 
-    /// Per pod holding the prompt's first block: the run of leading blocks it holds and its
-    /// tier-weighted score (weighted run / prompt blocks). Pods absent from the result hold no
-    /// leading block (score 0). Walks the blocks in order and stops at the first one no
-    /// candidate holds.
+    /// Per pod holding the prompt's first block (itself or through its storage group): the
+    /// run of leading blocks it holds and its tier-weighted score (weighted run / prompt
+    /// blocks). Pods absent from the result hold no leading block (score 0). Walks the blocks
+    /// in order and stops at the first one no candidate holds.
     pub fn longest_prefix(&self, keys: &[u64]) -> Vec<PodMatch> {
         struct Run {
             pod: u32,
@@ -444,6 +583,8 @@ impl PrefixIndex {
             weight: f64,
             open: bool,
         }
+        let reg = self.pods.read().unwrap_or_else(PoisonError::into_inner);
+        let grouped = !reg.group_of.is_empty();
         let mut runs: Vec<Run> = Vec::new();
         for (i, &key) in keys.iter().enumerate() {
             let mut shard = self.shard(key);
@@ -451,21 +592,42 @@ impl PrefixIndex {
                 break;
             };
             if i == 0 {
-                // Only pods holding the first block can have a run.
-                runs.extend(slots.iter().map(|s| Run {
-                    pod: s.pod,
+                // Only pods holding the first block can have a run; a group's slot stands for
+                // each of its members.
+                let mut first: Vec<(u32, u8)> = Vec::with_capacity(slots.len());
+                for s in slots {
+                    let members = match reg.members.get(&s.pod) {
+                        Some(members) => members.as_slice(),
+                        None => std::slice::from_ref(&s.pod),
+                    };
+                    for &pod in members {
+                        match first.iter_mut().find(|(p, _)| *p == pod) {
+                            Some((_, tiers)) => *tiers |= s.tiers,
+                            None => first.push((pod, s.tiers)),
+                        }
+                    }
+                }
+                runs.extend(first.into_iter().map(|(pod, tiers)| Run {
+                    pod,
                     blocks: 1,
-                    weight: self.weights[s.tiers as usize & 7],
+                    weight: self.weights[tiers as usize & 7],
                     open: true,
                 }));
                 continue;
             }
             let mut any = false;
             for run in runs.iter_mut().filter(|r| r.open) {
-                match slots.iter().find(|s| s.pod == run.pod) {
-                    Some(s) => {
+                let held = |id: u32| slots.iter().find(|s| s.pod == id).map(|s| s.tiers);
+                let mut tiers = held(run.pod);
+                if grouped {
+                    if let Some(shared) = reg.group_of.get(&run.pod).and_then(|&g| held(g)) {
+                        tiers = Some(tiers.unwrap_or(0) | shared);
+                    }
+                }
+                match tiers {
+                    Some(t) => {
                         run.blocks += 1;
-                        run.weight += self.weights[s.tiers as usize & 7];
+                        run.weight += self.weights[t as usize & 7];
                         any = true;
                     }
                     None => run.open = false,
@@ -475,7 +637,6 @@ impl PrefixIndex {
                 break;
             }
         }
-        let reg = self.pods.read().unwrap_or_else(PoisonError::into_inner);
         runs.into_iter()
             .filter_map(|r| {
                 Some(PodMatch {
@@ -499,6 +660,7 @@ impl PrefixIndex {
             let hashes = reg
                 .by_name
                 .values()
+                .chain(reg.groups.values())
                 .map(|p| lock(&p.engine).map.len())
                 .sum();
             (reg.by_name.len(), hashes)

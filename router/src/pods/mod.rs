@@ -38,6 +38,9 @@ pub struct IndexHooks {
 
 impl PodHooks for IndexHooks {
     fn joined(&self, spec: &PodSpec) {
+        // Before its events flow, so its STORAGE blocks go to the group from the first.
+        self.index
+            .set_storage_group(&spec.name, spec.storage.as_deref());
         let endpoints = PodEndpoints {
             events: spec.events.clone(),
             replay: spec.replay.clone(),
@@ -195,7 +198,11 @@ pub async fn discover(
     events_port: u16,
     replay_port: u16,
 ) {
-    let Discovery::Dns { service, port } = discovery;
+    let Discovery::Dns {
+        service,
+        port,
+        storage,
+    } = discovery;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -205,7 +212,7 @@ pub async fn discover(
                 let ips: std::collections::BTreeSet<_> = addrs.map(|a| a.ip()).collect();
                 let specs = ips
                     .into_iter()
-                    .map(|ip| discovered(ip, port, events_port, replay_port))
+                    .map(|ip| discovered(ip, port, events_port, replay_port, storage.as_deref()))
                     .collect();
                 set.reconcile_discovered(specs);
             }
@@ -268,8 +275,8 @@ mod tests {
         set.add("a=http://127.0.0.1:2".parse().unwrap(), Origin::Static);
         assert_eq!(names(&set), ["a", "b"]);
         set.reconcile_discovered(vec![
-            discovered("10.0.0.2".parse().unwrap(), 80, 0, 0),
-            discovered("10.0.0.1".parse().unwrap(), 80, 0, 0),
+            discovered("10.0.0.2".parse().unwrap(), 80, 0, 0, None),
+            discovered("10.0.0.1".parse().unwrap(), 80, 0, 0, None),
         ]);
         assert_eq!(names(&set), ["10.0.0.1:80", "10.0.0.2:80", "a", "b"]);
         for pod in ["a", "b", "10.0.0.1:80"] {
@@ -278,8 +285,8 @@ mod tests {
         assert_eq!(indexed(&index), ["10.0.0.1:80", "a", "b"]);
         // 10.0.0.1 leaves, 10.0.0.3 joins; static pods stay.
         set.reconcile_discovered(vec![
-            discovered("10.0.0.2".parse().unwrap(), 80, 0, 0),
-            discovered("10.0.0.3".parse().unwrap(), 80, 0, 0),
+            discovered("10.0.0.2".parse().unwrap(), 80, 0, 0, None),
+            discovered("10.0.0.3".parse().unwrap(), 80, 0, 0, None),
         ]);
         assert_eq!(names(&set), ["10.0.0.2:80", "10.0.0.3:80", "a", "b"]);
         assert_eq!(indexed(&index), ["a", "b"]);

@@ -1,5 +1,6 @@
-//! How a pod is named on the command line: `--pod [NAME=]URL[,events=EP][,replay=EP]` and
-//! `--pod-discovery dns:SERVICE:PORT`.
+//! How a pod is named on the command line:
+//! `--pod [NAME=]URL[,events=EP][,replay=EP][,storage=GROUP]` and
+//! `--pod-discovery dns:SERVICE:PORT[,storage=GROUP]`.
 
 use std::str::FromStr;
 
@@ -14,6 +15,8 @@ pub struct PodSpec {
     pub events: Option<String>,
     /// Its replay ROUTER endpoint.
     pub replay: Option<String>,
+    /// The storage group whose shared tier it mounts (see `index`).
+    pub storage: Option<String>,
 }
 
 impl PodSpec {
@@ -44,10 +47,12 @@ impl PodSpec {
 pub enum SpecError {
     #[error("pod URL {0:?} must start with http:// or https:// and name a host")]
     Url(String),
-    #[error("unknown pod option {0:?} (expected events=… or replay=…)")]
+    #[error("unknown pod option {0:?} (expected events=…, replay=… or storage=…)")]
     Option(String),
-    #[error("pod discovery {0:?} must be dns:SERVICE:PORT")]
+    #[error("pod discovery {0:?} must be dns:SERVICE:PORT[,storage=GROUP]")]
     Discovery(String),
+    #[error("storage group name must not be empty")]
+    Storage,
 }
 
 impl FromStr for PodSpec {
@@ -76,11 +81,13 @@ impl FromStr for PodSpec {
             url: url.to_string(),
             events: None,
             replay: None,
+            storage: None,
         };
         for part in parts {
             match part.trim().split_once('=') {
                 Some(("events", ep)) => spec.events = Some(ep.to_string()),
                 Some(("replay", ep)) => spec.replay = Some(ep.to_string()),
+                Some(("storage", group)) => spec.storage = Some(storage_group(group)?),
                 _ => return Err(SpecError::Option(part.to_string())),
             }
         }
@@ -88,11 +95,24 @@ impl FromStr for PodSpec {
     }
 }
 
+fn storage_group(name: &str) -> Result<String, SpecError> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(SpecError::Storage);
+    }
+    Ok(name.to_string())
+}
+
 /// Where pods come from besides the static list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Discovery {
-    /// The addresses a DNS name resolves to (a headless Service), with the pods' HTTP port.
-    Dns { service: String, port: u16 },
+    /// The addresses a DNS name resolves to (a headless Service), with the pods' HTTP port;
+    /// `storage`: the group every discovered pod is in (one Deployment mounting one volume).
+    Dns {
+        service: String,
+        port: u16,
+        storage: Option<String>,
+    },
 }
 
 impl FromStr for Discovery {
@@ -100,21 +120,40 @@ impl FromStr for Discovery {
 
     fn from_str(s: &str) -> Result<Self, SpecError> {
         let bad = || SpecError::Discovery(s.to_string());
-        let rest = s.strip_prefix("dns:").ok_or_else(bad)?;
+        let mut parts = s.split(',');
+        let rest = parts
+            .next()
+            .unwrap_or_default()
+            .strip_prefix("dns:")
+            .ok_or_else(bad)?;
         let (service, port) = rest.rsplit_once(':').ok_or_else(bad)?;
         if service.is_empty() {
             return Err(bad());
         }
+        let mut storage = None;
+        for part in parts {
+            match part.trim().split_once('=') {
+                Some(("storage", group)) => storage = Some(storage_group(group)?),
+                _ => return Err(bad()),
+            }
+        }
         Ok(Discovery::Dns {
             service: service.to_string(),
             port: port.parse().map_err(|_| bad())?,
+            storage,
         })
     }
 }
 
 /// The spec of a discovered pod at `ip`: HTTP on `port`, events and replay on the given ports
-/// of the same address (replay 0: none).
-pub fn discovered(ip: std::net::IpAddr, port: u16, events_port: u16, replay_port: u16) -> PodSpec {
+/// of the same address (replay 0: none), in the storage group `storage`.
+pub fn discovered(
+    ip: std::net::IpAddr,
+    port: u16,
+    events_port: u16,
+    replay_port: u16,
+    storage: Option<&str>,
+) -> PodSpec {
     let host = match ip {
         std::net::IpAddr::V4(v4) => v4.to_string(),
         std::net::IpAddr::V6(v6) => format!("[{v6}]"),
@@ -124,6 +163,7 @@ pub fn discovered(ip: std::net::IpAddr, port: u16, events_port: u16, replay_port
         url: format!("http://{host}:{port}"),
         events: Some(format!("tcp://{host}:{events_port}")),
         replay: (replay_port != 0).then(|| format!("tcp://{host}:{replay_port}")),
+        storage: storage.map(str::to_string),
     }
 }
 
@@ -138,6 +178,7 @@ mod tests {
             url: url.into(),
             events: None,
             replay: None,
+            storage: None,
         };
         assert_eq!(
             spec("a", "http://10.0.0.1:8000").topic_names(),
@@ -166,10 +207,13 @@ mod tests {
                 url: "http://10.0.0.1:8000".into(),
                 events: Some("tcp://10.0.0.1:5557".into()),
                 replay: Some("tcp://10.0.0.1:5558".into()),
+                storage: None,
             }
         );
         let p: PodSpec = "http://127.0.0.1:8001".parse().unwrap();
         assert_eq!((p.name.as_str(), p.events), ("127.0.0.1:8001", None));
+        let p: PodSpec = "http://h:1,storage=nfs-a".parse().unwrap();
+        assert_eq!(p.storage.as_deref(), Some("nfs-a"));
         assert_eq!(
             "ftp://x".parse::<PodSpec>(),
             Err(SpecError::Url("ftp://x".into()))
@@ -190,17 +234,37 @@ mod tests {
             "dns:vllm.ns.svc.cluster.local:8000".parse::<Discovery>(),
             Ok(Discovery::Dns {
                 service: "vllm.ns.svc.cluster.local".into(),
-                port: 8000
+                port: 8000,
+                storage: None,
             })
         );
-        for bad in ["vllm:8000", "dns:vllm", "dns::80", "dns:v:http"] {
+        assert_eq!(
+            "dns:vllm:8000,storage=shared".parse::<Discovery>(),
+            Ok(Discovery::Dns {
+                service: "vllm".into(),
+                port: 8000,
+                storage: Some("shared".into()),
+            })
+        );
+        assert_eq!(
+            "dns:vllm:8000,storage=".parse::<Discovery>(),
+            Err(SpecError::Storage)
+        );
+        for bad in [
+            "vllm:8000",
+            "dns:vllm",
+            "dns::80",
+            "dns:v:http",
+            "dns:v:80,bogus=1",
+        ] {
             assert!(bad.parse::<Discovery>().is_err(), "{bad}");
         }
-        let p = discovered("10.1.2.3".parse().unwrap(), 8000, 5557, 0);
+        let p = discovered("10.1.2.3".parse().unwrap(), 8000, 5557, 0, Some("g"));
         assert_eq!(p.name, "10.1.2.3:8000");
         assert_eq!(p.events.as_deref(), Some("tcp://10.1.2.3:5557"));
         assert_eq!(p.replay, None);
-        let p = discovered("::1".parse().unwrap(), 80, 1, 2);
+        assert_eq!(p.storage.as_deref(), Some("g"));
+        let p = discovered("::1".parse().unwrap(), 80, 1, 2, None);
         assert_eq!(p.url, "http://[::1]:80");
     }
 }
