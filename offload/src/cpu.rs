@@ -21,13 +21,14 @@
 //! to announce), removals for every file its sweeper removes.
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use kvcache::{
     BlockHash, BlockId, BlockIo, ConnectorRequest, ConnectorStats, ExternalHit, FinishedLoad,
     KvCacheEvent, KvConnector, Medium, ScheduledBlocks,
 };
 
+use crate::files::chain_time;
 use crate::host_store::HostStore;
 use crate::storage::{Done, StorageTier};
 
@@ -51,6 +52,8 @@ struct Save {
     parent: Option<BlockHash>,
     /// The block's tokens (self-describing events only).
     tokens: Vec<u32>,
+    /// The use time its file gets (see `files`).
+    used: SystemTime,
 }
 
 pub struct CpuOffloadConnector {
@@ -63,6 +66,10 @@ pub struct CpuOffloadConnector {
     saves: Vec<Save>,
     /// Per running request, the blocks already handed to a save (or found stored).
     saved_upto: HashMap<String, usize>,
+    /// Per running request with saves, when its first ones were made: its files' use time.
+    first_saved: HashMap<String, SystemTime>,
+    /// This step's requests' runs of blocks, marked used after the saves.
+    runs: Vec<Vec<BlockHash>>,
     events: Vec<KvCacheEvent>,
     stats: ConnectorStats,
     storage: Option<StorageTier>,
@@ -99,6 +106,8 @@ impl CpuOffloadConnector {
             loads: Vec::new(),
             saves: Vec::new(),
             saved_upto: HashMap::new(),
+            first_saved: HashMap::new(),
+            runs: Vec::new(),
             events: Vec::new(),
             stats: ConnectorStats::default(),
             storage: None,
@@ -231,6 +240,7 @@ impl KvConnector for CpuOffloadConnector {
         let n = num_external_tokens / bs;
         let hashes = &request.block_hashes[first..first + n];
         let blocks = &block_ids[first..first + n];
+        self.store.touch_run(&request.block_hashes[..first + n]);
         // The run found a step ago is still in memory: nothing was stored in between.
         let in_memory = hashes.iter().take_while(|h| self.store.contains(h)).count();
         self.loads.extend(
@@ -241,7 +251,11 @@ impl KvConnector for CpuOffloadConnector {
                 .take(in_memory),
         );
         if let (Some(storage), true) = (&mut self.storage, in_memory < n) {
-            storage.fetch(request.request_id, hashes[in_memory..].to_vec());
+            storage.fetch(
+                request.request_id,
+                hashes[in_memory..].to_vec(),
+                first + in_memory,
+            );
             self.reading.insert(
                 request.request_id.to_string(),
                 (blocks[in_memory..].to_vec(), in_memory),
@@ -267,6 +281,24 @@ impl KvConnector for CpuOffloadConnector {
                 .min(r.block_hashes.len())
                 .min(s.block_ids.len());
             let from = self.saved_upto.get(r.request_id).copied().unwrap_or(0);
+            if full <= from {
+                continue;
+            }
+            let used = match self.first_saved.get(r.request_id) {
+                Some(t) => *t,
+                None => {
+                    // The request's first saves: the files of the prefix it found (here, on
+                    // the device or another pod's) become as recent as its own.
+                    let now = SystemTime::now();
+                    self.first_saved.insert(r.request_id.to_string(), now);
+                    if let Some(storage) = &self.storage {
+                        let prefix = r.block_hashes[..from].iter().enumerate();
+                        storage.touch(prefix.map(|(d, h)| (*h, chain_time(now, d))).collect());
+                    }
+                    now
+                }
+            };
+            self.runs.push(r.block_hashes[..full].to_vec());
             for i in from..full {
                 let tokens = if self.cfg.self_describing_events {
                     r.token_ids[i * bs..(i + 1) * bs].to_vec()
@@ -278,16 +310,16 @@ impl KvConnector for CpuOffloadConnector {
                     hash: r.block_hashes[i],
                     parent: i.checked_sub(1).map(|p| r.block_hashes[p]),
                     tokens,
+                    used: chain_time(used, i),
                 });
             }
-            if full > from {
-                self.saved_upto.insert(r.request_id.to_string(), full);
-            }
+            self.saved_upto.insert(r.request_id.to_string(), full);
         }
     }
 
     fn request_finished(&mut self, request_id: &str) {
         self.saved_upto.remove(request_id);
+        self.first_saved.remove(request_id);
         self.reading.remove(request_id);
     }
 
@@ -312,6 +344,12 @@ impl KvConnector for CpuOffloadConnector {
 
     fn wait_for_save(&mut self, device: &dyn BlockIo) {
         let start = Instant::now();
+        // The runs' held blocks first, so this step's stores cannot evict them, and again after,
+        // so each run is ordered head last.
+        let runs = std::mem::take(&mut self.runs);
+        for run in &runs {
+            self.store.touch_run(run);
+        }
         for save in std::mem::take(&mut self.saves) {
             if self.store.contains(&save.hash) {
                 continue;
@@ -331,7 +369,7 @@ impl KvConnector for CpuOffloadConnector {
             if let Some(storage) = &mut self.storage {
                 if !self.files_held.contains(&save.hash) {
                     let data = self.store.get(&save.hash).map(<[u8]>::to_vec);
-                    match data.map(|d| storage.store(save.hash, d)) {
+                    match data.map(|d| storage.store(save.hash, d, save.used)) {
                         Some(true) => {
                             self.writing
                                 .insert(save.hash, (save.parent, save.tokens.clone()));
@@ -342,6 +380,9 @@ impl KvConnector for CpuOffloadConnector {
             }
             let event = self.stored_event(save.hash, save.parent, save.tokens, Medium::Cpu);
             self.events.push(event);
+        }
+        for run in &runs {
+            self.store.touch_run(run);
         }
         self.stats.store_seconds += start.elapsed().as_secs_f64();
     }

@@ -6,11 +6,16 @@
 //! Writes go to a temporary file in the same folder and are renamed into place, so pods sharing
 //! the folder never read half a file; a file whose header or checksum does not match is removed
 //! and reads as a miss.
+//!
+//! A file's modification time is when it was last used (written or read; atime is often not
+//! kept), less a microsecond per block of depth in its chain ([`chain_time`]): among blocks used
+//! together the sweep removes the deepest first, so what is left of a prefix stays usable.
 
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use kvcache::{BlockHash, BlockLayout};
 
@@ -37,6 +42,11 @@ pub struct BlockFiles {
 
 /// Distinguishes temporary files of concurrent writers in one process.
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// The use time recorded for the block at `depth` (0: a chain's first) of a run used at `at`.
+pub fn chain_time(at: SystemTime, depth: usize) -> SystemTime {
+    at - Duration::from_micros(depth as u64)
+}
 
 impl BlockFiles {
     /// The folder for `model` and `layout` under `root`, which must exist (a missing volume
@@ -69,7 +79,7 @@ impl BlockFiles {
         let config_path = base.join("config.json");
         if !config_path.exists() {
             // Best effort: the folder's name already pins the layout.
-            let _ = publish(&config_path, config.as_bytes());
+            let _ = publish(&config_path, config.as_bytes(), SystemTime::now());
         }
         Ok(Self {
             base,
@@ -94,8 +104,8 @@ impl BlockFiles {
         self.path(hash).is_file()
     }
 
-    /// Writes `data` (one block) under `hash`, atomically.
-    pub fn write(&self, hash: &BlockHash, data: &[u8]) -> io::Result<()> {
+    /// Writes `data` (one block) under `hash`, atomically, as used at `used`.
+    pub fn write(&self, hash: &BlockHash, data: &[u8], used: SystemTime) -> io::Result<()> {
         let path = self.path(hash);
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
@@ -111,7 +121,7 @@ impl BlockFiles {
         bytes.extend_from_slice(&(data.len() as u64).to_le_bytes());
         bytes.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(data).to_le_bytes());
         bytes.extend_from_slice(data);
-        publish(&path, &bytes)
+        publish(&path, &bytes, used)
     }
 
     /// Reads the block under `hash` into `out` (`block_bytes` long), checking every header
@@ -139,11 +149,11 @@ impl BlockFiles {
         }
     }
 
-    /// Marks a block as just used (its modification time: atime is often not kept), so the
-    /// sweep of any pod sharing the folder evicts it last.
-    pub fn touch(&self, hash: &BlockHash) {
+    /// Marks a block as used at `used`, for the sweep of any pod sharing the folder; a
+    /// missing file is left missing.
+    pub fn touch(&self, hash: &BlockHash, used: SystemTime) {
         if let Ok(f) = fs::OpenOptions::new().write(true).open(self.path(hash)) {
-            let _ = f.set_modified(std::time::SystemTime::now());
+            let _ = f.set_modified(used);
         }
     }
 
@@ -210,7 +220,7 @@ impl BlockFiles {
 }
 
 /// Writes `bytes` to a temporary file beside `path` and renames it into place.
-fn publish(path: &Path, bytes: &[u8]) -> io::Result<()> {
+fn publish(path: &Path, bytes: &[u8], used: SystemTime) -> io::Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("block");
     let temp = path.with_file_name(format!(
         ".{name}.{}.{}.tmp",
@@ -218,7 +228,10 @@ fn publish(path: &Path, bytes: &[u8]) -> io::Result<()> {
         TEMP_SEQ.fetch_add(1, Ordering::Relaxed)
     ));
     let result = fs::File::create(&temp)
-        .and_then(|mut f| f.write_all(bytes))
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.set_modified(used)
+        })
         .and_then(|()| fs::rename(&temp, path));
     if result.is_err() {
         let _ = fs::remove_file(&temp);
@@ -277,7 +290,7 @@ mod tests {
         let hash = BlockHash::from_digest(&[7; 32]);
         let data: Vec<u8> = (0..32).collect();
         assert!(!files.contains(&hash));
-        files.write(&hash, &data).unwrap();
+        files.write(&hash, &data, SystemTime::now()).unwrap();
         assert!(files.contains(&hash));
         let mut out = vec![0; 32];
         files.read(&hash, &mut out).unwrap();
@@ -293,7 +306,7 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
         assert_eq!(files.read(&hash, &mut out), Err(ReadError::Corrupt));
         assert!(!files.contains(&hash));
-        files.write(&hash, &data).unwrap();
+        files.write(&hash, &data, SystemTime::now()).unwrap();
         let bytes = fs::read(&path).unwrap();
         fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
         assert_eq!(files.read(&hash, &mut out), Err(ReadError::Corrupt));
@@ -306,19 +319,15 @@ mod tests {
         let root = temp_root("sweep");
         let files = BlockFiles::open(&root, "m", &layout("float16"), "sha256_cbor").unwrap();
         let hashes: Vec<BlockHash> = (1..=5).map(|i| BlockHash::from_digest(&[i; 32])).collect();
-        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+        let t0 = SystemTime::now() - Duration::from_secs(100);
         for (i, h) in hashes.iter().enumerate() {
-            files.write(h, &[i as u8; 32]).unwrap();
-            let f = fs::OpenOptions::new()
-                .write(true)
-                .open(files.path(h))
-                .unwrap();
-            f.set_modified(t0 + std::time::Duration::from_secs(i as u64))
+            files
+                .write(h, &[i as u8; 32], t0 + Duration::from_secs(i as u64))
                 .unwrap();
         }
         // Block 0 is the oldest, but used just now.
         files.read(&hashes[0], &mut [0; 32]).unwrap();
-        files.touch(&hashes[0]);
+        files.touch(&hashes[0], SystemTime::now());
         let size = fs::metadata(files.path(&hashes[0])).unwrap().len();
         assert!(
             files.sweep(10 * size, 0.9).is_empty(),
@@ -327,6 +336,15 @@ mod tests {
         let removed = files.sweep(4 * size, 0.5);
         assert_eq!(removed, hashes[1..4].to_vec());
         assert!(files.contains(&hashes[0]) && files.contains(&hashes[4]));
+        // A chain used at one instant gives up its deepest blocks first.
+        let chain: Vec<BlockHash> = (10..14).map(|i| BlockHash::from_digest(&[i; 32])).collect();
+        let now = SystemTime::now();
+        for (depth, h) in chain.iter().enumerate() {
+            files.write(h, &[0; 32], chain_time(now, depth)).unwrap();
+        }
+        files.touch(&hashes[0], now + Duration::from_secs(1));
+        files.touch(&hashes[4], now + Duration::from_secs(1));
+        assert_eq!(files.sweep(4 * size, 1.0), vec![chain[3], chain[2]]);
         fs::remove_dir_all(&root).unwrap();
     }
 
@@ -339,7 +357,7 @@ mod tests {
         assert_ne!(f16.base(), bf16.base());
         assert_ne!(f16.base(), seeded.base());
         let hash = BlockHash::from_digest(&[1; 32]);
-        f16.write(&hash, &[5; 32]).unwrap();
+        f16.write(&hash, &[5; 32], SystemTime::now()).unwrap();
         assert!(!bf16.contains(&hash));
         // A file copied into the other layout's folder fails its header check.
         let theirs = bf16.path(&hash);

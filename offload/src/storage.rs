@@ -8,11 +8,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use kvcache::BlockHash;
 
-use crate::files::{BlockFiles, ReadError};
+use crate::files::{chain_time, BlockFiles, ReadError};
 
 /// Most bytes of blocks waiting for a writer.
 const MAX_QUEUED_WRITE_BYTES: usize = 256 << 20;
@@ -49,11 +49,23 @@ pub enum Done {
 struct ReadJob {
     request_id: String,
     hashes: Vec<BlockHash>,
+    /// Chain depth of the first.
+    depth: usize,
+}
+
+enum WriteJob {
+    Block {
+        hash: BlockHash,
+        data: Vec<u8>,
+        used: SystemTime,
+    },
+    /// Marks existing files used; no completion.
+    Touch(Vec<(BlockHash, SystemTime)>),
 }
 
 pub struct StorageTier {
     files: Arc<BlockFiles>,
-    writes: Sender<(BlockHash, Vec<u8>)>,
+    writes: Sender<WriteJob>,
     reads: Sender<ReadJob>,
     done: Receiver<Done>,
     queued_bytes: Arc<AtomicUsize>,
@@ -72,7 +84,7 @@ impl StorageTier {
     ) -> Self {
         let files = Arc::new(files);
         let (done_tx, done) = mpsc::channel();
-        let (writes, write_rx) = mpsc::channel::<(BlockHash, Vec<u8>)>();
+        let (writes, write_rx) = mpsc::channel::<WriteJob>();
         let (reads, read_rx) = mpsc::channel::<ReadJob>();
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let written = Arc::new(AtomicUsize::new(0));
@@ -82,14 +94,22 @@ impl StorageTier {
             writers,
             write_rx,
             &done_tx,
-            move |(hash, data)| {
-                queued.fetch_sub(data.len(), Ordering::Relaxed);
-                match w_files.write(&hash, &data) {
-                    Ok(()) => {
-                        w_written.fetch_add(data.len(), Ordering::Relaxed);
-                        Done::Written(hash)
+            move |job| match job {
+                WriteJob::Block { hash, data, used } => {
+                    queued.fetch_sub(data.len(), Ordering::Relaxed);
+                    Some(match w_files.write(&hash, &data, used) {
+                        Ok(()) => {
+                            w_written.fetch_add(data.len(), Ordering::Relaxed);
+                            Done::Written(hash)
+                        }
+                        Err(e) => Done::WriteFailed(hash, e.to_string()),
+                    })
+                }
+                WriteJob::Touch(files) => {
+                    for (hash, used) in files {
+                        w_files.touch(&hash, used);
                     }
-                    Err(e) => Done::WriteFailed(hash, e.to_string()),
+                    None
                 }
             },
         );
@@ -102,11 +122,12 @@ impl StorageTier {
             move |job: ReadJob| {
                 let mut blocks = Vec::with_capacity(job.hashes.len());
                 let mut corrupt = false;
-                for hash in &job.hashes {
+                let now = SystemTime::now();
+                for (k, hash) in job.hashes.iter().enumerate() {
                     let mut buf = vec![0u8; block_bytes];
                     match r_files.read(hash, &mut buf) {
                         Ok(()) => {
-                            r_files.touch(hash);
+                            r_files.touch(hash, chain_time(now, job.depth + k));
                             blocks.push(buf);
                         }
                         Err(e) => {
@@ -115,11 +136,11 @@ impl StorageTier {
                         }
                     }
                 }
-                Done::Read {
+                Some(Done::Read {
                     request_id: job.request_id,
                     blocks,
                     corrupt,
-                }
+                })
             },
         );
         if let Some(cap) = max_bytes {
@@ -161,23 +182,34 @@ impl StorageTier {
         hashes.iter().take_while(|h| self.files.contains(h)).count()
     }
 
-    /// Queues a write; false (skipped) when the queue is full.
-    pub fn store(&mut self, hash: BlockHash, data: Vec<u8>) -> bool {
+    /// Queues a write of a block used at `used`; false (skipped) when the queue is full.
+    pub fn store(&mut self, hash: BlockHash, data: Vec<u8>, used: SystemTime) -> bool {
         let queued = self.queued_bytes.fetch_add(data.len(), Ordering::Relaxed);
         if queued + data.len() > MAX_QUEUED_WRITE_BYTES {
             self.queued_bytes.fetch_sub(data.len(), Ordering::Relaxed);
             return false;
         }
-        let sent = self.writes.send((hash, data)).is_ok();
+        let sent = self
+            .writes
+            .send(WriteJob::Block { hash, data, used })
+            .is_ok();
         self.outstanding += usize::from(sent);
         sent
     }
 
-    /// Queues a read of `hashes` for `request_id`.
-    pub fn fetch(&mut self, request_id: &str, hashes: Vec<BlockHash>) {
+    /// Queues marking existing files used (missing ones stay missing).
+    pub fn touch(&self, files: Vec<(BlockHash, SystemTime)>) {
+        if !files.is_empty() {
+            let _ = self.writes.send(WriteJob::Touch(files));
+        }
+    }
+
+    /// Queues a read of `hashes` for `request_id`; the first is at chain depth `depth`.
+    pub fn fetch(&mut self, request_id: &str, hashes: Vec<BlockHash>, depth: usize) {
         let job = ReadJob {
             request_id: request_id.to_string(),
             hashes,
+            depth,
         };
         self.outstanding += usize::from(self.reads.send(job).is_ok());
     }
@@ -204,13 +236,13 @@ impl StorageTier {
 }
 
 /// Starts `n` (at least one) threads named `{name}-{i}` taking jobs from one queue and sending
-/// what `work` makes of each; a thread ends when either channel closes.
+/// what `work` makes of each (if anything); a thread ends when either channel closes.
 fn spawn_pool<J: Send + 'static>(
     name: &str,
     n: usize,
     jobs: Receiver<J>,
     done: &Sender<Done>,
-    work: impl Fn(J) -> Done + Send + Sync + 'static,
+    work: impl Fn(J) -> Option<Done> + Send + Sync + 'static,
 ) {
     let (jobs, work) = (Arc::new(Mutex::new(jobs)), Arc::new(work));
     for i in 0..n.max(1) {
@@ -222,8 +254,10 @@ fn spawn_pool<J: Send + 'static>(
                 let Ok(Ok(job)) = jobs.lock().map(|r| r.recv()) else {
                     return;
                 };
-                if done.send(work(job)).is_err() {
-                    return;
+                if let Some(result) = work(job) {
+                    if done.send(result).is_err() {
+                        return;
+                    }
                 }
             });
         // A thread that cannot start leaves the others (or none: then the jobs wait).
@@ -267,7 +301,7 @@ mod tests {
         assert_eq!(tier.idle_poll(), None);
         let hashes: Vec<BlockHash> = (1..=3).map(|i| BlockHash::from_digest(&[i; 32])).collect();
         for (i, h) in hashes.iter().take(2).enumerate() {
-            assert!(tier.store(*h, vec![i as u8; 16]));
+            assert!(tier.store(*h, vec![i as u8; 16], SystemTime::now()));
         }
         assert_eq!(tier.idle_poll(), Some(BUSY_POLL));
         let done = wait(&mut tier, 2);
@@ -278,7 +312,7 @@ mod tests {
         );
         assert_eq!(tier.leading(&hashes), 2);
         // The third has no file: the read stops there.
-        tier.fetch("r", hashes.clone());
+        tier.fetch("r", hashes.clone(), 0);
         match wait(&mut tier, 1).pop() {
             Some(Done::Read {
                 request_id,

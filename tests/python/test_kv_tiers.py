@@ -260,11 +260,15 @@ def test_storage_tier_shared_by_two_agents_and_checked_on_read(tmp_path):
         b.stop()
 
 
-def store_failures(http) -> float:
+def metric(http, name: str) -> float:
     for line in http.get("/metrics").text.splitlines():
-        if line.startswith("agent_kv_offload_store_failures_total"):
+        if line.startswith(name + "{") or line.startswith(name + " "):
             return float(line.split()[-1])
-    raise AssertionError("no agent_kv_offload_store_failures_total on /metrics")
+    raise AssertionError(f"no {name} on /metrics")
+
+
+def store_failures(http) -> float:
+    return metric(http, "agent_kv_offload_store_failures_total")
 
 
 def test_a_full_then_read_only_volume_leaves_the_agent_serving(tmp_path):
@@ -284,16 +288,15 @@ def test_a_full_then_read_only_volume_leaves_the_agent_serving(tmp_path):
         tokens = [rng.randrange(100, 40000) for _ in range(PROMPT_TOKENS)]
         first, _ = completion(http, tokens)
         deadline = time.monotonic() + 30
-        # Write failures are collected as steps run: keep the engine stepping.
         while store_failures(http) == 0:
             assert time.monotonic() < deadline, "a full volume failed no store"
-            completion(http, [rng.randrange(100, 40000) for _ in range(20)])
+            time.sleep(0.05)
         subprocess.run(["mount", "-o", "remount,ro", str(vol)], check=True)
         before = store_failures(http)
         completion(http, [rng.randrange(100, 40000) for _ in range(600)])
         while store_failures(http) == before:
             assert time.monotonic() < deadline + 30, "a read-only volume failed no store"
-            completion(http, [rng.randrange(100, 40000) for _ in range(20)])
+            time.sleep(0.05)
         again, _ = completion(http, tokens)
         assert again == first
         assert http.get("/health").status_code == 200
@@ -324,8 +327,67 @@ def test_a_capped_storage_tier_evicts_the_least_recently_used(tmp_path):
             if used <= cap and removed:
                 break
             assert time.monotonic() < deadline, f"{used} bytes of files, cap {cap}"
-            # Completions are collected as steps run.
-            completion(http, [rng.randrange(100, 40000) for _ in range(20)])
+            time.sleep(0.05)
+    finally:
+        sub.close()
+        http.close()
+        agent.stop()
+
+
+def test_every_tier_rebuilt_from_events_and_nothing_leaks(tmp_path):
+    """Acceptance 4 with all three tiers, and 6: a mixed workload (new prompts, repeats that
+    reload from the CPU tier or the files, a stream aborted mid-way) evicts in the device pool,
+    a 100-block CPU tier and a capped storage tier; then an independent subscriber's per-tier
+    sets equal /debug/kv_cache, no device block is held by anyone, the CPU usage gauge is what
+    its cached blocks account for, and the folder holds exactly the announced files."""
+    cpu_blocks, file_bytes = 100, 368_700
+    cap = 150 * file_bytes
+    config = json.loads(tiered(tmp_path)[-1])
+    extra = config["kv_connector_extra_config"]
+    extra["cpu_bytes_to_use"] = cpu_blocks * 368640
+    extra["secondary_tiers"][0]["max_bytes"] = cap
+    agent, http, sub = events_agent("--enable-prompt-tokens-details",
+                                    "--kv-transfer-config", json.dumps(config))
+    try:
+        rng = random.Random(6)
+        prompts = [[rng.randrange(100, 40000) for _ in range(PROMPT_TOKENS)] for _ in range(5)]
+        cold = {}
+        for step, i in enumerate([0, 1, 0, 2, 3, 2, 4, 1]):
+            out, cached = completion(http, prompts[i])
+            if i in cold:
+                assert out == cold[i], f"prompt {i} changed after a reload"
+            else:
+                cold[i] = out
+            if step == 2:
+                # Both tiers gave up prompt 0's tail, not its head: 7 blocks came back from
+                # host memory, 35 more from the files the sweep left.
+                assert cached >= 40 * BLOCK_SIZE, cached
+        # A stream dropped after its first chunk.
+        body = {"model": MODEL, "prompt": prompts[3][:700], "max_tokens": 400,
+                "ignore_eos": True, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+
+        deadline = time.monotonic() + 30
+        while True:
+            time.sleep(0.3)
+            tiers = http.get("/debug/kv_cache").json()["tiers"]
+            mismatch = [m for m in ("GPU", "CPU", "STORAGE")
+                        if set(tiers[m]["block_hashes"]) != sub.tiers.get(m, set())]
+            files = set(block_files(tmp_path))
+            idle = metric(http, "vllm:kv_cache_usage_perc") == 0.0
+            if not mismatch and idle and files == set(tiers["STORAGE"]["block_hashes"]):
+                break
+            assert time.monotonic() < deadline, (mismatch, idle, len(files),
+                                                 tiers["STORAGE"]["num_cached_blocks"])
+        removed = {m for t, m, _ in sub.events if t == "BlockRemoved"}
+        assert removed >= {"GPU", "CPU", "STORAGE"}, removed
+        assert tiers["CPU"]["num_cached_blocks"] == cpu_blocks
+        usage = metric(http, "vllm:kv_offload_cpu_cache_usage_perc")
+        assert usage == tiers["CPU"]["num_cached_blocks"] / cpu_blocks, usage
+        assert folder_bytes(tmp_path) <= cap
+        assert metric(http, "vllm:num_requests_running") == 0
     finally:
         sub.close()
         http.close()
