@@ -63,15 +63,34 @@ pub struct ScheduledBlocks<'a> {
     pub num_computed_tokens: usize,
 }
 
-/// Running totals of a connector's transfers and its occupancy.
+/// Which way a [`Transfer`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Towards the device pool (from the tier, or from the tier below into the tier).
+    Load,
+    /// Away from it.
+    Store,
+}
+
+/// One copy, for the metrics: between the device pool and the connector's first tier
+/// (`medium` that tier's), or between that tier and the one below (`medium` the lower one's).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Transfer {
+    pub medium: Medium,
+    pub direction: Direction,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// Running totals of a connector's lookups and failures, and its occupancy.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ConnectorStats {
-    pub loaded_blocks: u64,
-    pub load_bytes: u64,
-    pub load_seconds: f64,
-    pub stored_blocks: u64,
-    pub store_bytes: u64,
-    pub store_seconds: f64,
+    /// Blocks looked up in its first tier, and found there; then the rest looked up in the
+    /// tier below, and found there (vLLM's tiering chunk queries and hits).
+    pub primary_queried: u64,
+    pub primary_hits: u64,
+    pub secondary_queried: u64,
+    pub secondary_hits: u64,
     /// Prompt tokens it supplied to admitted requests.
     pub hit_tokens: u64,
     pub evicted_blocks: u64,
@@ -126,6 +145,9 @@ pub trait KvConnector: Send {
 
     /// What it did so far, for the metrics.
     fn stats(&self) -> ConnectorStats;
+
+    /// Its copies since the last call, for the metrics.
+    fn take_transfers(&mut self) -> Vec<Transfer>;
 
     /// This connector's store changes since the last call (its medium on each).
     fn take_events(&mut self) -> Vec<KvCacheEvent>;

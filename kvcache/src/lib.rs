@@ -17,7 +17,8 @@ pub use block_hash::{
 };
 pub use block_pool::{BlockId, BlockPool, NoSpace};
 pub use connector::{
-    ConnectorRequest, ConnectorStats, ExternalHit, FinishedLoad, KvConnector, ScheduledBlocks,
+    ConnectorRequest, ConnectorStats, Direction, ExternalHit, FinishedLoad, KvConnector,
+    ScheduledBlocks, Transfer,
 };
 pub use events::{KvCacheEvent, KvEventSink, Medium, NullSink};
 pub use layout::{BlockIo, BlockLayout, BlockRegion, KvPart};

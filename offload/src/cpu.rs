@@ -24,8 +24,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Instant, SystemTime};
 
 use kvcache::{
-    BlockHash, BlockId, BlockIo, ConnectorRequest, ConnectorStats, ExternalHit, FinishedLoad,
-    KvCacheEvent, KvConnector, Medium, ScheduledBlocks,
+    BlockHash, BlockId, BlockIo, ConnectorRequest, ConnectorStats, Direction, ExternalHit,
+    FinishedLoad, KvCacheEvent, KvConnector, Medium, ScheduledBlocks, Transfer,
 };
 
 use crate::files::chain_time;
@@ -72,6 +72,7 @@ pub struct CpuOffloadConnector {
     runs: Vec<Vec<BlockHash>>,
     events: Vec<KvCacheEvent>,
     stats: ConnectorStats,
+    transfers: Vec<Transfer>,
     storage: Option<StorageTier>,
     /// Asynchronous loads waiting for their files: the device blocks to fill, and the blocks
     /// of the request's run that came from host memory before them.
@@ -110,6 +111,7 @@ impl CpuOffloadConnector {
             runs: Vec::new(),
             events: Vec::new(),
             stats: ConnectorStats::default(),
+            transfers: Vec::new(),
             storage: None,
             reading: HashMap::new(),
             landed: Vec::new(),
@@ -124,14 +126,22 @@ impl CpuOffloadConnector {
         self
     }
 
-    /// Applies what the storage tier's threads finished.
-    fn collect_storage(&mut self, device: &mut dyn BlockIo) {
+    /// Applies what the storage tier's threads finished; returns the bytes it copied into
+    /// the device pool.
+    fn collect_storage(&mut self, device: &mut dyn BlockIo) -> u64 {
         let Some(storage) = &mut self.storage else {
-            return;
+            return 0;
         };
+        let mut to_device = 0;
         for done in storage.poll() {
             match done {
-                Done::Written(hash) => {
+                Done::Written { hash, seconds } => {
+                    self.transfers.push(Transfer {
+                        medium: Medium::Storage,
+                        direction: Direction::Store,
+                        bytes: self.block_bytes as u64,
+                        seconds,
+                    });
                     let (parent, tokens) = self.writing.remove(&hash).unwrap_or_default();
                     if self.files_held.insert(hash) {
                         let event = self.stored_event(hash, parent, tokens, Medium::Storage);
@@ -160,16 +170,22 @@ impl CpuOffloadConnector {
                     request_id,
                     blocks,
                     corrupt,
+                    seconds,
                 } => {
                     self.stats.corrupt_blocks += u64::from(corrupt);
+                    self.transfers.push(Transfer {
+                        medium: Medium::Storage,
+                        direction: Direction::Load,
+                        bytes: blocks.iter().map(|b| b.len() as u64).sum(),
+                        seconds,
+                    });
                     // An aborted request's read lands here too: dropped.
                     let Some((targets, from_host)) = self.reading.remove(&request_id) else {
                         continue;
                     };
                     for (block, data) in targets.iter().zip(&blocks) {
                         device.write_block(*block, data);
-                        self.stats.loaded_blocks += 1;
-                        self.stats.load_bytes += data.len() as u64;
+                        to_device += data.len() as u64;
                     }
                     self.landed.push(FinishedLoad {
                         request_id,
@@ -178,6 +194,7 @@ impl CpuOffloadConnector {
                 }
             }
         }
+        to_device
     }
 
     /// Blocks held, and the most the store holds.
@@ -221,6 +238,12 @@ impl KvConnector for CpuOffloadConnector {
             Some(storage) => storage.leading(&run[in_memory..]),
             None => 0,
         };
+        self.stats.primary_queried += run.len() as u64;
+        self.stats.primary_hits += in_memory as u64;
+        if self.storage.is_some() {
+            self.stats.secondary_queried += (run.len() - in_memory) as u64;
+            self.stats.secondary_hits += on_disk as u64;
+        }
         // Host memory is copied within the step; files are read by the storage tier first.
         ExternalHit {
             num_tokens: (in_memory + on_disk) * bs,
@@ -325,17 +348,24 @@ impl KvConnector for CpuOffloadConnector {
 
     fn start_load_kv(&mut self, device: &mut dyn BlockIo) {
         let start = Instant::now();
+        let mut bytes = 0;
         // Lookups and loads happen in the same step, before any save can evict: every hash
         // looked up is still held.
         for (block, hash) in std::mem::take(&mut self.loads) {
             if let Some(data) = self.store.get(&hash) {
                 device.write_block(block, data);
-                self.stats.loaded_blocks += 1;
-                self.stats.load_bytes += data.len() as u64;
+                bytes += data.len() as u64;
             }
         }
-        self.collect_storage(device);
-        self.stats.load_seconds += start.elapsed().as_secs_f64();
+        bytes += self.collect_storage(device);
+        if bytes > 0 {
+            self.transfers.push(Transfer {
+                medium: Medium::Cpu,
+                direction: Direction::Load,
+                bytes,
+                seconds: start.elapsed().as_secs_f64(),
+            });
+        }
     }
 
     fn get_finished_loads(&mut self) -> Vec<FinishedLoad> {
@@ -347,6 +377,7 @@ impl KvConnector for CpuOffloadConnector {
         // The runs' held blocks first, so this step's stores cannot evict them, and again after,
         // so each run is ordered head last.
         let runs = std::mem::take(&mut self.runs);
+        let mut bytes = 0;
         for run in &runs {
             self.store.touch_run(run);
         }
@@ -364,8 +395,7 @@ impl KvConnector for CpuOffloadConnector {
                     medium: Medium::Cpu,
                 });
             }
-            self.stats.stored_blocks += 1;
-            self.stats.store_bytes += self.block_bytes as u64;
+            bytes += self.block_bytes as u64;
             if let Some(storage) = &mut self.storage {
                 if !self.files_held.contains(&save.hash) {
                     let data = self.store.get(&save.hash).map(<[u8]>::to_vec);
@@ -384,7 +414,14 @@ impl KvConnector for CpuOffloadConnector {
         for run in &runs {
             self.store.touch_run(run);
         }
-        self.stats.store_seconds += start.elapsed().as_secs_f64();
+        if bytes > 0 {
+            self.transfers.push(Transfer {
+                medium: Medium::Cpu,
+                direction: Direction::Store,
+                bytes,
+                seconds: start.elapsed().as_secs_f64(),
+            });
+        }
     }
 
     fn cached_blocks(&self) -> Vec<(Medium, Vec<BlockHash>)> {
@@ -406,6 +443,10 @@ impl KvConnector for CpuOffloadConnector {
 
     fn take_events(&mut self) -> Vec<KvCacheEvent> {
         std::mem::take(&mut self.events)
+    }
+
+    fn take_transfers(&mut self) -> Vec<Transfer> {
+        std::mem::take(&mut self.transfers)
     }
 
     fn reset_cache(&mut self) -> bool {
@@ -520,7 +561,13 @@ mod tests {
         let events = c.take_events();
         assert_eq!(events.len(), 3, "{events:?}");
         assert!(events.iter().all(|e| matches!(e, KvCacheEvent::BlockStored { token_ids, block_size: 0, parent_block_hash: None, medium: Medium::Cpu, .. } if token_ids.is_empty())));
-        assert_eq!(c.stats().stored_blocks, 3);
+        let stored: Vec<(Direction, u64)> = c
+            .take_transfers()
+            .iter()
+            .map(|t| (t.direction, t.bytes))
+            .collect();
+        // Two steps' copies out of the device: blocks 0 and 1, then block 2.
+        assert_eq!(stored, [(Direction::Store, 16), (Direction::Store, 8)]);
 
         // Again, with the device holding block 0 only: blocks 1 and 2 come from the tier.
         let r = request("b", &tokens, &h);
@@ -537,7 +584,13 @@ mod tests {
         c.wait_for_save(&dev);
         assert!(c.take_events().is_empty());
         assert_eq!(c.stats().hit_tokens, 4);
-        assert_eq!(c.stats().loaded_blocks, 2);
+        let loaded = c.take_transfers();
+        assert_eq!(
+            (loaded.len(), loaded[0].direction, loaded[0].bytes),
+            (1, Direction::Load, 16)
+        );
+        let s = c.stats();
+        assert_eq!((s.primary_queried, s.primary_hits), (3 + 2, 2));
     }
 
     #[test]

@@ -34,13 +34,19 @@ pub struct FsTierConfig {
 /// What the I/O threads finished.
 #[derive(Debug)]
 pub enum Done {
-    Written(BlockHash),
+    /// A block's file is in place, after `seconds` of writing.
+    Written {
+        hash: BlockHash,
+        seconds: f64,
+    },
     WriteFailed(BlockHash, String),
-    /// A read job: the blocks read, in order, up to the first one missing or corrupt.
+    /// A read job: the blocks read, in order, up to the first one missing or corrupt, in
+    /// `seconds`.
     Read {
         request_id: String,
         blocks: Vec<Vec<u8>>,
         corrupt: bool,
+        seconds: f64,
     },
     /// Files the sweeper removed to stay under the cap.
     Evicted(Vec<BlockHash>),
@@ -97,10 +103,14 @@ impl StorageTier {
             move |job| match job {
                 WriteJob::Block { hash, data, used } => {
                     queued.fetch_sub(data.len(), Ordering::Relaxed);
+                    let start = std::time::Instant::now();
                     Some(match w_files.write(&hash, &data, used) {
                         Ok(()) => {
                             w_written.fetch_add(data.len(), Ordering::Relaxed);
-                            Done::Written(hash)
+                            Done::Written {
+                                hash,
+                                seconds: start.elapsed().as_secs_f64(),
+                            }
                         }
                         Err(e) => Done::WriteFailed(hash, e.to_string()),
                     })
@@ -123,6 +133,7 @@ impl StorageTier {
                 let mut blocks = Vec::with_capacity(job.hashes.len());
                 let mut corrupt = false;
                 let now = SystemTime::now();
+                let start = std::time::Instant::now();
                 for (k, hash) in job.hashes.iter().enumerate() {
                     let mut buf = vec![0u8; block_bytes];
                     match r_files.read(hash, &mut buf) {
@@ -140,6 +151,7 @@ impl StorageTier {
                     request_id: job.request_id,
                     blocks,
                     corrupt,
+                    seconds: start.elapsed().as_secs_f64(),
                 })
             },
         );
@@ -307,7 +319,7 @@ mod tests {
         let done = wait(&mut tier, 2);
         assert_eq!(tier.idle_poll(), None);
         assert!(
-            done.iter().all(|d| matches!(d, Done::Written(_))),
+            done.iter().all(|d| matches!(d, Done::Written { .. })),
             "{done:?}"
         );
         assert_eq!(tier.leading(&hashes), 2);
@@ -318,6 +330,7 @@ mod tests {
                 request_id,
                 blocks,
                 corrupt,
+                ..
             }) => {
                 assert_eq!(request_id, "r");
                 assert_eq!(blocks, vec![vec![0u8; 16], vec![1u8; 16]]);

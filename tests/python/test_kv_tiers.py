@@ -5,6 +5,7 @@ removal, the CPU store, and the GPU store on reload."""
 
 import json
 import random
+import re
 import subprocess
 import threading
 import time
@@ -359,9 +360,16 @@ def test_every_tier_rebuilt_from_events_and_nothing_leaks(tmp_path):
             else:
                 cold[i] = out
             if step == 2:
-                # Both tiers gave up prompt 0's tail, not its head: 7 blocks came back from
-                # host memory, 35 more from the files the sweep left.
+                # Every tier gave up prompt 0's tail, not its head: the device's leftovers, the
+                # CPU tier's and the files the sweep left still chain from its first block.
                 assert cached >= 40 * BLOCK_SIZE, cached
+        # The tiers' traffic in vLLM's metric names.
+        assert metric(http, "vllm:kv_offload_tiering_read_bytes_total") > 0
+        assert metric(http, "vllm:kv_offload_load_time_total") > 0
+        assert metric(http, "vllm:external_prefix_cache_hits_total") > 0
+        page = http.get("/metrics").text
+        assert re.search(r'vllm:kv_offload_tiering_chunk_hits_total\{[^}]*tier="1:fs"[^}]*\} [1-9]', page)
+        assert 'agent_kv_offload_transfer_seconds_count{direction="load"' in page
         # A stream dropped after its first chunk.
         body = {"model": MODEL, "prompt": prompts[3][:700], "max_tokens": 400,
                 "ignore_eos": True, "stream": True}

@@ -311,10 +311,15 @@ impl EngineCore {
             .num_requests_waiting
             .set(self.scheduler.num_waiting() as f64);
         self.metrics.kv_cache_usage_perc.set(self.kv.usage());
-        if let Some(c) = &self.connector {
+        if let Some(c) = &mut self.connector {
             let now = c.stats();
-            self.metrics.record_offload(&self.connector_stats, &now);
+            self.metrics
+                .offload
+                .record_stats(&self.connector_stats, &now);
             self.connector_stats = now;
+            for t in c.take_transfers() {
+                self.metrics.offload.record_transfer(&t);
+            }
         }
     }
 
@@ -411,6 +416,12 @@ impl EngineCore {
         m.prefix_cache_queries
             .inc_by(plan.prefix_cache_queries as u64);
         m.prefix_cache_hits.inc_by(plan.prefix_cache_hits as u64);
+        if self.connector.is_some() {
+            m.offload
+                .external_queries
+                .inc_by(plan.prefix_cache_queries as u64);
+            m.offload.external_hits.inc_by(plan.external_hits as u64);
+        }
         if !plan.scheduled.is_empty() {
             m.iteration_tokens.observe(plan.total_tokens() as f64);
         }

@@ -538,6 +538,9 @@ mod tests {
         fn idle_poll(&self) -> Option<std::time::Duration> {
             None
         }
+        fn take_transfers(&mut self) -> Vec<kvcache::Transfer> {
+            Vec::new()
+        }
     }
 
     fn slow_tier(prompt: &[u32], blocks: usize, delay: u32, short: usize) -> SlowTier {

@@ -1,11 +1,15 @@
 //! Prometheus metrics with vLLM's names, labels and bucket edges (reference §2).
 //!
-//! The engine updates them live; the server renders them on `/metrics`.
+//! The engine updates them live; the server renders them on `/metrics`. The KV connector's
+//! are in `offload`.
 
-use kvcache::ConnectorStats;
+mod offload;
+
+pub use offload::OffloadMetrics;
+
 use prometheus::{
-    Counter, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
 };
 
 const TTFT_BUCKETS: &[f64] = &[
@@ -79,17 +83,8 @@ pub struct Metrics {
     /// (ours; vLLM has no such metric).
     pub kv_events_published: IntCounter,
     pub kv_events_dropped: IntCounter,
-    /// The CPU tier (vLLM's `vllm:kv_offload_*` where the name exists, ours otherwise).
-    offload_load_bytes: IntCounter,
-    offload_store_bytes: IntCounter,
-    offload_load_seconds: Counter,
-    offload_store_seconds: Counter,
-    offload_hit_tokens: IntCounter,
-    offload_evicted_blocks: IntCounter,
-    offload_stores_skipped: IntCounter,
-    offload_store_failures: IntCounter,
-    offload_corrupt_blocks: IntCounter,
-    offload_usage: Gauge,
+    /// The KV connector's (tiers').
+    pub offload: OffloadMetrics,
     model_name: String,
 }
 
@@ -129,11 +124,6 @@ impl Metrics {
         };
         let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
             let c = IntCounter::with_opts(labels(Opts::new(name, help)))?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let fcounter = |name: &str, help: &str| -> prometheus::Result<Counter> {
-            let c = Counter::with_opts(labels(Opts::new(name, help)))?;
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
@@ -298,76 +288,10 @@ impl Metrics {
                 "agent_kv_events_dropped_batches_total",
                 "KV cache event batches dropped because the publisher queue was full.",
             )?,
-            offload_load_bytes: counter(
-                "vllm:kv_offload_load_bytes_total",
-                "Bytes loaded from the CPU KV tier into the device pool.",
-            )?,
-            offload_store_bytes: counter(
-                "vllm:kv_offload_store_bytes_total",
-                "Bytes stored from the device pool into the CPU KV tier.",
-            )?,
-            offload_load_seconds: fcounter(
-                "agent_kv_offload_load_seconds_total",
-                "Time spent copying blocks from the CPU KV tier.",
-            )?,
-            offload_store_seconds: fcounter(
-                "agent_kv_offload_store_seconds_total",
-                "Time spent copying blocks into the CPU KV tier.",
-            )?,
-            offload_hit_tokens: counter(
-                "agent_kv_offload_hit_tokens_total",
-                "Prompt tokens of admitted requests supplied by the CPU KV tier.",
-            )?,
-            offload_evicted_blocks: counter(
-                "agent_kv_offload_evicted_blocks_total",
-                "Blocks evicted from the CPU KV tier to make room.",
-            )?,
-            offload_stores_skipped: counter(
-                "vllm:kv_offload_stores_skipped_total",
-                "Blocks not stored in the storage tier: its write queue was full.",
-            )?,
-            offload_store_failures: counter(
-                "agent_kv_offload_store_failures_total",
-                "Blocks the storage tier failed to write (a full or read-only volume).",
-            )?,
-            offload_corrupt_blocks: counter(
-                "agent_kv_offload_corrupt_blocks_total",
-                "Stored blocks found damaged when read back (removed and recomputed).",
-            )?,
-            offload_usage: gauge(
-                "vllm:kv_offload_cpu_cache_usage_perc",
-                "CPU KV tier usage. 1 means 100 percent usage.",
-            )?,
+            offload: OffloadMetrics::new(&registry, model_name)?,
             registry,
             model_name: model_name.to_string(),
         })
-    }
-
-    /// Advances the CPU tier's counters from `prev` to `now` (running totals).
-    pub fn record_offload(&self, prev: &ConnectorStats, now: &ConnectorStats) {
-        let delta = |a: u64, b: u64| b.saturating_sub(a);
-        self.offload_load_bytes
-            .inc_by(delta(prev.load_bytes, now.load_bytes));
-        self.offload_store_bytes
-            .inc_by(delta(prev.store_bytes, now.store_bytes));
-        self.offload_load_seconds
-            .inc_by((now.load_seconds - prev.load_seconds).max(0.0));
-        self.offload_store_seconds
-            .inc_by((now.store_seconds - prev.store_seconds).max(0.0));
-        self.offload_hit_tokens
-            .inc_by(delta(prev.hit_tokens, now.hit_tokens));
-        self.offload_evicted_blocks
-            .inc_by(delta(prev.evicted_blocks, now.evicted_blocks));
-        self.offload_stores_skipped
-            .inc_by(delta(prev.stores_skipped, now.stores_skipped));
-        self.offload_store_failures
-            .inc_by(delta(prev.store_failures, now.store_failures));
-        self.offload_corrupt_blocks
-            .inc_by(delta(prev.corrupt_blocks, now.corrupt_blocks));
-        if now.capacity_blocks > 0 {
-            self.offload_usage
-                .set(now.used_blocks as f64 / now.capacity_blocks as f64);
-        }
     }
 
     /// Counts one finished request under its `finished_reason` label.
