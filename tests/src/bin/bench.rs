@@ -6,6 +6,8 @@
 //!   back against one running server, each round's ratio and their median.
 //! - `oracle-decode`: single-stream greedy decoding with candle-transformers' quantized llama
 //!   on the same GGUF, the peer for the agent's single-stream figure.
+//! - `tier-reload`, `storage-read`: issue 18's tier figures (reload vs recompute; the storage
+//!   tier's read rate vs a plain sequential read of the same files).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -101,6 +103,22 @@ enum Command {
         tokens: usize,
         #[arg(long, default_value = SERVED_MODEL)]
         model: String,
+        /// The agent's storage tier folder: each round then also reloads a third prompt after
+        /// dropping the page cache of every file under it (cold storage).
+        #[arg(long)]
+        cold_files: Option<PathBuf>,
+    },
+    /// The storage tier's read rate, paired per round: `--blocks` block files of the default
+    /// model's layout written under `--dir`, then, with their pages dropped before each side,
+    /// one request's read of all of them by the tier (as one reload reads its run) and
+    /// `cat … | dd of=/dev/null` of the same files, alternating which goes first.
+    StorageRead {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 500)]
+        blocks: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
     /// Single-stream greedy decoding with candle-transformers `quantized_llama`.
     OracleDecode {
@@ -290,13 +308,13 @@ async fn serve_load(
         throughput(&samples, wall)
     );
     if !agent_metrics.is_empty() {
-        let (h0, q0) = hits_before;
-        let (h1, q1) = prefix_cache_counters(&client, &agent_metrics).await?;
+        let after = prefix_cache_counters(&client, &agent_metrics).await?;
+        let [q, device, tiers] = [0, 1, 2].map(|i| after[i] - hits_before[i]);
         println!(
-            "prefix cache hits   {:.3} (hits / queries over the agents: {} / {})",
-            (h1 - h0) / (q1 - q0).max(1.0),
-            h1 - h0,
-            q1 - q0
+            "prefix cache hits   {:.3} device + {:.3} tiers (tokens over the agents: {device} + \
+             {tiers} of {q})",
+            device / q.max(1.0),
+            tiers / q.max(1.0),
         );
     }
     Ok(())
@@ -381,11 +399,12 @@ async fn batching_gain(
 }
 
 /// Summed `vllm:prefix_cache_hits_total` and `vllm:prefix_cache_queries_total` of `agents`.
+/// Summed over the agents: prefix-cache queries, device hits and tier hits (tokens).
 async fn prefix_cache_counters(
     client: &reqwest::Client,
     agents: &[String],
-) -> anyhow::Result<(f64, f64)> {
-    let (mut hits, mut queries) = (0.0, 0.0);
+) -> anyhow::Result<[f64; 3]> {
+    let mut sums = [0.0; 3];
     for a in agents {
         let text = client
             .get(format!("{a}/metrics"))
@@ -394,10 +413,11 @@ async fn prefix_cache_counters(
             .text()
             .await?;
         let m = e2e::Metrics::parse(&text).map_err(anyhow::Error::msg)?;
-        hits += m.value("vllm:prefix_cache_hits_total");
-        queries += m.value("vllm:prefix_cache_queries_total");
+        sums[0] += m.value("vllm:prefix_cache_queries_total");
+        sums[1] += m.value("vllm:prefix_cache_hits_total");
+        sums[2] += m.value("vllm:external_prefix_cache_hits_total");
     }
-    Ok((hits, queries))
+    Ok(sums)
 }
 
 async fn router_overhead(
@@ -497,6 +517,7 @@ async fn tier_reload(
     rounds: usize,
     tokens: usize,
     model: String,
+    cold_files: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(rounds > 0 && tokens > 16, "need rounds > 0 and tokens > 16");
     let client = reqwest::Client::builder()
@@ -518,6 +539,7 @@ async fn tier_reload(
                "stream": true, "stream_options": {"include_usage": true}})
     };
     let (mut cold, mut warm, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut dropped, mut dropped_ratio) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         let p = fresh();
         let c = one_request(&client, &url, &body(&p)).await?.ttft;
@@ -526,6 +548,17 @@ async fn tier_reload(
         cold.push(c);
         warm.push(w);
         ratio.push(c.as_secs_f64() / w.as_secs_f64());
+        if let Some(dir) = &cold_files {
+            let p = fresh();
+            let c = one_request(&client, &url, &body(&p)).await?.ttft;
+            one_request(&client, &url, &body(&fresh())).await?;
+            // Writes finish off the request path: let them land before their pages go.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            drop_file_pages(dir)?;
+            let d = one_request(&client, &url, &body(&p)).await?.ttft;
+            dropped.push(d);
+            dropped_ratio.push(c.as_secs_f64() / d.as_secs_f64());
+        }
     }
     cold.sort();
     warm.sort();
@@ -537,6 +570,163 @@ async fn tier_reload(
         "recomputed / reloaded, per round: median {:.1}x",
         percentile(&ratio, 50.0)
     );
+    if cold_files.is_some() {
+        dropped.sort();
+        dropped_ratio.sort_by(f64::total_cmp);
+        println!(
+            "reloaded, file pages dropped, TTFT p50: {:.1} ms",
+            ms(percentile(&dropped, 50.0))
+        );
+        println!(
+            "recomputed / reloaded with pages dropped, per round: median {:.1}x",
+            percentile(&dropped_ratio, 50.0)
+        );
+    }
+    Ok(())
+}
+
+/// The regular files under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.is_file() {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Writes back and evicts from the page cache every file under `dir`, so the next read of
+/// them goes to the device; returns how many.
+fn drop_file_pages(dir: &std::path::Path) -> anyhow::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let files = files_under(dir)?;
+    for path in &files {
+        // A file the sweeper just removed is simply gone.
+        let Ok(f) = std::fs::File::open(path) else {
+            continue;
+        };
+        f.sync_data()?;
+        // SAFETY: a valid open descriptor; fadvise only hints the kernel.
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        anyhow::ensure!(rc == 0, "posix_fadvise on {}: error {rc}", path.display());
+    }
+    Ok(files.len())
+}
+
+fn storage_read(dir: PathBuf, blocks: usize, rounds: usize) -> anyhow::Result<()> {
+    use offload::files::BlockFiles;
+    use offload::storage::{Done, StorageTier};
+    anyhow::ensure!(blocks > 0 && rounds > 0, "need blocks > 0 and rounds > 0");
+    std::fs::create_dir_all(&dir)?;
+    // The default model's block: 30 layers, 16 tokens, 3 KV heads of 64, float16.
+    let layout = kvcache::BlockLayout {
+        num_layers: 30,
+        num_blocks: 1,
+        block_size: 16,
+        num_kv_heads: 3,
+        head_dim: 64,
+        dtype: "float16",
+        dtype_bytes: 2,
+    };
+    let block_bytes = layout.block_bytes();
+    let files = BlockFiles::open(&dir, "storage-read-bench", &layout, "sha256_cbor")
+        .map_err(anyhow::Error::msg)?;
+    let hashes: Vec<kvcache::BlockHash> = (0..blocks as u64)
+        .map(|i| {
+            let mut d = [0u8; 32];
+            d[..8].copy_from_slice(&i.to_le_bytes());
+            kvcache::BlockHash::from_digest(&d)
+        })
+        .collect();
+    let mut data = vec![0u8; block_bytes];
+    for (i, h) in hashes.iter().enumerate() {
+        data.iter_mut()
+            .enumerate()
+            .for_each(|(j, b)| *b = (i * 31 + j) as u8);
+        files.write(h, &data, std::time::SystemTime::now())?;
+    }
+    let base = files.base().to_path_buf();
+    let paths: Vec<PathBuf> = files_under(&base)?
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "bin"))
+        .collect();
+    let file_bytes: u64 = paths
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()))
+        .sum::<std::io::Result<u64>>()?;
+    let mut tier = StorageTier::start(files, block_bytes, 1, 1, None);
+    let tier_read = |tier: &mut StorageTier| -> anyhow::Result<f64> {
+        drop_file_pages(&base)?;
+        let start = Instant::now();
+        tier.fetch("bench", hashes.clone(), 0);
+        loop {
+            for done in tier.poll() {
+                if let Done::Read { blocks: got, .. } = done {
+                    anyhow::ensure!(got.len() == blocks, "read {} of {blocks}", got.len());
+                    return Ok(start.elapsed().as_secs_f64());
+                }
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    };
+    let dd_read = || -> anyhow::Result<f64> {
+        drop_file_pages(&base)?;
+        let start = Instant::now();
+        let mut cat = std::process::Command::new("cat")
+            .args(&paths)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("running cat")?;
+        let pipe = cat.stdout.take().context("cat's stdout")?;
+        let dd = std::process::Command::new("dd")
+            .args(["of=/dev/null", "bs=1M", "status=none"])
+            .stdin(pipe)
+            .status()
+            .context("running dd")?;
+        anyhow::ensure!(cat.wait()?.success() && dd.success(), "cat | dd failed");
+        Ok(start.elapsed().as_secs_f64())
+    };
+    let (mut ours, mut plain, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..rounds {
+        let (t, d) = if i % 2 == 0 {
+            let t = tier_read(&mut tier)?;
+            (t, dd_read()?)
+        } else {
+            let d = dd_read()?;
+            (tier_read(&mut tier)?, d)
+        };
+        ours.push(file_bytes as f64 / t / 1e6);
+        plain.push(file_bytes as f64 / d / 1e6);
+        ratio.push(d / t);
+    }
+    for v in [&mut ours, &mut plain, &mut ratio] {
+        v.sort_by(f64::total_cmp);
+    }
+    println!(
+        "{blocks} files, {:.1} MB, rounds: {rounds}",
+        file_bytes as f64 / 1e6
+    );
+    println!(
+        "storage tier read (one request's run): p50 {:.0} MB/s",
+        percentile(&ours, 50.0)
+    );
+    println!(
+        "cat | dd of the same files:            p50 {:.0} MB/s",
+        percentile(&plain, 50.0)
+    );
+    println!(
+        "tier / dd, per round: median {:.2}",
+        percentile(&ratio, 50.0)
+    );
+    std::fs::remove_dir_all(&base)?;
     Ok(())
 }
 
@@ -588,12 +778,19 @@ fn main() -> anyhow::Result<()> {
             rounds,
             tokens,
             model,
+            cold_files,
         } => tokio::runtime::Runtime::new()?.block_on(tier_reload(
             url.trim_end_matches('/').to_string(),
             rounds,
             tokens,
             model,
+            cold_files,
         )),
+        Command::StorageRead {
+            dir,
+            blocks,
+            rounds,
+        } => storage_read(dir, blocks, rounds),
         Command::OracleDecode {
             model,
             tokens,
