@@ -11,7 +11,8 @@
 //! only through [`BlockIo`]. Engine and worker share a process here, so one object plays both
 //! roles and keeps the step's metadata itself.
 //!
-//! A load completes within its step, or asynchronously: the request then waits for its KV
+//! A lookup may take steps too (the answer is `None` until it is known), without holding up
+//! other requests. A load completes within its step, or asynchronously: the request then waits for its KV
 //! while holding its blocks (vLLM's WAITING_FOR_REMOTE_KVS) until
 //! [`KvConnector::get_finished_loads`] reports it, and is scheduled from there. A connector
 //! fetches asynchronously into its own buffers and writes device blocks only in
@@ -105,12 +106,15 @@ pub struct ConnectorStats {
 }
 
 pub trait KvConnector: Send {
-    /// After the device hit of `num_computed_tokens`, the further tokens this connector holds.
+    /// After the device hit of `num_computed_tokens`, the further tokens this connector holds;
+    /// `None` while it is still finding out off the engine thread (a slow volume's lookups):
+    /// the scheduler then asks again next step and admits the requests behind meanwhile, as
+    /// vLLM's scheduler does.
     fn get_num_new_matched_tokens(
         &mut self,
         request: &ConnectorRequest<'_>,
         num_computed_tokens: usize,
-    ) -> ExternalHit;
+    ) -> Option<ExternalHit>;
 
     /// The blocks were allocated: `block_ids` is the request's table, whose first
     /// `num_device_tokens` tokens came from the device cache and the next `num_external_tokens`

@@ -14,7 +14,8 @@
 //!
 //! With a storage tier below (vLLM's `TieringOffloadingSpec` with an `fs` secondary tier),
 //! every block stored here is also written to a file, off the engine thread; a lookup goes on
-//! past the CPU run with file-exists checks, and when files are needed the load is
+//! past the CPU run with file-exists checks on the tier's reader threads (the answer comes a
+//! step or more later; the request waits, others run), and when files are needed the load is
 //! asynchronous: the files are read by the storage tier's threads and copied into the device
 //! blocks in the `start_load_kv` of the step they arrive in. Events for files carry medium
 //! STORAGE: stores for the files this agent wrote (others' files on a shared volume are theirs
@@ -77,6 +78,10 @@ pub struct CpuOffloadConnector {
     /// Asynchronous loads waiting for their files: the device blocks to fill, and the blocks
     /// of the request's run that came from host memory before them.
     reading: HashMap<String, (Vec<BlockId>, usize)>,
+    /// Reads that arrived, for the next `start_load_kv` to copy in.
+    arrived: Vec<(String, Vec<Vec<u8>>)>,
+    /// File lookups per request: the chain depth they start at, and the answer once in.
+    lookups: HashMap<String, (usize, Option<usize>)>,
     landed: Vec<FinishedLoad>,
     /// Files this agent wrote (and announced).
     files_held: BTreeSet<BlockHash>,
@@ -114,6 +119,8 @@ impl CpuOffloadConnector {
             transfers: Vec::new(),
             storage: None,
             reading: HashMap::new(),
+            arrived: Vec::new(),
+            lookups: HashMap::new(),
             landed: Vec::new(),
             files_held: BTreeSet::new(),
             writing: HashMap::new(),
@@ -126,13 +133,12 @@ impl CpuOffloadConnector {
         self
     }
 
-    /// Applies what the storage tier's threads finished; returns the bytes it copied into
-    /// the device pool.
-    fn collect_storage(&mut self, device: &mut dyn BlockIo) -> u64 {
+    /// Takes in what the storage tier's threads finished (reads wait in `arrived` for the
+    /// device).
+    fn drain_storage(&mut self) {
         let Some(storage) = &mut self.storage else {
-            return 0;
+            return;
         };
-        let mut to_device = 0;
         for done in storage.poll() {
             match done {
                 Done::Written { hash, seconds } => {
@@ -179,20 +185,39 @@ impl CpuOffloadConnector {
                         bytes: blocks.iter().map(|b| b.len() as u64).sum(),
                         seconds,
                     });
-                    // An aborted request's read lands here too: dropped.
-                    let Some((targets, from_host)) = self.reading.remove(&request_id) else {
-                        continue;
-                    };
-                    for (block, data) in targets.iter().zip(&blocks) {
-                        device.write_block(*block, data);
-                        to_device += data.len() as u64;
+                    self.arrived.push((request_id, blocks));
+                }
+                Done::Found {
+                    request_id,
+                    depth,
+                    found,
+                } => {
+                    if let Some((at, answer)) = self.lookups.get_mut(&request_id) {
+                        if *at == depth {
+                            *answer = Some(found);
+                        }
                     }
-                    self.landed.push(FinishedLoad {
-                        request_id,
-                        num_tokens: (from_host + blocks.len()) * self.block_size,
-                    });
                 }
             }
+        }
+    }
+
+    /// Copies the arrived reads into their requests' device blocks; returns the bytes.
+    fn land_reads(&mut self, device: &mut dyn BlockIo) -> u64 {
+        let mut to_device = 0;
+        for (request_id, blocks) in std::mem::take(&mut self.arrived) {
+            // An aborted request's read lands here too: dropped.
+            let Some((targets, from_host)) = self.reading.remove(&request_id) else {
+                continue;
+            };
+            for (block, data) in targets.iter().zip(&blocks) {
+                device.write_block(*block, data);
+                to_device += data.len() as u64;
+            }
+            self.landed.push(FinishedLoad {
+                request_id,
+                num_tokens: (from_host + blocks.len()) * self.block_size,
+            });
         }
         to_device
     }
@@ -227,16 +252,30 @@ impl KvConnector for CpuOffloadConnector {
         &mut self,
         request: &ConnectorRequest<'_>,
         num_computed_tokens: usize,
-    ) -> ExternalHit {
+    ) -> Option<ExternalHit> {
+        self.drain_storage();
         let bs = self.block_size;
         let first = num_computed_tokens / bs;
         // Never the last token: its logits are computed.
         let last = (request.token_ids.len().saturating_sub(1) / bs).min(request.block_hashes.len());
         let run = &request.block_hashes[first.min(last)..last];
         let in_memory = run.iter().take_while(|h| self.store.contains(h)).count();
-        let on_disk = match &self.storage {
-            Some(storage) => storage.leading(&run[in_memory..]),
-            None => 0,
+        let on_disk = match &mut self.storage {
+            Some(storage) if in_memory < run.len() => {
+                // The files past the host run: asked of the readers, answered in a later step.
+                let at = first + in_memory;
+                match self.lookups.get(request.request_id) {
+                    Some(&(depth, Some(found))) if depth == at => found,
+                    Some(&(depth, None)) if depth == at => return None,
+                    _ => {
+                        storage.lookup(request.request_id, run[in_memory..].to_vec(), at);
+                        self.lookups
+                            .insert(request.request_id.to_string(), (at, None));
+                        return None;
+                    }
+                }
+            }
+            _ => 0,
         };
         self.stats.primary_queried += run.len() as u64;
         self.stats.primary_hits += in_memory as u64;
@@ -245,10 +284,10 @@ impl KvConnector for CpuOffloadConnector {
             self.stats.secondary_hits += on_disk as u64;
         }
         // Host memory is copied within the step; files are read by the storage tier first.
-        ExternalHit {
+        Some(ExternalHit {
             num_tokens: (in_memory + on_disk) * bs,
             load_async: on_disk > 0,
-        }
+        })
     }
 
     fn update_state_after_alloc(
@@ -264,6 +303,7 @@ impl KvConnector for CpuOffloadConnector {
         let hashes = &request.block_hashes[first..first + n];
         let blocks = &block_ids[first..first + n];
         self.store.touch_run(&request.block_hashes[..first + n]);
+        self.lookups.remove(request.request_id);
         // The run found a step ago is still in memory: nothing was stored in between.
         let in_memory = hashes.iter().take_while(|h| self.store.contains(h)).count();
         self.loads.extend(
@@ -342,6 +382,7 @@ impl KvConnector for CpuOffloadConnector {
 
     fn request_finished(&mut self, request_id: &str) {
         self.saved_upto.remove(request_id);
+        self.lookups.remove(request_id);
         self.first_saved.remove(request_id);
         self.reading.remove(request_id);
     }
@@ -357,7 +398,8 @@ impl KvConnector for CpuOffloadConnector {
                 bytes += data.len() as u64;
             }
         }
-        bytes += self.collect_storage(device);
+        self.drain_storage();
+        bytes += self.land_reads(device);
         if bytes > 0 {
             self.transfers.push(Transfer {
                 medium: Medium::Cpu,
@@ -540,7 +582,10 @@ mod tests {
         assert_eq!(h.len(), 3);
         // First run: nothing held; blocks 0..4 computed in two steps.
         let r = request("a", &tokens, &h);
-        assert_eq!(c.get_num_new_matched_tokens(&r, 0).num_tokens, 0);
+        assert_eq!(
+            c.get_num_new_matched_tokens(&r, 0).map(|h| h.num_tokens),
+            Some(0)
+        );
         c.update_state_after_alloc(&r, &[0, 1, 2, 3], 0, 0);
         for (b, byte) in [(0, 10), (1, 11), (2, 12)] {
             dev.data[b] = [byte; 8];
@@ -571,7 +616,10 @@ mod tests {
 
         // Again, with the device holding block 0 only: blocks 1 and 2 come from the tier.
         let r = request("b", &tokens, &h);
-        assert_eq!(c.get_num_new_matched_tokens(&r, 2).num_tokens, 4);
+        assert_eq!(
+            c.get_num_new_matched_tokens(&r, 2).map(|h| h.num_tokens),
+            Some(4)
+        );
         c.update_state_after_alloc(&r, &[0, 5, 6, 7], 2, 4);
         c.start_load_kv(&mut dev);
         assert_eq!((dev.data[5], dev.data[6]), ([11; 8], [12; 8]));
@@ -608,7 +656,10 @@ mod tests {
         c.build_connector_meta(&all);
         c.wait_for_save(&dev);
         // Three full blocks held, but the third holds the last token.
-        assert_eq!(c.get_num_new_matched_tokens(&r, 0).num_tokens, 4);
+        assert_eq!(
+            c.get_num_new_matched_tokens(&r, 0).map(|h| h.num_tokens),
+            Some(4)
+        );
         assert!(c.reset_cache());
         let removed = c.take_events().pop();
         assert!(
@@ -625,8 +676,14 @@ mod tests {
         }]);
         c.wait_for_save(&dev);
         assert_eq!(c.usage().0, 2);
-        assert_eq!(c.get_num_new_matched_tokens(&r, 0).num_tokens, 0);
-        assert_eq!(c.get_num_new_matched_tokens(&r, 2).num_tokens, 2);
+        assert_eq!(
+            c.get_num_new_matched_tokens(&r, 0).map(|h| h.num_tokens),
+            Some(0)
+        );
+        assert_eq!(
+            c.get_num_new_matched_tokens(&r, 2).map(|h| h.num_tokens),
+            Some(2)
+        );
     }
 
     #[test]

@@ -50,11 +50,21 @@ pub enum Done {
     },
     /// Files the sweeper removed to stay under the cap.
     Evicted(Vec<BlockHash>),
+    /// A lookup: of the hashes asked for from chain depth `depth`, the leading `found` have a
+    /// file.
+    Found {
+        request_id: String,
+        depth: usize,
+        found: usize,
+    },
 }
 
 struct ReadJob {
     request_id: String,
     hashes: Vec<BlockHash>,
+    /// Only which files exist (file-exists checks, off the engine thread: on a network volume
+    /// each can be a round trip).
+    lookup: bool,
     /// Chain depth of the first.
     depth: usize,
 }
@@ -70,7 +80,6 @@ enum WriteJob {
 }
 
 pub struct StorageTier {
-    files: Arc<BlockFiles>,
     writes: Sender<WriteJob>,
     reads: Sender<ReadJob>,
     done: Receiver<Done>,
@@ -130,6 +139,18 @@ impl StorageTier {
             read_rx,
             &done_tx,
             move |job: ReadJob| {
+                if job.lookup {
+                    let found = job
+                        .hashes
+                        .iter()
+                        .take_while(|h| r_files.contains(h))
+                        .count();
+                    return Some(Done::Found {
+                        request_id: job.request_id,
+                        depth: job.depth,
+                        found,
+                    });
+                }
                 let mut blocks = Vec::with_capacity(job.hashes.len());
                 let mut corrupt = false;
                 let now = SystemTime::now();
@@ -179,7 +200,6 @@ impl StorageTier {
             drop(spawned);
         }
         Self {
-            files,
             writes,
             reads,
             done,
@@ -187,11 +207,6 @@ impl StorageTier {
             outstanding: 0,
             sweeps: max_bytes.is_some(),
         }
-    }
-
-    /// Leading blocks of `hashes` that have a file (a lookup is a file-exists check).
-    pub fn leading(&self, hashes: &[BlockHash]) -> usize {
-        hashes.iter().take_while(|h| self.files.contains(h)).count()
     }
 
     /// Queues a write of a block used at `used`; false (skipped) when the queue is full.
@@ -218,9 +233,19 @@ impl StorageTier {
 
     /// Queues a read of `hashes` for `request_id`; the first is at chain depth `depth`.
     pub fn fetch(&mut self, request_id: &str, hashes: Vec<BlockHash>, depth: usize) {
+        self.queue_read(request_id, hashes, depth, false);
+    }
+
+    /// Queues finding how many leading `hashes` have a file ([`Done::Found`]).
+    pub fn lookup(&mut self, request_id: &str, hashes: Vec<BlockHash>, depth: usize) {
+        self.queue_read(request_id, hashes, depth, true);
+    }
+
+    fn queue_read(&mut self, request_id: &str, hashes: Vec<BlockHash>, depth: usize, lookup: bool) {
         let job = ReadJob {
             request_id: request_id.to_string(),
             hashes,
+            lookup,
             depth,
         };
         self.outstanding += usize::from(self.reads.send(job).is_ok());
@@ -322,7 +347,15 @@ mod tests {
             done.iter().all(|d| matches!(d, Done::Written { .. })),
             "{done:?}"
         );
-        assert_eq!(tier.leading(&hashes), 2);
+        tier.lookup("r", hashes.clone(), 7);
+        match wait(&mut tier, 1).pop() {
+            Some(Done::Found {
+                request_id,
+                depth,
+                found,
+            }) => assert_eq!((request_id.as_str(), depth, found), ("r", 7, 2)),
+            other => panic!("{other:?}"),
+        }
         // The third has no file: the read stops there.
         tier.fetch("r", hashes.clone(), 0);
         match wait(&mut tier, 1).pop() {

@@ -32,7 +32,8 @@ impl TokenDecoder for Tokenizer {
     }
 }
 
-/// How often an engine with nothing to compute but asynchronous loads in flight checks them.
+/// How often an engine with requests but nothing to compute (loads or lookups in flight)
+/// checks again.
 const LOAD_POLL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Starts the engine thread and returns the handle to it. `sink` receives every cached-block
@@ -143,6 +144,7 @@ impl EngineCore {
     }
 
     fn run(&mut self, commands: mpsc::Receiver<EngineCommand>) {
+        let mut stalled = false;
         loop {
             if !self.scheduler.has_work() {
                 // Idle: sleep until a command arrives (all handles gone means shut down), or
@@ -158,8 +160,9 @@ impl EngineCore {
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     },
                 }
-            } else if self.scheduler.only_waiting_for_kv() {
-                // Nothing to compute until a load lands: poll for it without spinning.
+            } else if stalled {
+                // The last step computed nothing (every request waits on a connector): poll
+                // without spinning.
                 match commands.recv_timeout(LOAD_POLL) {
                     Ok(cmd) => self.handle_command(cmd),
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -173,7 +176,7 @@ impl EngineCore {
                     Err(mpsc::TryRecvError::Disconnected) => return,
                 }
             }
-            self.step();
+            stalled = !self.step();
             self.outbox.flush();
         }
     }
@@ -323,8 +326,8 @@ impl EngineCore {
         }
     }
 
-    /// Runs one scheduler step end to end.
-    fn step(&mut self) {
+    /// Runs one scheduler step end to end; false when it computed nothing.
+    fn step(&mut self) -> bool {
         self.abort_disconnected();
         let plan = self.scheduler.schedule(
             &mut self.requests,
@@ -342,7 +345,7 @@ impl EngineCore {
         if plan.scheduled.is_empty() {
             self.publish_events();
             self.update_gauges();
-            return;
+            return false;
         }
         match self.execute(&plan) {
             Ok(finished) => {
@@ -362,6 +365,7 @@ impl EngineCore {
         }
         self.publish_events();
         self.update_gauges();
+        true
     }
 
     /// Publishes this step's cache changes as one batch, the device pool's then the

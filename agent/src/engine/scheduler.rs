@@ -81,11 +81,6 @@ impl Scheduler {
         !self.running.is_empty() || !self.waiting.is_empty() || !self.waiting_for_kv.is_empty()
     }
 
-    /// Whether every request left waits for a connector's load (nothing to compute meanwhile).
-    pub fn only_waiting_for_kv(&self) -> bool {
-        self.running.is_empty() && self.waiting.is_empty() && !self.waiting_for_kv.is_empty()
-    }
-
     /// Forgets a request (finished or aborted); the caller frees its blocks.
     pub fn remove(&mut self, request_id: &str) {
         self.running.retain(|id| id != request_id);
@@ -175,6 +170,7 @@ impl Scheduler {
         }
 
         // Admit waiting requests only when nothing had to be preempted this step.
+        let mut looking = Vec::new();
         while out.num_preemptions == 0
             && budget > 0
             && self.running.len() < self.limits.max_num_seqs
@@ -210,7 +206,16 @@ impl Scheduler {
                 };
                 let hit = match connector.as_deref_mut() {
                     Some(c) if req.reads_prefix_cache() => {
-                        c.get_num_new_matched_tokens(&connector_request(req, kv), num_cached)
+                        match c.get_num_new_matched_tokens(&connector_request(req, kv), num_cached)
+                        {
+                            Some(hit) => hit,
+                            None => {
+                                // Still looking: the requests behind it go first this step.
+                                self.waiting.pop_front();
+                                looking.push(id);
+                                continue;
+                            }
+                        }
                     }
                     _ => kvcache::ExternalHit::default(),
                 };
@@ -266,6 +271,10 @@ impl Scheduler {
                 request_id: id,
                 num_new_tokens: num_new,
             });
+        }
+        // Requests whose lookup is still out keep their place at the head of the queue.
+        for id in looking.into_iter().rev() {
+            self.waiting.push_front(id);
         }
         out
     }
@@ -463,9 +472,11 @@ mod tests {
 
     /// A tier holding the first blocks of some prompts, loaded asynchronously: a load lands
     /// (into the device, as `start_load_kv` would) after `delay` polls, `short` tokens short
-    /// of what was promised.
+    /// of what was promised; `unknown` (request, count): that request's first lookups are
+    /// still out.
     struct SlowTier {
         held: std::collections::HashSet<kvcache::BlockHash>,
+        unknown: Option<(&'static str, u32)>,
         in_flight: Vec<(String, usize, u32)>,
         delay: u32,
         short: usize,
@@ -492,17 +503,23 @@ mod tests {
             &mut self,
             r: &ConnectorRequest<'_>,
             num_computed_tokens: usize,
-        ) -> kvcache::ExternalHit {
+        ) -> Option<kvcache::ExternalHit> {
+            if let Some((id, left)) = &mut self.unknown {
+                if *id == r.request_id && *left > 0 {
+                    *left -= 1;
+                    return None;
+                }
+            }
             let first = num_computed_tokens / BS;
             let last = (r.token_ids.len() - 1) / BS;
             let n = r.block_hashes[first..last]
                 .iter()
                 .take_while(|h| self.held.contains(h))
                 .count();
-            kvcache::ExternalHit {
+            Some(kvcache::ExternalHit {
                 num_tokens: n * BS,
                 load_async: true,
-            }
+            })
         }
         fn update_state_after_alloc(
             &mut self,
@@ -553,6 +570,7 @@ mod tests {
         );
         SlowTier {
             held: hashes.into_iter().take(blocks).collect(),
+            unknown: None,
             in_flight: Vec::new(),
             delay,
             short,
@@ -602,7 +620,6 @@ mod tests {
             .schedule(&mut reqs, &mut kv, Some(&mut tier))
             .scheduled
             .is_empty());
-        assert!(s.only_waiting_for_kv());
         tier.poll();
         s.kv_loaded(&mut reqs, tier.get_finished_loads());
         // Two of four blocks arrived: the other 51 tokens are computed in the held blocks.
@@ -621,5 +638,36 @@ mod tests {
         assert_eq!(kv.num_free_blocks(), 16);
         assert!(!s.has_work());
         assert!(tier.in_flight.is_empty());
+    }
+
+    #[test]
+    fn a_lookup_still_out_lets_the_requests_behind_it_go_first() {
+        let prompt: Vec<u32> = (0..83).collect();
+        let mut tier = slow_tier(&prompt, 4, 1, 0);
+        tier.unknown = Some(("a", 2));
+        let mut s = Scheduler::new(limits(8, 256));
+        let mut kv = manager(16);
+        let mut reqs = HashMap::new();
+        add(&mut s, &mut reqs, "a", prompt);
+        add(&mut s, &mut reqs, "b", (1000..1020).collect());
+        let plan = s.schedule(&mut reqs, &mut kv, Some(&mut tier));
+        assert_eq!(scheduled(&plan), vec![("b", 20)]);
+        assert!(
+            kv.block_table("a").is_empty(),
+            "nothing reserved while looking"
+        );
+        assert_eq!(
+            plan.prefix_cache_queries, 20,
+            "a is not counted until admitted"
+        );
+        run_step(&plan, &mut reqs, &mut kv);
+        let plan = s.schedule(&mut reqs, &mut kv, Some(&mut tier));
+        assert_eq!(scheduled(&plan), vec![("b", 1)]);
+        run_step(&plan, &mut reqs, &mut kv);
+        // The answer is in: a waits for its 4 blocks like any asynchronous load.
+        let plan = s.schedule(&mut reqs, &mut kv, Some(&mut tier));
+        assert_eq!(plan.external_hits, 64);
+        assert_eq!(kv.block_table("a").len(), 4);
+        assert_eq!(s.num_waiting(), 1);
     }
 }
