@@ -1,0 +1,4 @@
+pub mod leases;
+pub mod transfer;
+pub mod ucx;
+pub mod wire;
