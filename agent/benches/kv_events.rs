@@ -259,6 +259,7 @@ fn engine_round(
                 cache_salt: None,
                 parent: None,
                 pooling: None,
+                kv_transfer_params: None,
             })?);
         }
         for mut s in streams {

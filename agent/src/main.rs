@@ -190,8 +190,24 @@ fn serve(args: &ServeArgs) -> Result<()> {
         }
         None => Box::new(NullSink),
     };
-    let connector: Option<Box<dyn KvConnector>> =
-        match agent::cli::cpu_offload(args, args.block_size).map_err(anyhow::Error::msg)? {
+    let pd =
+        agent::cli::pd_transfer(args, &|k| std::env::var(k).ok()).map_err(anyhow::Error::msg)?;
+    let tiers = agent::cli::cpu_offload(args, args.block_size).map_err(anyhow::Error::msg)?;
+    if pd.is_some() && tiers.is_some() {
+        anyhow::bail!(
+            "--kv-offloading-size with a NixlConnector --kv-transfer-config: the KV tiers and \
+             P/D transfer cannot be combined yet (vLLM's MultiConnector is not implemented)"
+        );
+    }
+    let connector: Option<Box<dyn KvConnector>> = match pd {
+        Some(cfg) => {
+            info!(
+                "KV transfer: NixlConnector-compatible P/D over UCX, role {:?}, engine {}, side channel {}:{}, lease {:?}",
+                cfg.role, cfg.engine_id, cfg.side_channel_host, cfg.side_channel_port, cfg.lease
+            );
+            Some(Box::new(kvtransfer::PdConnector::new(cfg, args.block_size)))
+        }
+        None => match tiers {
             None => None,
             Some(cfg) => {
                 let mut tier =
@@ -237,7 +253,8 @@ fn serve(args: &ServeArgs) -> Result<()> {
                 }
                 Some(Box::new(tier))
             }
-        };
+        },
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

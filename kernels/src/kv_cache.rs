@@ -132,6 +132,15 @@ impl CpuKvCache {
         }
     }
 
+    /// A layer's whole K (`v` false) or V array: every block's region of it, in block order.
+    pub fn array(&self, layer: usize, v: bool) -> &[u8] {
+        match &self.storage {
+            Storage::F32(a) => as_bytes(pick(a.layer(layer), v)),
+            Storage::F16(a) => as_bytes(pick(a.layer(layer), v)),
+            Storage::Bf16(a) => as_bytes(pick(a.layer(layer), v)),
+        }
+    }
+
     /// [`Self::block_region`], writable.
     pub fn block_region_mut(&mut self, layer: usize, v: bool, block: usize) -> &mut [u8] {
         let range = self.region_range(block);

@@ -17,8 +17,10 @@
 //! [`KvConnector::get_finished_loads`] reports it, and is scheduled from there. A connector
 //! fetches asynchronously into its own buffers and writes device blocks only in
 //! [`KvConnector::start_load_kv`], on the engine thread, so a request aborted mid-load frees its
-//! blocks at once. vLLM's delayed frees (blocks outliving a request until a transfer reads them)
-//! join the interface with the P/D transfer, which needs them.
+//! blocks at once. A finished request's blocks may outlive it (vLLM's delayed frees): a P/D
+//! producer keeps them for the decode pod to read, under a handle
+//! [`KvConnector::request_finished`] returns, until [`KvConnector::get_finished_sends`] reports
+//! it.
 
 use crate::block_hash::BlockHash;
 use crate::block_pool::BlockId;
@@ -34,6 +36,38 @@ pub struct ConnectorRequest<'a> {
     pub num_prompt_tokens: usize,
     /// The chained hash of each full block of `token_ids`.
     pub block_hashes: &'a [BlockHash],
+    /// The request's `kv_transfer_params` as the client sent them (vLLM passes them to the
+    /// connector as they are).
+    pub kv_transfer_params: Option<&'a serde_json::Value>,
+}
+
+/// A request that ended, as [`KvConnector::request_finished`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct FinishedRequest<'a> {
+    pub request: ConnectorRequest<'a>,
+    /// Its block table, still allocated.
+    pub block_ids: &'a [BlockId],
+    pub num_computed_tokens: usize,
+    /// Ended by its own limits (length, stop), not aborted or failed.
+    pub completed: bool,
+}
+
+/// What happens to a finished request's blocks, and what its response carries.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FinishedAction {
+    /// Keep the blocks allocated until [`KvConnector::get_finished_sends`] returns this handle.
+    pub hold: Option<String>,
+    /// The response's top-level `kv_transfer_params`.
+    pub kv_transfer_params: Option<serde_json::Value>,
+}
+
+/// One read of a remote pod's blocks (vLLM's NIXL transfer metrics).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RemoteRead {
+    pub bytes: u64,
+    pub seconds: f64,
+    /// Reads issued (one per block region).
+    pub descriptors: usize,
 }
 
 /// What a connector can supply beyond the device hit.
@@ -103,9 +137,23 @@ pub struct ConnectorStats {
     pub corrupt_blocks: u64,
     pub used_blocks: usize,
     pub capacity_blocks: usize,
+    /// KV transfer: reads of a remote pod's blocks that failed (the request prefilled
+    /// locally), side-channel messages that failed, this pod's pinned blocks whose lease lapsed
+    /// unread, decode legs that prefilled locally for any reason, and blocks pinned now.
+    pub failed_transfers: u64,
+    pub failed_notifications: u64,
+    pub expired_leases: u64,
+    pub local_prefill_fallbacks: u64,
+    pub pinned_blocks: usize,
 }
 
 pub trait KvConnector: Send {
+    /// The device pool exists (vLLM's `register_kv_caches`): a transport registers its
+    /// memory here, once, before any step.
+    fn register_kv_caches(&mut self, _device: &dyn BlockIo) -> Result<(), String> {
+        Ok(())
+    }
+
     /// After the device hit of `num_computed_tokens`, the further tokens this connector holds;
     /// `None` while it is still finding out off the engine thread (a slow volume's lookups):
     /// the scheduler then asks again next step and admits the requests behind meanwhile, as
@@ -130,8 +178,15 @@ pub trait KvConnector: Send {
     /// The step is planned: what to save after its forward pass.
     fn build_connector_meta(&mut self, scheduled: &[ScheduledBlocks<'_>]);
 
-    /// A request ended (any reason); its per-request state goes.
-    fn request_finished(&mut self, request_id: &str);
+    /// A request ended (any reason); its per-request state goes, unless the connector keeps
+    /// its blocks (see [`FinishedAction`]).
+    fn request_finished(&mut self, finished: &FinishedRequest<'_>) -> FinishedAction;
+
+    /// Handles of held blocks that may be freed now (read by their consumer, or their lease
+    /// lapsed).
+    fn get_finished_sends(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Before the forward pass: copy this step's loads, and the asynchronous loads whose data
     /// arrived, into the device pool.
@@ -152,6 +207,11 @@ pub trait KvConnector: Send {
 
     /// Its copies since the last call, for the metrics.
     fn take_transfers(&mut self) -> Vec<Transfer>;
+
+    /// Its reads of remote pods' blocks since the last call, for the metrics.
+    fn take_remote_reads(&mut self) -> Vec<RemoteRead> {
+        Vec::new()
+    }
 
     /// This connector's store changes since the last call (its medium on each).
     fn take_events(&mut self) -> Vec<KvCacheEvent>;

@@ -63,6 +63,18 @@ impl BlockLayout {
     }
 }
 
+/// Where one of the pool's arrays lies (a layer's K or V: that part of every block, block `b`'s
+/// region at `b × region_bytes`), for a transport to register it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolArray {
+    pub layer: usize,
+    pub part: KvPart,
+    pub addr: usize,
+    pub len: usize,
+    /// In device memory (a GPU executor's), not host memory.
+    pub device: bool,
+}
+
 /// Whole blocks of the device pool copied to and from host buffers of
 /// [`BlockLayout::block_bytes`] bytes (the regions concatenated in [`BlockLayout::regions`]
 /// order). The executor implements it over its memory.
@@ -72,6 +84,9 @@ pub trait BlockIo {
     fn read_block(&self, block: BlockId, out: &mut [u8]);
     /// Copies `data` (`block_bytes` long) into `block`.
     fn write_block(&mut self, block: BlockId, data: &[u8]);
+    /// The pool's arrays in [`BlockLayout::regions`] order (layer by layer, K then V). Their
+    /// memory stays put for the pool's life.
+    fn arrays(&self) -> Vec<PoolArray>;
 }
 
 #[cfg(test)]

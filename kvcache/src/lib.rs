@@ -17,9 +17,9 @@ pub use block_hash::{
 };
 pub use block_pool::{BlockId, BlockPool, NoSpace};
 pub use connector::{
-    ConnectorRequest, ConnectorStats, Direction, ExternalHit, FinishedLoad, KvConnector,
-    ScheduledBlocks, Transfer,
+    ConnectorRequest, ConnectorStats, Direction, ExternalHit, FinishedAction, FinishedLoad,
+    FinishedRequest, KvConnector, RemoteRead, ScheduledBlocks, Transfer,
 };
 pub use events::{KvCacheEvent, KvEventSink, Medium, NullSink};
-pub use layout::{BlockIo, BlockLayout, BlockRegion, KvPart};
-pub use manager::KvCacheManager;
+pub use layout::{BlockIo, BlockLayout, BlockRegion, KvPart, PoolArray};
+pub use manager::{HoldId, KvCacheManager};

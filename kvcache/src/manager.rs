@@ -25,7 +25,15 @@ pub struct KvCacheManager {
     hasher: BlockHasher,
     enable_prefix_caching: bool,
     requests: HashMap<String, RequestBlocks>,
+    /// Blocks of finished requests kept allocated for a connector (a P/D producer's, until the
+    /// decode side read them): vLLM's delayed frees.
+    held: HashMap<u64, RequestBlocks>,
+    next_hold: u64,
 }
+
+/// A finished request's blocks kept allocated by [`KvCacheManager::hold`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HoldId(u64);
 
 impl KvCacheManager {
     pub fn new(
@@ -41,6 +49,8 @@ impl KvCacheManager {
             hasher,
             enable_prefix_caching,
             requests: HashMap::new(),
+            held: HashMap::new(),
+            next_hold: 0,
         }
     }
 
@@ -165,6 +175,28 @@ impl KvCacheManager {
         if let Some(req) = self.requests.remove(request_id) {
             self.pool.free_blocks(req.blocks.into_iter().rev());
         }
+    }
+
+    /// Forgets the request but keeps its blocks allocated (and their cached prefix shareable)
+    /// until [`Self::release_hold`]; the request id is free for reuse at once.
+    pub fn hold(&mut self, request_id: &str) -> Option<HoldId> {
+        let req = self.requests.remove(request_id)?;
+        let id = HoldId(self.next_hold);
+        self.next_hold += 1;
+        self.held.insert(id.0, req);
+        Some(id)
+    }
+
+    /// Frees held blocks as [`Self::free`] frees a request's.
+    pub fn release_hold(&mut self, hold: HoldId) {
+        if let Some(req) = self.held.remove(&hold.0) {
+            self.pool.free_blocks(req.blocks.into_iter().rev());
+        }
+    }
+
+    /// Blocks held for connectors now.
+    pub fn num_held_blocks(&self) -> usize {
+        self.held.values().map(|r| r.blocks.len()).sum()
     }
 
     /// The request's block table (empty for an unknown request).

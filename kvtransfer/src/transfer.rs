@@ -12,17 +12,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvcache::{BlockId, BlockLayout};
+use kvcache::{BlockId, BlockLayout, PoolArray};
 
 use crate::ucx::{Context, Endpoint, MemRegion, RemoteKey, Request, UcxError, Worker};
 use crate::wire::{PeerMetadata, RemoteArray};
-
-/// One array of the local pool (a layer's K or V), as the executor lays it out in memory.
-#[derive(Debug, Clone, Copy)]
-pub struct PoolArray {
-    pub addr: usize,
-    pub len: usize,
-}
 
 /// A pull of `remote_blocks` from `peer`, to finish by `deadline`.
 #[derive(Debug, Clone)]

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvcache::BlockLayout;
-use kvtransfer::transfer::{PoolArray, PullJob, Transfers};
+use kvcache::{BlockLayout, KvPart, PoolArray};
+use kvtransfer::transfer::{PullJob, Transfers};
 use kvtransfer::wire::{PeerMetadata, PoolShape};
 
 fn layout() -> BlockLayout {
@@ -35,9 +35,13 @@ fn a_consumer_reads_the_producers_blocks_and_a_dead_peer_fails_the_pull() {
         .collect();
     let pool: Vec<PoolArray> = arrays
         .iter_mut()
-        .map(|a| PoolArray {
+        .enumerate()
+        .map(|(i, a)| PoolArray {
+            layer: i / 2,
+            part: if i % 2 == 0 { KvPart::K } else { KvPart::V },
             addr: a.as_mut_ptr() as usize,
             len: a.len(),
+            device: false,
         })
         .collect();
     let producer = Transfers::start(layout.clone(), pool).unwrap();

@@ -26,7 +26,8 @@ use std::time::{Instant, SystemTime};
 
 use kvcache::{
     BlockHash, BlockId, BlockIo, ConnectorRequest, ConnectorStats, Direction, ExternalHit,
-    FinishedLoad, KvCacheEvent, KvConnector, Medium, ScheduledBlocks, Transfer,
+    FinishedAction, FinishedLoad, FinishedRequest, KvCacheEvent, KvConnector, Medium,
+    ScheduledBlocks, Transfer,
 };
 
 use crate::files::chain_time;
@@ -380,11 +381,13 @@ impl KvConnector for CpuOffloadConnector {
         }
     }
 
-    fn request_finished(&mut self, request_id: &str) {
+    fn request_finished(&mut self, finished: &FinishedRequest<'_>) -> FinishedAction {
+        let request_id = finished.request.request_id;
         self.saved_upto.remove(request_id);
         self.lookups.remove(request_id);
         self.first_saved.remove(request_id);
         self.reading.remove(request_id);
+        FinishedAction::default()
     }
 
     fn start_load_kv(&mut self, device: &mut dyn BlockIo) {
@@ -545,6 +548,9 @@ mod tests {
         fn write_block(&mut self, block: BlockId, data: &[u8]) {
             self.data[block as usize].copy_from_slice(data);
         }
+        fn arrays(&self) -> Vec<kvcache::PoolArray> {
+            Vec::new()
+        }
     }
 
     fn connector(blocks: u64, self_describing: bool) -> CpuOffloadConnector {
@@ -570,6 +576,7 @@ mod tests {
             token_ids: tokens,
             num_prompt_tokens: tokens.len(),
             block_hashes: h,
+            kv_transfer_params: None,
         }
     }
 
@@ -602,7 +609,12 @@ mod tests {
             num_computed_tokens: 7,
         }]);
         c.wait_for_save(&dev);
-        c.request_finished("a");
+        c.request_finished(&FinishedRequest {
+            request: r,
+            block_ids: &[0, 1, 2, 3],
+            num_computed_tokens: 7,
+            completed: true,
+        });
         let events = c.take_events();
         assert_eq!(events.len(), 3, "{events:?}");
         assert!(events.iter().all(|e| matches!(e, KvCacheEvent::BlockStored { token_ids, block_size: 0, parent_block_hash: None, medium: Medium::Cpu, .. } if token_ids.is_empty())));

@@ -255,6 +255,13 @@ impl CommonFields {
     pub fn return_token_ids(&self) -> bool {
         self.return_token_ids.is_some_and(|b| b.0)
     }
+
+    /// `kv_transfer_params` as a JSON object, for the KV connector.
+    pub fn kv_transfer_params(&self) -> Option<Value> {
+        self.kv_transfer_params
+            .as_ref()
+            .map(|d| Value::Object(d.0.clone()))
+    }
 }
 
 /// A generation request: the endpoint's own fields and the shared ones. The two halves are

@@ -171,13 +171,17 @@ pub fn notes(args: &ServeArgs) -> Result<Vec<String>, String> {
         "--no-enable-chunked-prefill",
         "chunked prefill is always on",
     );
-    note(
-        args.kv_transfer_config
-            .as_ref()
-            .is_some_and(|c| c["kv_connector"] != "OffloadingConnector"),
-        "--kv-transfer-config",
-        "KV transfer (P/D disaggregation) is not implemented yet",
-    );
+    if let Some(c) = args.kv_transfer_config.as_ref() {
+        match c["kv_connector"].as_str() {
+            Some("OffloadingConnector" | "NixlConnector") => {}
+            other => {
+                return Err(format!(
+                    "--kv-transfer-config: kv_connector {other:?} is not available here \
+                     (OffloadingConnector: CPU and storage tiers; NixlConnector: P/D over UCX)"
+                ))
+            }
+        }
+    }
     for (flag, n) in [
         ("--tensor-parallel-size", args.tensor_parallel_size),
         ("--pipeline-parallel-size", c.pipeline_parallel_size),

@@ -3,6 +3,7 @@
 //! deployments written for vLLM start, and say in their help what they do here.
 
 mod compat;
+mod kv_transfer;
 mod offload;
 
 use std::path::PathBuf;
@@ -159,8 +160,8 @@ pub struct ServeArgs {
     pub kv_events_config: Option<Value>,
 
     /// KV connector (JSON, vLLM's KVTransferConfig): `OffloadingConnector` with its
-    /// `kv_connector_extra_config` is the CPU tier; P/D connectors are not implemented yet
-    /// (validated and ignored with a note).
+    /// `kv_connector_extra_config` is the CPU tier; `NixlConnector` with `kv_role` is P/D
+    /// disaggregation (KV blocks over UCX, side channel from VLLM_NIXL_SIDE_CHANNEL_HOST/PORT).
     #[arg(long, value_parser = parse_json_object, value_name = "JSON")]
     pub kv_transfer_config: Option<Value>,
 
@@ -261,6 +262,7 @@ pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
 }
 
 pub use compat::notes as compatibility_notes;
+pub use kv_transfer::pd_transfer;
 pub use offload::cpu_offload;
 
 /// The log level without RUST_LOG: vLLM's `VLLM_LOGGING_LEVEL` (DEBUG, INFO, WARNING, ERROR,

@@ -14,8 +14,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::metrics::Metrics;
 use crate::model::{CpuKvPool, LlamaModel, Logits, StepInput};
 use kvcache::{
-    BlockHasher, BlockPool, ConnectorStats, KvCacheManager, KvConnector, KvEventSink, Medium,
-    ScheduledBlocks,
+    BlockHasher, BlockPool, ConnectorStats, FinishedAction, FinishedRequest, HoldId,
+    KvCacheManager, KvConnector, KvEventSink, Medium, ScheduledBlocks,
 };
 
 use super::config::EngineConfig;
@@ -54,17 +54,35 @@ pub fn start(
     let (tx, rx) = mpsc::channel();
     let alive = Arc::new(AtomicBool::new(true));
     let flag = alive.clone();
+    let (ready_tx, ready) = mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
             // Marks the engine dead however the thread ends, panics included.
             let _alive = AliveGuard(flag);
-            let mut core =
-                EngineCore::new(config, model, tokenizer, metrics, sink, connector, outbox);
-            core.run(rx);
+            match EngineCore::new(config, model, tokenizer, metrics, sink, connector, outbox) {
+                Ok(mut core) => {
+                    let _ = ready_tx.send(Ok(()));
+                    core.run(rx);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
         })
         .map_err(|_| EngineError::Dead)?;
+    ready
+        .recv()
+        .map_err(|_| EngineError::Dead)?
+        .map_err(EngineError::Start)?;
     Ok(EngineHandle::new(tx, alive))
+}
+
+impl Drop for EngineCore {
+    fn drop(&mut self) {
+        // Before the pool: a transfer must let go of the pool's memory first.
+        self.connector.take();
+    }
 }
 
 struct AliveGuard(Arc<AtomicBool>);
@@ -91,8 +109,11 @@ pub(crate) struct EngineCore {
     metrics: Arc<Metrics>,
     /// Where each step's cache events go (the KV-events publisher, or nowhere).
     sink: Box<dyn KvEventSink>,
-    /// A tier below the device pool, when configured.
+    /// A tier below the device pool or a P/D transfer, when configured. Dropped before the
+    /// pool (see Drop): a transfer may have the pool's memory registered.
     connector: Option<Box<dyn KvConnector>>,
+    /// Finished requests' blocks the connector keeps (a P/D producer's), by its handle.
+    held: HashMap<String, HoldId>,
     /// The connector's totals at the last metrics update.
     connector_stats: ConnectorStats,
 }
@@ -104,13 +125,16 @@ impl EngineCore {
         tokenizer: Arc<Tokenizer>,
         metrics: Arc<Metrics>,
         sink: Box<dyn KvEventSink>,
-        connector: Option<Box<dyn KvConnector>>,
+        mut connector: Option<Box<dyn KvConnector>>,
         outbox: Outbox,
-    ) -> Self {
+    ) -> Result<Self, String> {
         let pool = CpuKvPool::new(
             model.kv_layout(config.num_blocks, config.block_size),
             config.kv_dtype,
         );
+        if let Some(c) = &mut connector {
+            c.register_kv_caches(&pool)?;
+        }
         let hasher = BlockHasher::new(config.hash_algo, config.hash_seed.as_deref());
         let blocks = BlockPool::new(config.num_blocks, config.enable_prefix_caching);
         let kv = KvCacheManager::new(
@@ -125,7 +149,7 @@ impl EngineCore {
             enable_prefix_caching: config.enable_prefix_caching,
         });
         let eos_token_ids = tokenizer.eos_token_ids().to_vec();
-        Self {
+        Ok(Self {
             config,
             model,
             pool,
@@ -139,8 +163,9 @@ impl EngineCore {
             metrics,
             sink,
             connector,
+            held: HashMap::new(),
             connector_stats: ConnectorStats::default(),
-        }
+        })
     }
 
     fn run(&mut self, commands: mpsc::Receiver<EngineCommand>) {
@@ -252,10 +277,23 @@ impl EngineCore {
             return;
         };
         self.scheduler.remove(id);
-        if let Some(c) = &mut self.connector {
-            c.request_finished(id);
+        let mut finish = finish;
+        let action = match &mut self.connector {
+            Some(c) => c.request_finished(&FinishedRequest {
+                request: connector_request(&req, &self.kv),
+                block_ids: self.kv.block_table(id),
+                num_computed_tokens: req.num_computed_tokens,
+                completed: matches!(finish.reason, FinishReason::Length | FinishReason::Stop),
+            }),
+            None => FinishedAction::default(),
+        };
+        match action.hold.zip(self.kv.hold(id)) {
+            Some((handle, hold)) => {
+                self.held.insert(handle, hold);
+            }
+            None => self.kv.free(id),
         }
-        self.kv.free(id);
+        finish.kv_transfer_params = action.kv_transfer_params;
         let reason = finish.reason;
         req.send_pending(Some(finish), &mut self.outbox);
         self.record_finished(&req, reason);
@@ -319,9 +357,15 @@ impl EngineCore {
             self.metrics
                 .offload
                 .record_stats(&self.connector_stats, &now);
+            self.metrics
+                .kv_transfer
+                .record_stats(&self.connector_stats, &now);
             self.connector_stats = now;
             for t in c.take_transfers() {
                 self.metrics.offload.record_transfer(&t);
+            }
+            for r in c.take_remote_reads() {
+                self.metrics.kv_transfer.record_read(&r);
             }
         }
     }
@@ -341,6 +385,11 @@ impl EngineCore {
             c.start_load_kv(&mut self.pool);
             let loads = c.get_finished_loads();
             self.scheduler.kv_loaded(&mut self.requests, loads);
+            for handle in c.get_finished_sends() {
+                if let Some(hold) = self.held.remove(&handle) {
+                    self.kv.release_hold(hold);
+                }
+            }
         }
         if plan.scheduled.is_empty() {
             self.publish_events();

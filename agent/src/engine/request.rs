@@ -35,6 +35,7 @@ pub(crate) struct Request {
     pub num_cached_tokens: Option<usize>,
     pub params: SamplingParams,
     pub cache_salt: Option<String>,
+    pub kv_transfer_params: Option<serde_json::Value>,
     pub parent: Option<Arc<ParentRequest>>,
     pub num_preemptions: usize,
     /// Tokens a connector is loading asynchronously (the request waits for them).
@@ -79,6 +80,7 @@ impl Request {
             num_cached_tokens: None,
             params: req.params,
             cache_salt: req.cache_salt,
+            kv_transfer_params: req.kv_transfer_params,
             parent: req.parent,
             num_preemptions: 0,
             pending_kv_tokens: None,
@@ -234,6 +236,7 @@ impl Request {
                 reason: FinishReason::Stop,
                 stop_reason: reason,
                 error: None,
+                kv_transfer_params: None,
             })
         };
         let past_min_tokens = self.num_output_tokens() > self.params.min_tokens;

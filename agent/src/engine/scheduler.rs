@@ -298,6 +298,7 @@ pub(super) fn connector_request<'a>(
         token_ids: &req.all_token_ids,
         num_prompt_tokens: req.prompt_len,
         block_hashes: kv.block_hashes(&req.id),
+        kv_transfer_params: req.kv_transfer_params.as_ref(),
     }
 }
 
@@ -328,6 +329,7 @@ mod tests {
             cache_salt: None,
             parent: None,
             pooling: None,
+            kv_transfer_params: None,
         };
         reqs.insert(id.to_string(), Request::new(req, tx));
         sched.add(id.to_string());
@@ -532,8 +534,12 @@ mod tests {
                 .push((r.request_id.to_string(), num_external_tokens, self.delay));
         }
         fn build_connector_meta(&mut self, _: &[kvcache::ScheduledBlocks<'_>]) {}
-        fn request_finished(&mut self, id: &str) {
-            self.in_flight.retain(|l| l.0 != id);
+        fn request_finished(
+            &mut self,
+            f: &kvcache::FinishedRequest<'_>,
+        ) -> kvcache::FinishedAction {
+            self.in_flight.retain(|l| l.0 != f.request.request_id);
+            kvcache::FinishedAction::default()
         }
         fn start_load_kv(&mut self, _: &mut dyn kvcache::BlockIo) {}
         fn get_finished_loads(&mut self) -> Vec<kvcache::FinishedLoad> {

@@ -80,6 +80,8 @@ pub struct GenerateRequest {
     /// Set for an embedding request: the prompt is run, its final hidden states pooled, and the
     /// request ends with the embedding instead of generating.
     pub pooling: Option<Pooling>,
+    /// The request's `kv_transfer_params` (P/D), passed to the KV connector as they are.
+    pub kv_transfer_params: Option<serde_json::Value>,
 }
 
 /// How an embedding pools a prompt's final hidden states.
@@ -208,6 +210,8 @@ pub struct Finish {
     pub stop_reason: Option<StopReason>,
     /// Set when `reason == Error`.
     pub error: Option<String>,
+    /// From the KV connector (a P/D prefill leg's answer): the response's `kv_transfer_params`.
+    pub kv_transfer_params: Option<serde_json::Value>,
 }
 
 impl Finish {
@@ -217,6 +221,7 @@ impl Finish {
             reason,
             stop_reason: None,
             error,
+            kv_transfer_params: None,
         }
     }
 }
@@ -229,4 +234,6 @@ pub enum EngineError {
     DuplicateRequestId(String),
     #[error("the engine is overloaded, try again later")]
     Overloaded,
+    #[error("the engine did not start: {0}")]
+    Start(String),
 }

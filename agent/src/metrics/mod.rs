@@ -1,10 +1,12 @@
 //! Prometheus metrics with vLLM's names, labels and bucket edges (reference §2).
 //!
 //! The engine updates them live; the server renders them on `/metrics`. The KV connector's
-//! are in `offload`.
+//! are in `offload` (tiers) and `kv_transfer` (P/D).
 
+mod kv_transfer;
 mod offload;
 
+pub use kv_transfer::KvTransferMetrics;
 pub use offload::OffloadMetrics;
 
 use prometheus::{
@@ -85,6 +87,8 @@ pub struct Metrics {
     pub kv_events_dropped: IntCounter,
     /// The KV connector's (tiers').
     pub offload: OffloadMetrics,
+    /// The P/D transfer's.
+    pub kv_transfer: KvTransferMetrics,
     model_name: String,
 }
 
@@ -289,6 +293,7 @@ impl Metrics {
                 "KV cache event batches dropped because the publisher queue was full.",
             )?,
             offload: OffloadMetrics::new(&registry, model_name)?,
+            kv_transfer: KvTransferMetrics::new(&registry, model_name)?,
             registry,
             model_name: model_name.to_string(),
         })

@@ -3,7 +3,7 @@
 //! host buffers, region by region).
 
 use kernels::{CpuKvCache, KvDtype, KvLayout};
-use kvcache::{BlockId, BlockIo, BlockLayout, KvPart};
+use kvcache::{BlockId, BlockIo, BlockLayout, KvPart, PoolArray};
 
 pub struct CpuKvPool {
     cache: CpuKvCache,
@@ -71,6 +71,23 @@ impl BlockIo for CpuKvPool {
             dst.copy_from_slice(&data[at..at + r.len]);
             at += r.len;
         }
+    }
+
+    fn arrays(&self) -> Vec<PoolArray> {
+        (0..self.layout.num_layers)
+            .flat_map(|layer| {
+                [KvPart::K, KvPart::V].map(|part| {
+                    let bytes = self.cache.array(layer, part == KvPart::V);
+                    PoolArray {
+                        layer,
+                        part,
+                        addr: bytes.as_ptr() as usize,
+                        len: bytes.len(),
+                        device: false,
+                    }
+                })
+            })
+            .collect()
     }
 }
 

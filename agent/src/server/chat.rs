@@ -156,12 +156,14 @@ pub(super) async fn start(
         request_id_base(headers, common.request_id.as_ref())
     );
     let cache_salt = common.cache_salt.as_ref().map(|s| s.0.as_str());
+    let kv_transfer_params = common.kv_transfer_params();
     let events = generate::submit(
         &state.engine,
         &prompts,
         std::slice::from_ref(&id),
         n,
         cache_salt,
+        kv_transfer_params.as_ref(),
     )?;
     let prompt = prompts.remove(0);
     let chat = Chat {
@@ -186,6 +188,10 @@ fn full_response(state: &AppState, c: &Chat, outputs: Vec<ChoiceOutput>) -> Chat
     let namer = TokenNamer::new(&state.tokenizer, c.tokens_as_ids);
     let completion_tokens = outputs.iter().map(|o| o.token_ids.len()).sum();
     let cached = outputs.first().map(|o| o.num_cached_tokens);
+    // As vLLM: the first output's (a P/D prefill leg's answer).
+    let kv_transfer_params = outputs
+        .first()
+        .and_then(|o| o.finish.kv_transfer_params.clone());
     let prompt_lps = outputs
         .first()
         .and_then(|o| o.prompt_logprobs.as_deref())
@@ -223,7 +229,7 @@ fn full_response(state: &AppState, c: &Chat, outputs: Vec<ChoiceOutput>) -> Chat
         usage,
         prompt_logprobs: prompt_lps,
         prompt_token_ids: c.return_token_ids.then(|| c.prompt.token_ids.clone()),
-        kv_transfer_params: None,
+        kv_transfer_params,
     }
 }
 

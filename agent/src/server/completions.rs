@@ -99,7 +99,15 @@ pub async fn create_completion(
     );
     let prompt_ids: Vec<String> = (0..prompts.len()).map(|p| format!("{id}-{p}")).collect();
     let cache_salt = common.cache_salt.as_ref().map(|s| s.0.as_str());
-    let events = generate::submit(&state.engine, &prompts, &prompt_ids, n, cache_salt)?;
+    let kv_transfer_params = common.kv_transfer_params();
+    let events = generate::submit(
+        &state.engine,
+        &prompts,
+        &prompt_ids,
+        n,
+        cache_salt,
+        kv_transfer_params.as_ref(),
+    )?;
     let completion = Completion {
         id,
         created: unix_now(),
@@ -133,6 +141,10 @@ fn full_response(
     let cached = outputs
         .get((c.prompts.len() - 1) * c.n)
         .map(|o| o.num_cached_tokens);
+    // As vLLM: the first output's (a P/D prefill leg's answer).
+    let first_kv_transfer_params = outputs
+        .first()
+        .and_then(|o| o.finish.kv_transfer_params.clone());
     let choices = outputs
         .into_iter()
         .enumerate()
@@ -162,6 +174,7 @@ fn full_response(
         .collect();
     let prompt_tokens = c.prompts.iter().map(|p| p.token_ids.len()).sum();
     let mut usage = UsageInfo::new(prompt_tokens, completion_tokens);
+    let kv_transfer_params = first_kv_transfer_params;
     usage.prompt_tokens_details = Some(c.usage.details(cached));
     CompletionResponse {
         id: c.id.clone(),
@@ -172,7 +185,7 @@ fn full_response(
         service_tier: None,
         system_fingerprint: c.fingerprint.clone(),
         usage,
-        kv_transfer_params: None,
+        kv_transfer_params,
     }
 }
 

@@ -94,6 +94,7 @@ pub async fn create_embedding(
             cache_salt: None,
             parent: None,
             pooling: Some(pooling),
+            kv_transfer_params: None,
         };
         // An error drops the streams made so far, which aborts them.
         runs.push(state.engine.generate(engine_request)?);

@@ -8,7 +8,7 @@ use crate::engine::EngineError;
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::Dead => ApiError::engine_dead(),
+            EngineError::Dead | EngineError::Start(_) => ApiError::engine_dead(),
             EngineError::Overloaded => ApiError::service_unavailable(e.to_string()),
             EngineError::DuplicateRequestId(_) => ApiError::bad_request(e.to_string()),
         }

@@ -41,6 +41,7 @@ pub fn submit(
     prompt_ids: &[String],
     n: usize,
     cache_salt: Option<&str>,
+    kv_transfer_params: Option<&serde_json::Value>,
 ) -> Result<BoxStream<'static, ChoiceEvent>, ApiError> {
     let mut streams = Vec::with_capacity(prompts.len() * n);
     for (p, (prompt, prompt_id)) in prompts.iter().zip(prompt_ids).enumerate() {
@@ -58,6 +59,7 @@ pub fn submit(
                 cache_salt: cache_salt.map(str::to_string),
                 parent: parent.clone(),
                 pooling: None,
+                kv_transfer_params: kv_transfer_params.cloned(),
             };
             // An error drops the streams made so far, which aborts them.
             streams.push(choice_events(p * n + i, engine.generate(request)?));

@@ -586,6 +586,7 @@ mod tests {
                     reason: FinishReason::Stop,
                     stop_reason: None,
                     error: None,
+                    kv_transfer_params: None,
                 }),
             ),
         ]
@@ -639,6 +640,7 @@ mod tests {
                         reason: FinishReason::Stop,
                         stop_reason: Some(StopReason::Text("x".into())),
                         error: None,
+                        kv_transfer_params: None,
                     }),
                 ),
             ]
@@ -683,6 +685,7 @@ mod tests {
                     reason: FinishReason::Length,
                     stop_reason: None,
                     error: None,
+                    kv_transfer_params: None,
                 }),
             )]
         });
@@ -725,6 +728,7 @@ mod tests {
                         reason: FinishReason::Stop,
                         stop_reason: Some(StopReason::Token(EOS_ID)),
                         error: None,
+                        kv_transfer_params: None,
                     }),
                 ));
             }
