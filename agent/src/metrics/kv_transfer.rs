@@ -23,6 +23,9 @@ pub struct KvTransferMetrics {
     expired: IntCounter,
     fallbacks: IntCounter,
     pinned: IntGauge,
+    /// Prefill legs (`x-prefiller-host-port`) whose prefill pod could not be reached or failed
+    /// (5xx): the request was served here from scratch.
+    pub prefill_leg_failures: IntCounter,
 }
 
 impl KvTransferMetrics {
@@ -86,6 +89,10 @@ impl KvTransferMetrics {
                 "Decode legs that prefilled locally because their KV could not be transferred.",
             )?,
             pinned,
+            prefill_leg_failures: counter(
+                "agent_kv_transfer_prefill_leg_failures_total",
+                "Prefill legs whose prefill pod was unreachable or failed; served locally.",
+            )?,
         })
     }
 

@@ -13,6 +13,7 @@ pub mod errors;
 pub mod extract;
 pub mod generate;
 pub mod logprobs;
+pub mod prefill_leg;
 pub mod prepare;
 pub mod response;
 pub mod responses;

@@ -37,6 +37,11 @@ pub fn router(state: AppState) -> Router {
         .route("/debug/kv_cache", get(debug_kv_cache))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Inside authentication: only an authorised request runs a prefill leg.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            super::prefill_leg::prefill_leg,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn(request_id))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))

@@ -41,6 +41,8 @@ pub struct AppState {
     pub chat_template: Option<Arc<ChatTemplate>>,
     pub metrics: Arc<Metrics>,
     pub config: Arc<ServerConfig>,
+    /// For the prefill leg this pod runs when a request names a prefill pod.
+    pub http: reqwest::Client,
 }
 
 impl AppState {
@@ -57,6 +59,10 @@ impl AppState {
             chat_template,
             metrics,
             config: Arc::new(config),
+            http: reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
         }
     }
 
