@@ -290,6 +290,23 @@ mod tests {
     }
 
     #[test]
+    fn held_blocks_outlive_their_request_and_stay_shareable_until_released() {
+        let mut kv = manager(8);
+        let tokens: Vec<u32> = (0..10).collect();
+        run_prefill(&mut kv, "a", &tokens).unwrap();
+        assert_eq!(kv.num_free_blocks(), 5);
+        let hold = kv.hold("a").unwrap();
+        assert!(kv.hold("a").is_none());
+        assert_eq!((kv.num_free_blocks(), kv.num_held_blocks()), (5, 3));
+        // The id is free again, and the held prefix is a hit for it.
+        assert_eq!(run_prefill(&mut kv, "a", &tokens).unwrap(), 8);
+        kv.free("a");
+        assert_eq!(kv.num_free_blocks(), 5);
+        kv.release_hold(hold);
+        assert_eq!((kv.num_free_blocks(), kv.num_held_blocks()), (8, 0));
+    }
+
+    #[test]
     fn allocate_and_free_leave_the_pool_free() {
         let mut kv = manager(8);
         let tokens: Vec<u32> = (0..10).collect();

@@ -555,14 +555,7 @@ impl KvConnector for PdConnector {
     }
 
     fn get_finished_sends(&mut self) -> Vec<String> {
-        let mut leases = self.leases();
-        let done = leases.take_done(Instant::now());
-        let expired = leases.expired;
-        let pinned = leases.pinned_blocks();
-        drop(leases);
-        self.stats.expired_leases = expired;
-        self.stats.pinned_blocks = pinned;
-        done
+        self.leases().take_done(Instant::now())
     }
 
     fn start_load_kv(&mut self, device: &mut dyn BlockIo) {
@@ -598,7 +591,12 @@ impl KvConnector for PdConnector {
     }
 
     fn stats(&self) -> ConnectorStats {
-        self.stats
+        let leases = self.leases();
+        ConnectorStats {
+            expired_leases: leases.expired,
+            pinned_blocks: leases.pinned_blocks(),
+            ..self.stats
+        }
     }
 
     fn take_transfers(&mut self) -> Vec<Transfer> {
@@ -620,7 +618,7 @@ impl KvConnector for PdConnector {
     fn idle_poll(&self) -> Option<Duration> {
         if !self.pulls.is_empty() || !self.purposes.is_empty() {
             Some(Duration::from_millis(1))
-        } else if !self.leases().is_empty() {
+        } else if self.leases().has_work() {
             Some(Duration::from_millis(20))
         } else {
             None

@@ -153,6 +153,11 @@ impl Leases {
         self.held.is_empty()
     }
 
+    /// Leases held, or released ones not yet collected by [`Self::take_done`].
+    pub fn has_work(&self) -> bool {
+        !self.held.is_empty() || !self.done.is_empty()
+    }
+
     /// Blocks pinned now.
     pub fn pinned_blocks(&self) -> usize {
         self.held.values().map(|l| l.block_ids.len()).sum()

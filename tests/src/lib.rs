@@ -77,7 +77,7 @@ pub fn model_path() -> PathBuf {
 
 /// A port nobody listens on right now (the agent binds it a moment later; a lost race is
 /// retried by [`Agent::start`]).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -287,9 +287,11 @@ impl EngineCore {
             }),
             None => FinishedAction::default(),
         };
-        match action.hold.zip(self.kv.hold(id)) {
-            Some((handle, hold)) => {
-                self.held.insert(handle, hold);
+        match action.hold {
+            Some(handle) => {
+                if let Some(hold) = self.kv.hold(id) {
+                    self.held.insert(handle, hold);
+                }
             }
             None => self.kv.free(id),
         }

@@ -639,7 +639,13 @@ mod tests {
         s.schedule(&mut reqs, &mut kv, Some(&mut tier));
         assert_eq!(kv.num_free_blocks(), 12);
         s.remove("c");
-        tier.request_finished("c");
+        let table = kv.block_table("c").to_vec();
+        tier.request_finished(&kvcache::FinishedRequest {
+            request: connector_request(&reqs["c"], &kv),
+            block_ids: &table,
+            num_computed_tokens: 0,
+            completed: false,
+        });
         kv.free("c");
         assert_eq!(kv.num_free_blocks(), 16);
         assert!(!s.has_work());

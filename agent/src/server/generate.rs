@@ -187,7 +187,7 @@ mod tests {
         let (state, rx) = test_state(test_config(), true);
         let prompts = [prompt(Some(10)), prompt(None)];
         let ids = ["cmpl-x-0".to_string(), "cmpl-x-1".to_string()];
-        let events = submit(&state.engine, &prompts, &ids, 2, Some("salt")).unwrap();
+        let events = submit(&state.engine, &prompts, &ids, 2, Some("salt"), None).unwrap();
         let mut senders = Vec::new();
         for _ in 0..4 {
             match rx.try_recv().unwrap() {
@@ -217,7 +217,7 @@ mod tests {
     #[tokio::test]
     async fn lost_and_failed_choices_are_500s() {
         let (state, rx) = test_state(test_config(), true);
-        let events = submit(&state.engine, &[prompt(None)], &["c".into()], 1, None).unwrap();
+        let events = submit(&state.engine, &[prompt(None)], &["c".into()], 1, None, None).unwrap();
         let Ok(EngineCommand::Add { outputs, .. }) = rx.try_recv() else {
             panic!("expected Add")
         };
@@ -225,7 +225,7 @@ mod tests {
         let e = collect(events, 1).await.unwrap_err();
         assert_eq!(e, ApiError::engine_dead());
 
-        let events = submit(&state.engine, &[prompt(None)], &["c".into()], 1, None).unwrap();
+        let events = submit(&state.engine, &[prompt(None)], &["c".into()], 1, None, None).unwrap();
         let Ok(EngineCommand::Add { outputs, .. }) = rx.try_recv() else {
             panic!("expected Add")
         };
@@ -241,7 +241,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_stream_aborts_unfinished_requests() {
         let (state, rx) = test_state(test_config(), true);
-        let events = submit(&state.engine, &[prompt(None)], &["c".into()], 1, None).unwrap();
+        let events = submit(&state.engine, &[prompt(None)], &["c".into()], 1, None, None).unwrap();
         let Ok(EngineCommand::Add { request, .. }) = rx.try_recv() else {
             panic!("expected Add")
         };
@@ -255,7 +255,7 @@ mod tests {
     #[test]
     fn dead_engine_refuses_submission() {
         let (state, _rx) = test_state(test_config(), false);
-        let e = submit(&state.engine, &[prompt(None)], &["c".into()], 1, None).err();
+        let e = submit(&state.engine, &[prompt(None)], &["c".into()], 1, None, None).err();
         assert_eq!(e, Some(ApiError::engine_dead()));
     }
 }
